@@ -1,0 +1,132 @@
+/* support.c - the log buffer, the per-call arena, clocks and randomness. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "runtime.h"
+
+/* ---- log ------------------------------------------------------------------- */
+
+static struct hl_log_header *log_header(void) { return (struct hl_log_header *)(uintptr_t)hl__boot->log_base; }
+
+void hl__log_reset(void) {
+    struct hl_log_header *h = log_header();
+    if (h->used) h->used = 0; /* write only when needed: every written page costs a restore */
+    if (h->dropped) h->dropped = 0;
+}
+
+void hl__log_write(const char *data, size_t len) {
+    struct hl_log_header *h = log_header();
+    char *buf = (char *)h + HL_LOG_HEADER_SIZE;
+    size_t cap = hl__boot->log_size - HL_LOG_HEADER_SIZE;
+    while (len) {
+        if (h->used >= cap) {
+            hl__signal(HL_EV_LOG_FULL); /* the host drains the buffer */
+            h->used = 0;
+        }
+        size_t n = cap - h->used;
+        if (n > len) n = len;
+        memcpy(buf + h->used, data, n);
+        h->used += n;
+        data += n;
+        len -= n;
+    }
+}
+
+void hl_log(const char *fmt, ...) {
+    char line[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line, sizeof line - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0) return;
+    if ((size_t)n > sizeof line - 2) n = sizeof line - 2;
+    line[n++] = '\n';
+    hl__log_write(line, (size_t)n);
+}
+
+/* ---- arena ----------------------------------------------------------------- */
+
+/* A static buffer first, so a typical call allocates without malloc (and
+ * dirties one page rather than malloc's metadata); bigger needs spill into
+ * malloc'd chunks, chained and freed when the next call starts. */
+#define ARENA_STATIC 65536
+struct chunk {
+    struct chunk *next;
+    size_t used, size;
+    unsigned char data[];
+};
+static struct {
+    size_t used;
+    struct chunk *spill;
+    unsigned char data[ARENA_STATIC] __attribute__((aligned(16)));
+} arena __attribute__((aligned(4096)));
+
+void hl__arena_reset(void) {
+    arena.used = 0;
+    while (arena.spill) {
+        struct chunk *next = arena.spill->next;
+        free(arena.spill);
+        arena.spill = next;
+    }
+}
+
+void *hl__arena_alloc(size_t size) {
+    size = (size + 15) & ~(size_t)15;
+    if (ARENA_STATIC - arena.used >= size) {
+        void *p = arena.data + arena.used;
+        arena.used += size;
+        return p;
+    }
+    struct chunk *c = arena.spill;
+    if (!c || c->size - c->used < size) {
+        size_t want = size > 65536 ? size : 65536;
+        c = malloc(sizeof *c + want);
+        if (!c) hl__fail(HL_MSG_GUEST_ERROR, "out of memory (arena allocation of %zu bytes)", size);
+        c->next = arena.spill;
+        c->used = 0;
+        c->size = want;
+        arena.spill = c;
+    }
+    void *p = c->data + c->used;
+    c->used += size;
+    return p;
+}
+
+/* ---- clocks ------------------------------------------------------------------ */
+
+static uint64_t base_realtime_ns, base_tsc;
+
+void hl__clock_set_base(uint64_t realtime_ns, uint64_t tsc) {
+    base_realtime_ns = realtime_ns;
+    base_tsc = tsc;
+}
+
+static uint64_t tsc_to_ns(uint64_t ticks) {
+    uint64_t khz = hl__boot->tsc_khz ? hl__boot->tsc_khz : 1000000;
+    return (uint64_t)((unsigned __int128)ticks * 1000000u / khz);
+}
+
+uint64_t hl__clock_monotonic_ns(void) { return tsc_to_ns(hl__rdtsc()); }
+
+uint64_t hl__clock_realtime_ns(void) {
+    uint64_t now = hl__rdtsc();
+    return base_realtime_ns + (now > base_tsc ? tsc_to_ns(now - base_tsc) : 0);
+}
+
+/* ---- randomness ---------------------------------------------------------------- */
+
+long hl__get_random(void *buf, size_t len) {
+    size_t done = 0, chunk_max = hl__boot->reply_size - HL_MSG_HEADER_SIZE;
+    while (done < len) {
+        size_t want = len - done < chunk_max ? len - done : chunk_max;
+        hl__out_record(HL_MSG_RANDOM, 0, want);
+        hl__signal(HL_EV_RANDOM);
+        const struct hl_msg_header *r = hl__reply_header();
+        if (r->magic != HL_MSG_MAGIC || r->kind != HL_MSG_RANDOM || r->length != want) return done ? (long)done : -5;
+        memcpy((char *)buf + done, (const char *)r + HL_MSG_HEADER_SIZE, want);
+        done += want;
+    }
+    return (long)done;
+}
