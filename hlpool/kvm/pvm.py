@@ -1,0 +1,56 @@
+"""PVM detection and the one PVM-specific step (see ../shared/platform/PVM.md).
+
+The development and CI machines run KVM as ``kvm_pvm``, a paravirtual nested
+hypervisor. A guest set up the usual way is instruction-emulated there; it
+runs natively once the host registers a "VIF" page through MSR 0x4b564d10.
+Everything else hlpool does (U/S=1 page tables, 64-bit mode set straight from
+KVM_SET_SREGS, PML4 slot 256 left unused) is harmless on VMX/SVM, so the same
+guest setup runs on both.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from . import abi
+
+if TYPE_CHECKING:
+    from .system import Kvm
+    from .vcpu import Vcpu
+
+log = logging.getLogger(__name__)
+
+
+def detect_flavour(kvm: "Kvm") -> str:
+    """``"pvm"`` if a throw-away vCPU reads the PVM signature MSR, else ``"hardware"``."""
+    import os
+
+    vm_fd = kvm.create_vm_fd()
+    try:
+        vcpu_fd = abi.ioctl(vm_fd, abi.KVM_CREATE_VCPU, 0)
+        try:
+            msrs = abi.msrs_struct(1)
+            msrs.entries[0].index = abi.MSR_PVM_SIGNATURE
+            try:
+                got = abi.ioctl(vcpu_fd, abi.KVM_GET_MSRS, msrs)
+            except OSError:
+                got = 0
+            flavour = "pvm" if got == 1 and msrs.entries[0].data == abi.PVM_SIGNATURE else "hardware"
+        finally:
+            os.close(vcpu_fd)
+    finally:
+        os.close(vm_fd)
+    log.info("KVM flavour: %s", flavour)
+    return flavour
+
+
+def enable_native_execution(vcpu: "Vcpu", vif_gpa: int) -> None:
+    """Register the VIF page so the vCPU runs natively on PVM (no-op elsewhere).
+
+    ``vif_gpa`` must be a page in a writable memory slot that the guest never
+    touches: the hypervisor writes 16 bytes there.
+    """
+    if vcpu.vm.kvm.info.flavour != "pvm":
+        return
+    vcpu.set_msrs({abi.MSR_PVM_VIF: vif_gpa | abi.PVM_VIF_EXPLICIT})

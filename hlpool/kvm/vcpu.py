@@ -1,0 +1,164 @@
+"""A KVM vCPU: registers, FPU/XSAVE state, MSRs, the run structure, running."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from dataclasses import dataclass
+
+from .. import _vcpu_run
+from ..errors import KvmError
+from . import abi
+from .vm import Vm
+
+# MSRs that make up a guest's CPU state beyond regs/sregs; the runtime writes
+# the syscall ones during boot. Saved in snapshots and restored after faults.
+STATE_MSRS = (
+    abi.MSR_STAR,
+    abi.MSR_LSTAR,
+    abi.MSR_CSTAR,
+    abi.MSR_SFMASK,
+    abi.MSR_KERNEL_GS_BASE,
+    abi.MSR_TSC_AUX,
+)
+
+
+@dataclass(frozen=True)
+class VcpuState:
+    """The architectural state of a vCPU, as raw KVM struct bytes."""
+
+    regs: bytes
+    sregs: bytes
+    xsave: bytes
+    xcrs: bytes
+    msrs: dict[int, int]
+    debugregs: bytes
+    events: bytes
+
+
+class Vcpu:
+    """vCPU 0 of a VM (hlpool VMs have exactly one)."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        try:
+            self.fd = abi.ioctl(vm.fd, abi.KVM_CREATE_VCPU, 0)
+        except OSError as exc:
+            raise KvmError(f"KVM_CREATE_VCPU failed: {exc.strerror}") from None
+        self._run_map = mmap.mmap(self.fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run_struct = abi.KvmRun.from_buffer(self._run_map)
+        self.run_address = ctypes.addressof(self.run_struct)
+        abi.ioctl(self.fd, abi.KVM_SET_CPUID2, vm.kvm.supported_cpuid)
+
+    # ---- registers ----------------------------------------------------------------
+
+    def get_regs(self) -> abi.KvmRegs:
+        regs = abi.KvmRegs()
+        abi.ioctl(self.fd, abi.KVM_GET_REGS, regs)
+        return regs
+
+    def set_regs(self, regs: abi.KvmRegs) -> None:
+        abi.ioctl(self.fd, abi.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> abi.KvmSregs:
+        sregs = abi.KvmSregs()
+        abi.ioctl(self.fd, abi.KVM_GET_SREGS, sregs)
+        return sregs
+
+    def set_sregs(self, sregs: abi.KvmSregs) -> None:
+        abi.ioctl(self.fd, abi.KVM_SET_SREGS, sregs)
+
+    def get_msrs(self, indices: tuple[int, ...]) -> dict[int, int]:
+        msrs = abi.msrs_struct(len(indices))
+        for i, index in enumerate(indices):
+            msrs.entries[i].index = index
+        got = abi.ioctl(self.fd, abi.KVM_GET_MSRS, msrs)
+        return {msrs.entries[i].index: msrs.entries[i].data for i in range(got)}
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        msrs = abi.msrs_struct(len(values))
+        for i, (index, data) in enumerate(values.items()):
+            msrs.entries[i].index = index
+            msrs.entries[i].data = data
+        done = abi.ioctl(self.fd, abi.KVM_SET_MSRS, msrs)
+        if done != len(values):
+            failed = list(values)[done]
+            raise KvmError(f"KVM_SET_MSRS stopped at MSR {failed:#x}")
+
+    def get_xcrs(self) -> abi.KvmXcrs:
+        xcrs = abi.KvmXcrs()
+        abi.ioctl(self.fd, abi.KVM_GET_XCRS, xcrs)
+        return xcrs
+
+    def set_xcrs(self, xcrs: abi.KvmXcrs) -> None:
+        abi.ioctl(self.fd, abi.KVM_SET_XCRS, xcrs)
+
+    def get_xsave(self) -> abi.KvmXsave:
+        xsave = abi.KvmXsave()
+        abi.ioctl(self.fd, abi.KVM_GET_XSAVE, xsave)
+        return xsave
+
+    def set_xsave(self, xsave: abi.KvmXsave) -> None:
+        abi.ioctl(self.fd, abi.KVM_SET_XSAVE, xsave)
+
+    @property
+    def tsc_khz(self) -> int:
+        try:
+            return abi.ioctl(self.fd, abi.KVM_GET_TSC_KHZ)
+        except OSError:
+            return 0
+
+    # ---- whole state ---------------------------------------------------------------
+
+    def save_state(self) -> VcpuState:
+        """Everything needed to put this vCPU (or a new one) back in the same state."""
+        debugregs = abi.KvmDebugregs()
+        abi.ioctl(self.fd, abi.KVM_GET_DEBUGREGS, debugregs)
+        events = abi.KvmVcpuEvents()
+        abi.ioctl(self.fd, abi.KVM_GET_VCPU_EVENTS, events)
+        return VcpuState(
+            regs=bytes(self.get_regs()),
+            sregs=bytes(self.get_sregs()),
+            xsave=bytes(self.get_xsave()),
+            xcrs=bytes(self.get_xcrs()),
+            msrs=self.get_msrs(STATE_MSRS),
+            debugregs=bytes(debugregs),
+            events=bytes(events),
+        )
+
+    def load_state(self, state: VcpuState) -> None:
+        """Load a saved state completely (used when a sandbox is created or after a fault).
+
+        Fields that are empty (a boot state has only regs and sregs) keep the vCPU's reset values.
+        """
+        if state.xcrs:
+            self.set_xcrs(abi.KvmXcrs.from_buffer_copy(state.xcrs))
+        self.set_sregs(abi.KvmSregs.from_buffer_copy(state.sregs))
+        self.set_regs(abi.KvmRegs.from_buffer_copy(state.regs))
+        if state.xsave:
+            self.set_xsave(abi.KvmXsave.from_buffer_copy(state.xsave))
+        if state.msrs:
+            self.set_msrs(state.msrs)
+        if state.debugregs:
+            abi.ioctl(self.fd, abi.KVM_SET_DEBUGREGS, abi.KvmDebugregs.from_buffer_copy(state.debugregs))
+        if state.events:
+            abi.ioctl(self.fd, abi.KVM_SET_VCPU_EVENTS, abi.KvmVcpuEvents.from_buffer_copy(state.events))
+
+    # ---- running --------------------------------------------------------------------
+
+    def load_sync_regs(self, regs: bytes, sregs: bytes) -> None:
+        """Have the next :meth:`run` load these registers (KVM_CAP_SYNC_REGS, no extra ioctl)."""
+        _vcpu_run.load_sync_regs(self.run_address, regs, sregs)
+
+    def run(self) -> int:
+        """KVM_RUN until the next exit; returns the exit reason or ``RUN_INTERRUPTED``."""
+        return _vcpu_run.run(self.fd, self.run_address)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            del self.run_struct
+            self._run_map.close()
+            os.close(self.fd)
+            self.fd = -1

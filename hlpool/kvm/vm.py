@@ -1,0 +1,78 @@
+"""A KVM virtual machine: memory slots and dirty logs."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+
+from ..errors import KvmError
+from . import abi
+from .system import Kvm, system
+
+
+@dataclass(frozen=True)
+class MemorySlot:
+    """One KVM memory slot: guest-physical range backed by host memory."""
+
+    slot: int
+    guest_address: int
+    size: int
+    host_address: int
+    readonly: bool = False
+    log_dirty: bool = False
+
+    @property
+    def pages(self) -> int:
+        return self.size // 4096
+
+
+class Vm:
+    """A KVM VM. Create vCPUs with :class:`hlpool.kvm.vcpu.Vcpu`."""
+
+    def __init__(self, kvm: Kvm | None = None) -> None:
+        self.kvm = kvm or system()
+        self.kvm.info  # fail early on a KVM without the capabilities we need
+        self.fd = self.kvm.create_vm_fd()
+        self.slots: dict[int, MemorySlot] = {}
+        try:
+            if self.kvm.info.flavour == "hardware":
+                # VMX needs a 3-page TSS region outside guest memory for real-mode
+                # emulation; hlpool never uses real mode, but KVM insists on one.
+                abi.ioctl(self.fd, abi.KVM_SET_TSS_ADDR, 0xFFFBD000)
+        except OSError:
+            pass
+
+    def set_memory_slot(self, slot: MemorySlot) -> None:
+        """Add (or replace) a memory slot. Its host range must stay mapped while in use."""
+        region = abi.KvmUserspaceMemoryRegion(
+            slot=slot.slot,
+            flags=(abi.KVM_MEM_READONLY if slot.readonly else 0)
+            | (abi.KVM_MEM_LOG_DIRTY_PAGES if slot.log_dirty else 0),
+            guest_phys_addr=slot.guest_address,
+            memory_size=slot.size,
+            userspace_addr=slot.host_address,
+        )
+        try:
+            abi.ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region)
+        except OSError as exc:
+            raise KvmError(f"KVM_SET_USER_MEMORY_REGION (slot {slot.slot} at {slot.guest_address:#x}, "
+                           f"{slot.size} bytes): {exc.strerror}") from None
+        self.slots[slot.slot] = slot
+
+    def remove_memory_slot(self, slot_id: int) -> None:
+        slot = self.slots.pop(slot_id)
+        region = abi.KvmUserspaceMemoryRegion(slot=slot.slot, guest_phys_addr=slot.guest_address,
+                                              memory_size=0, userspace_addr=slot.host_address)
+        abi.ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region)
+
+    def get_dirty_log(self, slot_id: int, bitmap: ctypes.Array) -> None:
+        """Fill ``bitmap`` (one bit per page of the slot) with the pages the guest
+        wrote since the last call, and write-protect them again."""
+        log = abi.KvmDirtyLog(slot=slot_id, dirty_bitmap=ctypes.addressof(bitmap))
+        abi.ioctl(self.fd, abi.KVM_GET_DIRTY_LOG, log)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
