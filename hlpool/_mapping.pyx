@@ -1,0 +1,342 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Low-level guest memory work: host mappings, page tables, dirty pages, restore.
+
+This is one of the few modules that touches raw memory. Each unsafe step says
+why it is safe. Callers (hlpool.memory, hlpool.sandbox) pass only addresses
+of mappings they created and keep alive.
+
+- ``reserve``/``map_file_fixed``/``map_anonymous_fixed``/``unmap``/``drop``:
+  the host side of guest memory. A sandbox reserves one contiguous range of
+  address space, then overlays MAP_PRIVATE mappings of snapshot files (and
+  anonymous zero memory) on it with MAP_FIXED.
+- ``build_page_tables``: the guest's 4-level identity page tables.
+- ``restore_dirty``: put back the pages a call dirtied (copy or drop).
+"""
+
+from libc.stdint cimport uint8_t, uint64_t, int64_t, uintptr_t
+from libc.string cimport memcpy, memset
+from libc.errno cimport errno
+from posix.mman cimport (mmap, munmap, madvise, MAP_PRIVATE, MAP_SHARED, MAP_ANONYMOUS,
+                         MAP_FIXED, MAP_FAILED, PROT_NONE, PROT_READ, PROT_WRITE,
+                         MADV_DONTNEED)
+import os
+
+cdef extern from "sys/mman.h":
+    int MAP_NORESERVE
+
+DEF PAGE = 4096
+DEF PAGE_SHIFT = 12
+DEF LARGE = 2 * 1024 * 1024
+
+PAGE_SIZE = PAGE
+LARGE_PAGE_SIZE = LARGE
+
+# Page-table entry bits.
+PTE_PRESENT = 1 << 0
+PTE_WRITE = 1 << 1
+PTE_USER = 1 << 2      # PVM needs U/S=1 at every level (PVM.md)
+PTE_ACCESSED = 1 << 5
+PTE_DIRTY = 1 << 6
+PTE_LARGE = 1 << 7
+PTE_NX = 1 << 63
+
+# Mapping permission flags understood by build_page_tables.
+MAP_WRITE = 1
+MAP_EXEC = 2
+
+
+cdef _oserror(str what):
+    return OSError(errno, "%s: %s" % (what, os.strerror(errno)))
+
+
+# ---- host mappings ------------------------------------------------------------------
+
+def reserve(size_t size):
+    """Reserve ``size`` bytes of address space (no access, no memory). Returns the address."""
+    cdef void *p = mmap(NULL, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+    if p == MAP_FAILED:
+        raise _oserror("mmap(reserve %d bytes)" % size)
+    return <uintptr_t>p
+
+
+def map_file_fixed(uintptr_t addr, size_t size, int fd, int64_t offset, bint shared=False, bint writable=True):
+    """Map ``size`` bytes of ``fd`` at ``offset`` over ``[addr, addr+size)``.
+
+    MAP_PRIVATE by default: writes copy-on-write into this process, the file
+    never changes. Safe because ``addr`` lies inside a reservation the caller owns.
+    """
+    cdef int prot = PROT_READ | (PROT_WRITE if writable else 0)
+    cdef int flags = MAP_FIXED | (MAP_SHARED if shared else MAP_PRIVATE)
+    cdef void *p = mmap(<void *>addr, size, prot, flags, fd, offset)
+    if p == MAP_FAILED:
+        raise _oserror("mmap(fd %d, offset %d, %d bytes)" % (fd, offset, size))
+
+
+def map_anonymous_fixed(uintptr_t addr, size_t size):
+    """Map zero-filled private memory over ``[addr, addr+size)`` (inside a reservation)."""
+    cdef void *p = mmap(<void *>addr, size, PROT_READ | PROT_WRITE,
+                        MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+    if p == MAP_FAILED:
+        raise _oserror("mmap(anonymous, %d bytes)" % size)
+
+
+def map_file_view(int fd, size_t size):
+    """A read-only shared view of a whole file (page-cache pages, never copied)."""
+    if size == 0:
+        return 0
+    cdef void *p = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0)
+    if p == MAP_FAILED:
+        raise _oserror("mmap(view of fd %d, %d bytes)" % (fd, size))
+    return <uintptr_t>p
+
+
+def unmap(uintptr_t addr, size_t size):
+    """Unmap a range this process mapped."""
+    if size and munmap(<void *>addr, size) != 0:
+        raise _oserror("munmap")
+
+
+def drop(uintptr_t addr, size_t size):
+    """Drop private pages: a MAP_PRIVATE file range reads the file again, anonymous memory reads zero."""
+    if madvise(<void *>addr, size, MADV_DONTNEED) != 0:
+        raise _oserror("madvise(MADV_DONTNEED)")
+
+
+def write_bytes(uintptr_t addr, const uint8_t[:] data):
+    """Copy ``data`` to ``addr`` (which must lie in a writable mapping the caller owns)."""
+    if data.shape[0]:
+        memcpy(<void *>addr, &data[0], data.shape[0])
+
+
+def read_bytes(uintptr_t addr, size_t size):
+    """Copy ``size`` bytes at ``addr`` into a new bytes object."""
+    return (<char *>addr)[:size]
+
+
+def zero_bytes(uintptr_t addr, size_t size):
+    """Zero ``size`` bytes at ``addr``."""
+    memset(<void *>addr, 0, size)
+
+
+def pages_equal(uintptr_t a, uintptr_t b):
+    """True if the 4 KiB pages at ``a`` and ``b`` hold the same bytes (``b == 0`` means zero)."""
+    cdef const uint64_t *pa = <const uint64_t *>a
+    cdef const uint64_t *pb = <const uint64_t *>b
+    cdef int i
+    if b == 0:
+        for i in range(PAGE // 8):
+            if pa[i]:
+                return False
+        return True
+    for i in range(PAGE // 8):
+        if pa[i] != pb[i]:
+            return False
+    return True
+
+
+def zero_page_spans(uintptr_t addr, size_t pages):
+    """Split ``pages`` pages at ``addr`` into (first, count, all_zero) spans, in order."""
+    cdef size_t i = 0, start
+    cdef bint z
+    out = []
+    while i < pages:
+        start = i
+        z = pages_equal(addr + i * PAGE, 0)
+        i += 1
+        while i < pages and pages_equal(addr + i * PAGE, 0) == z:
+            i += 1
+        out.append((start, i - start, z))
+    return out
+
+
+# ---- page tables ---------------------------------------------------------------------
+
+cdef class _TableBuilder:
+    cdef bytearray data
+    cdef uint64_t base
+    cdef int max_pages
+    cdef int used
+
+    def __init__(self, uint64_t base, int max_pages):
+        self.data = bytearray(PAGE)
+        self.base = base
+        self.max_pages = max_pages
+        self.used = 1  # the PML4
+
+    cdef int new_table(self) except -1:
+        if self.used >= self.max_pages:
+            raise ValueError("page tables need more than %d pages" % self.max_pages)
+        self.data.extend(bytes(PAGE))
+        self.used += 1
+        return self.used - 1
+
+    cdef uint64_t *entry(self, int table, int index):
+        cdef char *buf = self.data
+        return <uint64_t *>(buf + table * PAGE) + index
+
+    cdef int child(self, int table, int index) except -1:
+        cdef uint64_t *e = self.entry(table, index)
+        cdef int t
+        if e[0] & PTE_PRESENT:
+            if e[0] & PTE_LARGE:
+                raise ValueError("overlapping mappings in page tables")
+            return <int>(((e[0] & 0x000FFFFFFFFFF000) - self.base) >> PAGE_SHIFT)
+        t = self.new_table()
+        e = self.entry(table, index)  # data may have moved
+        e[0] = (self.base + (<uint64_t>t << PAGE_SHIFT)) | PTE_PRESENT | PTE_WRITE | PTE_USER | PTE_ACCESSED
+        return t
+
+
+cdef uint64_t _leaf_flags(int perms):
+    cdef uint64_t f = PTE_PRESENT | PTE_USER | PTE_ACCESSED | PTE_DIRTY
+    if perms & MAP_WRITE:
+        f |= PTE_WRITE
+    if not (perms & MAP_EXEC):
+        f |= PTE_NX
+    return f
+
+
+def build_page_tables(list mappings, uint64_t base, int max_pages=4096):
+    """Build identity-mapped 4-level page tables.
+
+    ``mappings``: (address, size, perms) tuples, page-aligned, non-overlapping,
+    perms a combination of MAP_WRITE and MAP_EXEC (read is implied). Every entry
+    has U/S set (PVM needs it) and Accessed/Dirty preset, so the CPU never
+    writes the tables. 2 MiB pages are used wherever a 2 MiB-aligned range is
+    fully mapped with one set of permissions. Unlisted ranges stay unmapped.
+
+    Returns the tables as bytes, to be placed at guest-physical ``base``
+    (the PML4 is the first page, so CR3 = base).
+    """
+    cdef _TableBuilder tb = _TableBuilder(base, max_pages)
+    cdef uint64_t addr, end, size
+    cdef int perms, pdpt, pd, pt
+    for start, length, p in _merge(mappings):
+        addr = start
+        end = start + length
+        perms = p
+        while addr < end:
+            if addr >> 47:
+                raise ValueError("address %#x beyond the 47-bit lower half" % addr)
+            pdpt = tb.child(0, (addr >> 39) & 511)
+            pd = tb.child(pdpt, (addr >> 30) & 511)
+            if addr % LARGE == 0 and end - addr >= LARGE:
+                tb.entry(pd, (addr >> 21) & 511)[0] = addr | _leaf_flags(perms) | PTE_LARGE
+                addr += LARGE
+                continue
+            pt = tb.child(pd, (addr >> 21) & 511)
+            tb.entry(pt, (addr >> 12) & 511)[0] = addr | _leaf_flags(perms)
+            addr += PAGE
+    return bytes(tb.data)
+
+
+def _merge(list mappings):
+    """Sort mappings and join neighbours with equal permissions (so they can share 2 MiB pages)."""
+    out = []
+    for start, length, perms in sorted(mappings):
+        if start % PAGE or length % PAGE or length == 0:
+            raise ValueError("mapping %#x+%#x is not page aligned" % (start, length))
+        if out:
+            last = out[len(out) - 1]  # no negative indexing: this module disables wraparound
+            if last[0] + last[1] > start:
+                raise ValueError("mappings overlap at %#x" % start)
+            if last[0] + last[1] == start and last[2] == perms:
+                last[1] += length
+                continue
+        out.append([start, length, perms])
+    return out
+
+
+# ---- dirty pages ----------------------------------------------------------------------
+
+def dirty_page_list(const uint64_t[:] bitmap):
+    """Indices of the set bits of a KVM dirty bitmap (ascending)."""
+    cdef Py_ssize_t w, n = bitmap.shape[0]
+    cdef uint64_t word
+    cdef int bit
+    out = []
+    for w in range(n):
+        word = bitmap[w]
+        while word:
+            bit = __builtin_ctzll(word)
+            out.append(w * 64 + bit)
+            word &= word - 1
+    return out
+
+
+def merge_bitmap(uint64_t[:] into, const uint64_t[:] bitmap):
+    """``into |= bitmap``; returns the number of set bits in ``bitmap``."""
+    cdef Py_ssize_t w
+    cdef int count = 0
+    for w in range(bitmap.shape[0]):
+        if bitmap[w]:
+            into[w] |= bitmap[w]
+            count += __builtin_popcountll(bitmap[w])
+    return count
+
+
+cdef extern from *:
+    int __builtin_ctzll(unsigned long long)
+    int __builtin_popcountll(unsigned long long)
+
+
+def restore_dirty(const uint64_t[:] bitmap, uintptr_t host_base,
+                  const uint64_t[:] run_first, const uint64_t[:] run_count, const uint64_t[:] run_source,
+                  uint8_t[:] resident, int64_t resident_count, int64_t keep_resident):
+    """Put every page set in ``bitmap`` back to its snapshot contents.
+
+    Mechanism: page ``i`` of the slot lives at ``host_base + i*4096``. The
+    snapshot's runs (sorted, covering the slot) say where its pristine bytes
+    are: ``run_source[r]`` is the host address of the run's first page in a
+    read-only view of the backing file, or 0 for zero pages.
+
+    Policy: a page is copied back (and stays resident, so the guest's next
+    touch costs no page fault) if it is already resident or fewer than
+    ``keep_resident`` pages are; otherwise it is dropped with MADV_DONTNEED
+    (memory returned; the next touch faults the page in again).
+
+    Safe because every address written is inside the slot's own host mapping
+    (``i`` < bits in the bitmap == pages in the slot) and every source page
+    lies inside a view of the file the run was built from.
+
+    Returns (copied, dropped, resident_count).
+    """
+    cdef Py_ssize_t nwords = bitmap.shape[0], nruns = run_first.shape[0]
+    cdef Py_ssize_t w, r = 0
+    cdef uint64_t word, page, src
+    cdef int bit
+    cdef int64_t copied = 0, dropped = 0
+    cdef uintptr_t drop_start = 0, drop_end = 0, dst
+    for w in range(nwords):
+        word = bitmap[w]
+        while word:
+            bit = __builtin_ctzll(word)
+            word &= word - 1
+            page = <uint64_t>w * 64 + bit
+            while r < nruns and run_first[r] + run_count[r] <= page:
+                r += 1
+            if r == nruns or run_first[r] > page:
+                raise ValueError("dirty page %d is not covered by the snapshot" % page)
+            dst = host_base + (<uintptr_t>page << PAGE_SHIFT)
+            if resident[page] or resident_count < keep_resident:
+                src = run_source[r]
+                if src:
+                    memcpy(<void *>dst, <const void *>(src + ((page - run_first[r]) << PAGE_SHIFT)), PAGE)
+                else:
+                    memset(<void *>dst, 0, PAGE)
+                if not resident[page]:
+                    resident[page] = 1
+                    resident_count += 1
+                copied += 1
+            else:
+                if dst == drop_end:
+                    drop_end += PAGE
+                else:
+                    if drop_end:
+                        madvise(<void *>drop_start, drop_end - drop_start, MADV_DONTNEED)
+                    drop_start = dst
+                    drop_end = dst + PAGE
+                dropped += 1
+    if drop_end:
+        madvise(<void *>drop_start, drop_end - drop_start, MADV_DONTNEED)
+    return copied, dropped, resident_count
