@@ -1,0 +1,102 @@
+"""Values crossing the host/guest boundary, as MessagePack (via msgspec).
+
+Allowed values: None, bool, int (signed 64-bit), float, str, bytes (also
+bytearray/memoryview on the way in), list/tuple, dict with str keys, nested
+up to ``HL_MAX_DEPTH`` levels. Anything else is rejected before it reaches a
+guest, with an error that says where the bad value is.
+
+Decoding guest output never trusts it: msgspec rejects malformed input, and
+the result is checked to hold only hlpool value types.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from .abi import HL_MAX_DEPTH
+
+INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder()
+
+_SCALARS = (type(None), bool, float, str, bytes)
+
+
+class ValueTypeError(TypeError):
+    """A value hlpool cannot pass to or from a guest."""
+
+
+def check_value(value: Any, where: str = "value", depth: int = 0) -> None:
+    """Raise :class:`ValueTypeError` unless ``value`` is a valid hlpool value."""
+    t = type(value)
+    if t in _SCALARS:
+        return
+    if t is int:
+        if not INT_MIN <= value <= INT_MAX:
+            raise ValueTypeError(f"{where}: int {value} does not fit in 64 bits")
+        return
+    if depth >= HL_MAX_DEPTH:
+        raise ValueTypeError(f"{where}: nested deeper than {HL_MAX_DEPTH} levels")
+    if t is list or t is tuple:
+        for i, item in enumerate(value):
+            check_value(item, f"{where}[{i}]", depth + 1)
+        return
+    if t is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise ValueTypeError(f"{where}: dict key {key!r} is not a str")
+            check_value(item, f"{where}[{key!r}]", depth + 1)
+        return
+    if t is bytearray or t is memoryview:
+        return
+    if isinstance(value, bool):  # bool subclasses are rare; treat like their base
+        return
+    if isinstance(value, int):
+        check_value(int(value), where, depth)
+        return
+    raise ValueTypeError(f"{where}: {t.__name__} is not a supported value type "
+                         "(None, bool, int, float, str, bytes, list, dict)")
+
+
+def encode_args(args: tuple | list) -> bytes:
+    """Encode call arguments as one msgpack array."""
+    for i, arg in enumerate(args):
+        check_value(arg, f"argument {i}")
+    return _encoder.encode(list(args))
+
+
+def encode_value(value: Any, where: str = "value") -> bytes:
+    check_value(value, where)
+    return _encoder.encode(value)
+
+
+def decode_value(data: bytes | memoryview) -> Any:
+    """Decode one value written by a guest. Raises ValueError if it is not a valid hlpool value."""
+    try:
+        value = _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"malformed msgpack: {exc}") from None
+    _check_decoded(value, 0)
+    return value
+
+
+def _check_decoded(value: Any, depth: int) -> None:
+    t = type(value)
+    if t in _SCALARS or t is int:
+        return
+    if depth >= HL_MAX_DEPTH + 1:
+        raise ValueError("value nested too deeply")
+    if t is list:
+        for item in value:
+            _check_decoded(item, depth + 1)
+        return
+    if t is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise ValueError(f"dict key of type {type(key).__name__}")
+            _check_decoded(item, depth + 1)
+        return
+    raise ValueError(f"value of type {t.__name__} is not an hlpool value")

@@ -1,0 +1,163 @@
+"""Layers: the immutable files that hold snapshot pages.
+
+A layer is a sequence of whole pages. Snapshot runs point into layers by
+byte offset. A layer lives either in memory (a sealed memfd: the kernel
+refuses every later write, so it is as immutable as a file) or on disk (a
+read-only file written once by :mod:`hlpool.snapfile`). Either way a
+sandbox maps it MAP_PRIVATE, so all sandboxes of a process (and, for disk
+files, of all processes) share its pages through the page cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+
+from . import _mapping
+from .errors import SnapshotError
+from .layout import PAGE
+
+F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 1, 2, 4, 8
+
+
+class Layer:
+    """An immutable run of pages in a file descriptor.
+
+    ``sha256`` is the content hash of the layer's bytes; for a persisted
+    layer it is the hash of the whole snapshot file (which embeds the bytes).
+    """
+
+    def __init__(self, fd: int, size: int, sha256: bytes, *, path: str | None = None,
+                 data_offset: int = 0) -> None:
+        self.fd = fd
+        self.size = size  # bytes of page data
+        self.sha256 = sha256
+        self.path = path
+        self.data_offset = data_offset  # where page data starts in the file
+        self.fingerprint: tuple[int, int, int] = (0, 0, 0)  # (inode, size, mtime_ns) when verified
+        self._lock = threading.Lock()
+        # [fd, view address, view size]: released together when the layer is collected.
+        self._resources = [fd, 0, 0]
+        self._finalizer = weakref.finalize(self, _release, self._resources)
+
+    @classmethod
+    def from_pages(cls, chunks: list[bytes | memoryview], name: str = "hlpool-layer") -> "Layer":
+        """Write ``chunks`` (each a whole number of pages) into a sealed memfd."""
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            for chunk in chunks:
+                if len(chunk) % PAGE:
+                    raise ValueError("layer chunks must be whole pages")
+                digest.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                size += len(chunk)
+            fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, size, digest.digest())
+
+    @property
+    def persisted(self) -> bool:
+        return self.path is not None
+
+    def file_offset(self, offset: int) -> int:
+        """Offset in the file of byte ``offset`` of the layer's page data."""
+        return self.data_offset + offset
+
+    def view(self) -> int:
+        """Address of a read-only shared view of the page data (made once, kept; valid after fork)."""
+        with self._lock:
+            if not self._resources[1] and self.size:
+                total = self.data_offset + self.size
+                self._resources[1] = _mapping.map_file_view(self.fd, total)
+                self._resources[2] = total
+            return self._resources[1] + self.data_offset if self._resources[1] else 0
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset < 0 or offset + size > self.size:
+            raise SnapshotError(f"read of {size} bytes at {offset} outside a {self.size}-byte layer")
+        return os.pread(self.fd, size, self.data_offset + offset)
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __repr__(self) -> str:
+        where = self.path or "memory"
+        return f"<Layer {self.sha256.hex()[:12]} {self.size} bytes in {where}>"
+
+
+def _release(resources: list[int]) -> None:
+    fd, view, view_size = resources
+    if view:
+        try:
+            _mapping.unmap(view, view_size)
+        except OSError:
+            pass
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+@dataclass(frozen=True)
+class Run:
+    """Pages ``[first_page, first_page + count)`` of a slot and where their bytes are.
+
+    ``layer`` indexes the snapshot's layer list; -1 means zero pages
+    (anonymous memory). ``offset`` is the byte offset in that layer.
+    """
+
+    first_page: int
+    count: int
+    layer: int
+    offset: int
+
+    @property
+    def end_page(self) -> int:
+        return self.first_page + self.count
+
+
+def coalesce(runs: list[Run]) -> list[Run]:
+    """Join neighbouring runs that continue each other in the same backing."""
+    out: list[Run] = []
+    for run in runs:
+        if run.count == 0:
+            continue
+        if out:
+            last = out[-1]
+            contiguous = last.end_page == run.first_page and last.layer == run.layer
+            if contiguous and (run.layer < 0 or last.offset + last.count * PAGE == run.offset):
+                out[-1] = Run(last.first_page, last.count + run.count, last.layer,
+                              last.offset if run.layer >= 0 else 0)
+                continue
+        out.append(run)
+    return out
+
+
+def check_runs(runs: list[Run], pages: int, layer_sizes: list[int], what: str) -> None:
+    """Raise SnapshotError unless ``runs`` exactly tile ``pages`` pages and stay inside their layers."""
+    expected = 0
+    for run in runs:
+        if run.first_page != expected or run.count <= 0:
+            raise SnapshotError(f"{what}: runs do not tile the slot (gap or overlap at page {expected})")
+        if run.layer >= 0:
+            if run.layer >= len(layer_sizes):
+                raise SnapshotError(f"{what}: run refers to missing layer {run.layer}")
+            if run.offset % PAGE or run.offset < 0 or run.offset + run.count * PAGE > layer_sizes[run.layer]:
+                raise SnapshotError(f"{what}: run at page {run.first_page} points outside layer {run.layer}")
+        elif run.layer != -1:
+            raise SnapshotError(f"{what}: invalid layer index {run.layer}")
+        expected = run.end_page
+    if expected != pages:
+        raise SnapshotError(f"{what}: runs cover {expected} pages, the slot has {pages}")

@@ -1,0 +1,174 @@
+"""Host files mapped read-only into a sandbox (``Sandbox.map_file``).
+
+Each file gets its own read-only KVM memory slot in the files window, backed
+by a shared read-only view of the file (page-cache pages, never copied), and
+read-only, no-execute page-table entries (the whole window is mapped that way
+from the start, so nothing is rebuilt). The guest learns its mappings from
+the files table in the system slot (``hl_mapped_file``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import _mapping, abi
+from .errors import HlpoolError, SnapshotParentError
+from .kvm.vm import MemorySlot
+from .layout import FILES_TABLE, LARGE_PAGE, PAGE, SLOT_FIRST_FILE, align_up, page_up
+
+if TYPE_CHECKING:
+    from .sandbox import Sandbox
+
+NAME_BYTES = 48
+
+
+@dataclass(frozen=True)
+class MappedFile:
+    """A host file mapped into guest memory, as a snapshot records it."""
+
+    path: str
+    guest_address: int
+    size: int
+    sha256: bytes
+    fingerprint: tuple[int, int, int] = (0, 0, 0)  # (inode, size, mtime_ns) when the hash was taken
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)[:NAME_BYTES - 1]
+
+
+def fingerprint(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def hash_file(fd: int) -> bytes:
+    digest = hashlib.sha256()
+    offset = 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            return digest.digest()
+        digest.update(chunk)
+        offset += len(chunk)
+
+
+@dataclass
+class _Attached:
+    file: MappedFile
+    fd: int
+    view: int
+    view_size: int
+    slot: int
+
+
+class SandboxFiles:
+    """The files mapped into one sandbox."""
+
+    def __init__(self, sandbox: "Sandbox", inherited: tuple[MappedFile, ...]) -> None:
+        self._sb = sandbox
+        self._attached: list[_Attached] = []
+        try:
+            for f in inherited:
+                self._attach(f)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def files(self) -> tuple[MappedFile, ...]:
+        return tuple(a.file for a in self._attached)
+
+    def map(self, path: str, guest_address: int | None) -> tuple[int, int]:
+        path = os.path.abspath(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise HlpoolError(f"map_file: cannot open {path}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not os.path.isfile(path) or st.st_size == 0:
+                raise HlpoolError(f"map_file: {path} is not a regular, non-empty file")
+            size = st.st_size
+            address = self._place(page_up(size), guest_address, path)
+            mapped = MappedFile(path=path, guest_address=address, size=size, sha256=hash_file(fd),
+                                fingerprint=fingerprint(st))
+        finally:
+            os.close(fd)
+        self._attach(mapped)
+        return address, mapped.size
+
+    def describe(self, address: int) -> str | None:
+        for a in self._attached:
+            f = a.file
+            if f.guest_address <= address < f.guest_address + page_up(f.size):
+                return f"read-only mapped file {f.path}"
+        files = self._sb.layout.files
+        if files.start <= address < files.end:
+            return "unmapped part of the files window"
+        return None
+
+    def _place(self, size: int, wanted: int | None, path: str) -> int:
+        window = self._sb.layout.files
+        if len(self._attached) >= abi.HL_FILES_MAX:
+            raise HlpoolError(f"map_file: at most {abi.HL_FILES_MAX} files per sandbox")
+        if wanted is None:
+            end = max((a.file.guest_address + page_up(a.file.size) for a in self._attached), default=window.start)
+            wanted = align_up(end, LARGE_PAGE)
+        if wanted % PAGE:
+            raise HlpoolError(f"map_file: guest_address {wanted:#x} is not page aligned")
+        if not (window.start <= wanted and wanted + size <= window.end):
+            raise HlpoolError(f"map_file: {path} ({size} bytes) does not fit the files window at {wanted:#x} "
+                              f"(window {window.start:#x}-{window.end:#x}; raise MemoryConfig.files_window)")
+        for a in self._attached:
+            f = a.file
+            if wanted < f.guest_address + page_up(f.size) and f.guest_address < wanted + size:
+                raise HlpoolError(f"map_file: {wanted:#x} overlaps {f.path}")
+        return wanted
+
+    def _attach(self, f: MappedFile) -> None:
+        try:
+            fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SnapshotParentError(f"mapped file {f.path} is not available: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if fingerprint(st) != f.fingerprint:
+                raise SnapshotParentError(f"mapped file {f.path} changed since it was hashed "
+                                          f"(inode, size or mtime differ)")
+            view = _mapping.map_file_view(fd, page_up(f.size))
+        except BaseException:
+            os.close(fd)
+            raise
+        slot = SLOT_FIRST_FILE + len(self._attached)
+        attached = _Attached(f, fd, view, page_up(f.size), slot)
+        try:
+            self._sb.vm.set_memory_slot(MemorySlot(slot, f.guest_address, page_up(f.size), view, readonly=True))
+        except BaseException:
+            _mapping.unmap(view, page_up(f.size))
+            os.close(fd)
+            raise
+        self._attached.append(attached)
+        self._write_table()
+
+    def _write_table(self) -> None:
+        table = bytearray(abi.FILES_TABLE_SIZE)
+        abi.FILES_TABLE_HEADER.pack_into(table, 0, len(self._attached), len(self._attached))
+        for i, a in enumerate(self._attached):
+            name = a.file.name.encode("utf-8", "replace")[:NAME_BYTES - 1]
+            abi.FILE_ENTRY.pack_into(table, abi.FILES_TABLE_HEADER.size + i * abi.FILE_ENTRY.size,
+                                     a.file.guest_address, a.file.size, name)
+        current = self._sb.memory.read(FILES_TABLE, len(table))
+        if current != bytes(table):
+            self._sb.memory.write(FILES_TABLE, bytes(table))
+
+    def close(self) -> None:
+        for a in self._attached:
+            try:
+                _mapping.unmap(a.view, a.view_size)
+            finally:
+                os.close(a.fd)
+        self._attached.clear()
+

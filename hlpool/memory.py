@@ -1,0 +1,187 @@
+"""A sandbox's guest memory: host mappings, KVM memory slots, reads/writes, restore.
+
+Each snapshot slot (system, main) is one reserved host range on which the
+snapshot's runs are mapped with MAP_FIXED: layer files MAP_PRIVATE (shared
+page-cache pages until the guest writes one), zero runs as anonymous memory.
+The io slot (IN/REPLY) and the VIF page are plain anonymous memory.
+
+Restore (mechanism in ``_mapping.restore_dirty``, policy in
+:class:`RestorePolicy`) reads KVM's dirty log for the main slot, the only
+slot the guest can write, and puts back exactly those pages.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from array import array
+from dataclasses import dataclass
+
+from . import _mapping
+from .errors import GuestProtocolError
+from .kvm.vm import MemorySlot, Vm
+from .layers import Layer, Run
+from .layout import PAGE, SLOT_IO, SLOT_MAIN, SLOT_SYSTEM, SLOT_VIF, VIF_PAGE, Area, Layout
+
+
+@dataclass(frozen=True)
+class RestorePolicy:
+    """How restore treats the pages a call dirtied.
+
+    Up to ``keep_resident_pages`` pages per sandbox are copied back from the
+    snapshot and stay private to the sandbox: the guest touches them again
+    at native speed. Beyond that budget, dirty pages are dropped
+    (MADV_DONTNEED): their memory goes back to the host and the next touch
+    reads the snapshot again through a page fault.
+    """
+
+    keep_resident_pages: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.keep_resident_pages < 0:
+            raise ValueError("keep_resident_pages must be >= 0")
+
+
+@dataclass
+class RestoreStats:
+    dirty: int = 0
+    copied: int = 0
+    dropped: int = 0
+    resident: int = 0
+
+
+class SlotMapping:
+    """One reserved host range holding a slot, with the snapshot's runs mapped on it."""
+
+    def __init__(self, area: Area, runs: list[Run] | None, layers: tuple[Layer, ...]) -> None:
+        self.area = area
+        self.size = area.size
+        self.host = _mapping.reserve(area.size)
+        try:
+            if runs is None:
+                _mapping.map_anonymous_fixed(self.host, area.size)
+            else:
+                for run in runs:
+                    addr = self.host + run.first_page * PAGE
+                    if run.layer < 0:
+                        _mapping.map_anonymous_fixed(addr, run.count * PAGE)
+                    else:
+                        layer = layers[run.layer]
+                        _mapping.map_file_fixed(addr, run.count * PAGE, layer.fd, layer.file_offset(run.offset))
+        except BaseException:
+            _mapping.unmap(self.host, area.size)
+            raise
+
+    def host_address(self, guest_address: int) -> int:
+        return self.host + (guest_address - self.area.start)
+
+    def close(self) -> None:
+        if self.host:
+            _mapping.unmap(self.host, self.size)
+            self.host = 0
+
+
+class GuestMemory:
+    """All memory of one sandbox's VM."""
+
+    def __init__(self, vm: Vm, layout: Layout, runs: dict[str, list[Run]], layers: tuple[Layer, ...],
+                 policy: RestorePolicy) -> None:
+        self.layout = layout
+        self.policy = policy
+        self._slots: dict[str, SlotMapping] = {}
+        try:
+            self._slots["vif"] = SlotMapping(Area("vif", VIF_PAGE, PAGE), None, layers)
+            self._slots["system"] = SlotMapping(layout.system, runs["system"], layers)
+            self._slots["main"] = SlotMapping(layout.main, runs["main"], layers)
+            self._slots["io"] = SlotMapping(layout.io, None, layers)
+            for name, slot_id, readonly, log in (("vif", SLOT_VIF, False, False),
+                                                  ("system", SLOT_SYSTEM, True, False),
+                                                  ("main", SLOT_MAIN, False, True),
+                                                  ("io", SLOT_IO, True, False)):
+                m = self._slots[name]
+                vm.set_memory_slot(MemorySlot(slot_id, m.area.start, m.size, m.host, readonly=readonly,
+                                              log_dirty=log))
+        except BaseException:
+            self.close()
+            raise
+        self.vm = vm
+        main = self._slots["main"]
+        self.main_host = main.host
+        self.main_pages = main.size // PAGE
+        # Restore inputs: the main slot's runs and where their pristine bytes are.
+        main_runs = runs["main"]
+        self._run_first = array("Q", (r.first_page for r in main_runs))
+        self._run_count = array("Q", (r.count for r in main_runs))
+        self._run_source = array("Q", (layers[r.layer].view() + r.offset if r.layer >= 0 else 0
+                                       for r in main_runs))
+        words = (self.main_pages + 63) // 64
+        self._dirty = (ctypes.c_uint64 * words)()
+        self._dirty_view = memoryview(self._dirty).cast("B").cast("Q")
+        self._pending = array("Q", bytes(8 * words))  # dirty pages fetched but not yet restored
+        self._pending_any = False
+        self._resident = bytearray(self.main_pages)
+        self._resident_count = 0
+
+    # ---- access --------------------------------------------------------------------
+
+    def slot_of(self, guest_address: int, size: int) -> SlotMapping:
+        for m in self._slots.values():
+            if m.area.start <= guest_address and guest_address + size <= m.area.end:
+                return m
+        raise GuestProtocolError(f"guest range {guest_address:#x}+{size:#x} is outside guest memory")
+
+    def host_address(self, guest_address: int, size: int = 1) -> int:
+        """Host address of guest memory; raises if the range is not inside one slot."""
+        return self.slot_of(guest_address, size).host_address(guest_address)
+
+    def view(self, area: Area) -> memoryview:
+        """A writable byte view of an area (valid while this GuestMemory is open)."""
+        addr = self.host_address(area.start, area.size)
+        return memoryview((ctypes.c_char * area.size).from_address(addr)).cast("B")
+
+    def read(self, guest_address: int, size: int) -> bytes:
+        return _mapping.read_bytes(self.host_address(guest_address, size), size)
+
+    def write(self, guest_address: int, data: bytes) -> None:
+        _mapping.write_bytes(self.host_address(guest_address, len(data)), data)
+
+    def zero(self, guest_address: int, size: int) -> None:
+        if size:
+            _mapping.zero_bytes(self.host_address(guest_address, size), size)
+
+    # ---- dirty pages and restore ------------------------------------------------------
+
+    def collect_dirty(self) -> int:
+        """Move KVM's dirty log into the pending set; returns how many pages were new."""
+        self.vm.get_dirty_log(SLOT_MAIN, self._dirty)
+        n = _mapping.merge_bitmap(self._pending, self._dirty_view)
+        if n:
+            self._pending_any = True
+        return n
+
+    def pending_dirty_pages(self) -> list[int]:
+        """Main-slot page indices written since the last restore (after :meth:`collect_dirty`)."""
+        return _mapping.dirty_page_list(self._pending)
+
+    def restore(self) -> RestoreStats:
+        """Put every page written since the last restore back to the snapshot."""
+        self.collect_dirty()
+        stats = RestoreStats()
+        if not self._pending_any:
+            stats.resident = self._resident_count
+            return stats
+        copied, dropped, self._resident_count = _mapping.restore_dirty(
+            self._pending, self.main_host, self._run_first, self._run_count, self._run_source,
+            self._resident, self._resident_count, self.policy.keep_resident_pages)
+        stats.dirty = copied + dropped
+        stats.copied, stats.dropped, stats.resident = copied, dropped, self._resident_count
+        _mapping.zero_bytes(self._pending.buffer_info()[0], len(self._pending) * 8)
+        self._pending_any = False
+        return stats
+
+    def slot_runs_host(self, name: str) -> SlotMapping:
+        return self._slots[name]
+
+    def close(self) -> None:
+        for m in self._slots.values():
+            m.close()
+        self._slots.clear()

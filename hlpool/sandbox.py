@@ -1,0 +1,508 @@
+"""A sandbox: one KVM VM with one vCPU, created from a snapshot, answering calls.
+
+A call: encode the arguments into IN, load the snapshot's registers through
+sync regs, KVM_RUN until the guest signals its result (serving host calls,
+log flushes and randomness requests on the way), decode the result, then
+put the dirty pages back. Every error leaves the sandbox back at its
+snapshot, ready for the next call.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import os
+import time
+from typing import Any, Callable, Mapping
+
+from . import _vcpu_run, abi, codec, faults
+from .errors import (CallError, GuestError, GuestFault, GuestProtocolError, GuestTimeout, HlpoolError,
+                     HostFunctionError, PayloadTooLargeError, SandboxBrokenError, SandboxClosedError)
+from .guest_log import GuestLog, LogHandler
+from .kvm import abi as kvm_abi
+from .kvm import pvm
+from .kvm.vcpu import Vcpu
+from .kvm.vm import Vm
+from .layout import VIF_PAGE
+from .memory import GuestMemory, RestorePolicy, RestoreStats
+
+log = logging.getLogger(__name__)
+
+HostFunction = Callable[..., Any]
+
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_MAX_LOG_BYTES = 1 << 20
+DEFAULT_MAX_HOST_CALLS = 100_000
+
+_HDR = abi.MSG_HEADER
+_names = itertools.count(1)
+
+
+class SandboxStatus(enum.Enum):
+    READY = "ready"        # at its snapshot, or after a successful call with restore=False
+    BROKEN = "broken"      # could not be put back to its snapshot; discard it
+    CLOSED = "closed"
+
+
+class Sandbox:
+    """A micro-VM running one guest, created from a :class:`~hlpool.Snapshot`.
+
+    >>> with Sandbox.from_elf("add.elf") as sb:
+    ...     sb.call("add", 2, 3)
+    5
+
+    ``host_functions`` maps names to Python callables the guest may call with
+    ``hl_call_host``. ``timeout`` (seconds) is the default deadline of a call
+    (None: no deadline). ``restore_policy`` sets how many restored pages stay
+    resident. ``log_handler`` receives each line the guest prints (default:
+    the ``hlpool.guest`` logger).
+    """
+
+    def __init__(
+        self,
+        snapshot: "Snapshot",
+        *,
+        host_functions: Mapping[str, HostFunction] | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        restore_policy: RestorePolicy | None = None,
+        log_handler: LogHandler | None = None,
+        max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
+        max_host_calls: int = DEFAULT_MAX_HOST_CALLS,
+        name: str | None = None,
+    ) -> None:
+        from .snapshot import Snapshot
+
+        if not isinstance(snapshot, Snapshot):
+            raise TypeError(f"Sandbox needs a Snapshot, not {type(snapshot).__name__}")
+        snapshot.check_usable()
+        self.snapshot = snapshot
+        self.name = name or f"sandbox-{next(_names)}"
+        self.host_functions: dict[str, HostFunction] = dict(host_functions or {})
+        for key, fn in self.host_functions.items():
+            if not isinstance(key, str) or not callable(fn):
+                raise TypeError("host_functions must map names (str) to callables")
+        self.timeout = timeout
+        self.max_host_calls = max_host_calls
+        self.status = SandboxStatus.READY
+        self.last_restore = RestoreStats()
+        self._log = GuestLog(self.name, log_handler, max_log_bytes)
+        self._exports = {n: i for i, n in enumerate(snapshot.exports or ())}
+        self._pid = os.getpid()
+        self.vm = self.vcpu = self.memory = None
+        layout = snapshot.layout
+        self.layout = layout
+        try:
+            self.vm = Vm()
+            self.memory = GuestMemory(self.vm, layout, snapshot.runs, snapshot.layers,
+                                      restore_policy or RestorePolicy())
+            self._mapped_files = snapshot.attach_files(self)
+            self.vcpu = Vcpu(self.vm)
+            self.vcpu.load_state(snapshot.vcpu)
+            pvm.enable_native_execution(self.vcpu, VIF_PAGE)
+        except BaseException:
+            self._release()
+            raise
+        self._in = self.memory.view(layout.input)
+        self._reply = self.memory.view(layout.reply)
+        self._out = self.memory.view(layout.out)
+        self._logbuf = self.memory.view(layout.log)
+        self._in_used = 0
+        self._reply_used = 0
+        self._reload_registers = False
+        self._host_calls = 0
+
+    @classmethod
+    def from_elf(cls, path: str, *, heap_size: int | None = None, stack_size: int | None = None,
+                 host_functions: Mapping[str, HostFunction] | None = None, **kwargs: Any) -> "Sandbox":
+        """Load, relocate and initialise a guest ELF, then return a sandbox at its initialised state.
+
+        Extra keyword arguments go to :class:`Sandbox` (timeout, restore_policy, ...).
+        """
+        from .snapshot import Snapshot
+
+        snapshot = Snapshot.from_elf(path, heap_size=heap_size, stack_size=stack_size,
+                                     host_functions=host_functions)
+        return cls(snapshot, host_functions=host_functions, **kwargs)
+
+    # ---- public API -------------------------------------------------------------------
+
+    @property
+    def exports(self) -> list[str]:
+        """Names of the functions the guest exported."""
+        return list(self._exports)
+
+    def call(self, name: str, *args: Any, timeout: float | None | object = ..., restore: bool = True) -> Any:
+        """Call the guest function ``name`` with ``args`` and return its result.
+
+        ``timeout`` overrides the sandbox's default deadline (seconds; None for
+        none). With ``restore=False`` the guest's memory and registers are left
+        as the call left them (e.g. to take a snapshot after an initialisation
+        call); by default every call starts from the snapshot.
+        """
+        self._check_usable()
+        index = self._exports.get(name)
+        if index is None:
+            raise CallError(f"{self.name}: unknown function {name!r}; the guest exports "
+                            f"{sorted(self._exports) or 'nothing'}")
+        try:
+            payload = codec.encode_args(args)
+        except codec.ValueTypeError as exc:
+            raise CallError(f"{name}: {exc}") from None
+        self._write_record(self._in, abi.HL_MSG_CALL, payload, index, time.time_ns())
+        self._in_used = abi.HL_MSG_HEADER_SIZE + len(payload)
+        limit = self.timeout if timeout is ... else timeout
+        return self._run_call(limit, restore, name)
+
+    def restore(self) -> RestoreStats:
+        """Put the sandbox back to its snapshot (memory pages the guest wrote, then registers)."""
+        self._check_open()
+        stats = self.memory.restore()
+        self._clear_io()
+        self._reload_registers = True
+        self.last_restore = stats
+        return stats
+
+    def snapshot(self, retain: Callable[["Region"], bool | None] | None = None) -> "Snapshot":
+        """Take a new snapshot of the live sandbox, layered on this sandbox's snapshot.
+
+        Pages that differ from the parent go into a new layer; the others stay
+        references to the parent's files. ``retain(region)`` may return True
+        (keep the parent's bytes for that region), False (copy the region
+        into the new layer) or None (default).
+        """
+        from .snapshot import capture
+
+        self._check_usable()
+        return capture(self, retain=retain)
+
+    def map_file(self, path: str, *, guest_address: int | None = None) -> tuple[int, int]:
+        """Map a host file read-only into the guest; returns (guest_address, size).
+
+        The guest finds it with ``hl_mapped_file(basename, &size)``. A guest
+        write to it is a :class:`GuestFault`. Snapshots taken afterwards
+        reference the file (path + content hash); they never copy it.
+        """
+        self._check_usable()
+        return self._mapped_files.map(path, guest_address)
+
+    def close(self) -> None:
+        """Destroy the VM and release its memory (idempotent)."""
+        if self.status is SandboxStatus.CLOSED:
+            return
+        self.status = SandboxStatus.CLOSED
+        self._release()
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "status", SandboxStatus.CLOSED) is not SandboxStatus.CLOSED:
+            try:
+                self.close()
+            except Exception:
+                pass
+
+    def __repr__(self) -> str:
+        return f"<Sandbox {self.name} {self.status.value} exports={self.exports}>"
+
+    # ---- boot -------------------------------------------------------------------------
+
+    def _boot(self, timeout: float | None) -> tuple[list[str], int]:
+        """Run a boot snapshot until hl_main finishes; returns (exports, hl_main's return value)."""
+        self._write_record(self._in, 0, b"", 0, time.time_ns())
+        deadline = _deadline(timeout)
+        if deadline:
+            _vcpu_run.arm_deadline(deadline)
+        try:
+            kind, payload, aux0 = self._run_until(abi.HL_EV_INIT_DONE, deadline)
+        finally:
+            if deadline:
+                _vcpu_run.arm_deadline(0)
+            self._log.end_call()
+        try:
+            exports = codec.decode_value(payload)
+        except ValueError as exc:
+            raise GuestProtocolError(f"malformed list of exports: {exc}") from None
+        if not isinstance(exports, list) or not all(isinstance(e, str) for e in exports):
+            raise GuestProtocolError("malformed list of exports")
+        rc = aux0 - (1 << 64) if aux0 >= 1 << 63 else aux0
+        self._finish_pending_io()
+        return exports, rc
+
+    # ---- the call loop -------------------------------------------------------------------
+
+    def _run_call(self, timeout: float | None, restore: bool, name: str) -> Any:
+        if self._reload_registers:
+            self.vcpu.load_sync_regs(self.snapshot.vcpu.regs, self.snapshot.vcpu.sregs)
+            self._reload_registers = False
+        deadline = _deadline(timeout)
+        if deadline:
+            _vcpu_run.arm_deadline(deadline)
+        self._host_calls = 0
+        try:
+            kind, payload, aux0 = self._run_until(abi.HL_EV_RESULT, deadline)
+            value = self._result(kind, payload, aux0, name)
+        except HlpoolError:
+            self._recover()
+            raise
+        except BaseException:
+            self._recover()
+            raise
+        finally:
+            if deadline:
+                _vcpu_run.arm_deadline(0)
+            self._log.end_call()
+        if restore:
+            self.restore()
+        else:
+            self._clear_io()
+        return value
+
+    def _run_until(self, event: int, deadline: int) -> tuple[int, memoryview, int]:
+        """Run the vCPU until the guest signals ``event``; serve everything in between."""
+        run = self.vcpu.run_struct
+        while True:
+            reason = self.vcpu.run()
+            if reason == kvm_abi.KVM_EXIT_IO:
+                io = run.exit.io
+                if io.port != abi.HL_PORT or io.direction != 1 or io.size != 4 or io.count != 1:
+                    raise GuestProtocolError(f"guest {'wrote to' if io.direction else 'read from'} "
+                                             f"unknown I/O port {io.port:#x}")
+                code = _u32_at(self.vcpu.run_address + io.data_offset)
+                if code == event:
+                    self._drain_log()
+                    return self._read_out()
+                self._serve_event(code, event)
+            elif reason == _vcpu_run.RUN_INTERRUPTED:
+                if deadline and _vcpu_run.monotonic_ns() >= deadline:
+                    self._drain_log()
+                    raise GuestTimeout(f"{self.name}: call exceeded its deadline and was stopped")
+                _vcpu_run.clear_kick(self.vcpu.run_address)  # a stale kick from an earlier deadline
+            else:
+                self._drain_log()
+                raise self._exit_error(reason)
+
+    def _serve_event(self, code: int, expected: int) -> None:
+        if code == abi.HL_EV_HOSTCALL:
+            self._host_call()
+        elif code == abi.HL_EV_LOG_FULL:
+            self._drain_log()
+        elif code == abi.HL_EV_RANDOM:
+            kind, _payload, want = self._read_out()
+            if kind != abi.HL_MSG_RANDOM or want > len(self._reply) - abi.HL_MSG_HEADER_SIZE:
+                raise GuestProtocolError(f"malformed randomness request ({want} bytes)")
+            self._write_record(self._reply, abi.HL_MSG_RANDOM, os.urandom(want), 0, 0)
+            self._reply_used = max(self._reply_used, abi.HL_MSG_HEADER_SIZE + want)
+        elif code == abi.HL_EV_FAULT:
+            self._drain_log()
+            raise self._fault_from_record()
+        elif code == abi.HL_EV_RESULT and expected == abi.HL_EV_INIT_DONE:
+            self._drain_log()
+            kind, payload, aux0 = self._read_out()
+            try:
+                self._result(kind, payload, aux0, "hl_main")
+            except HlpoolError as exc:
+                raise type(exc)(f"guest initialisation failed: {exc}") from None
+            raise GuestProtocolError("guest initialisation ended without reporting its exports")
+        else:
+            raise GuestProtocolError(f"guest signalled unexpected event {code}")
+
+    def _host_call(self) -> None:
+        kind, payload, _ = self._read_out()
+        if kind != abi.HL_MSG_HOSTCALL:
+            raise GuestProtocolError(f"host call signalled with a record of kind {kind}")
+        try:
+            request = codec.decode_value(payload)
+        except ValueError as exc:
+            raise GuestProtocolError(f"malformed host call: {exc}") from None
+        if not (isinstance(request, list) and len(request) == 2 and isinstance(request[0], str)
+                and isinstance(request[1], list)):
+            raise GuestProtocolError("malformed host call (expected [name, [args...]])")
+        fname, args = request
+        self._host_calls += 1
+        if self._host_calls > self.max_host_calls:
+            raise HostFunctionError(f"guest made more than {self.max_host_calls} host calls in one call")
+        fn = self.host_functions.get(fname)
+        if fn is None:
+            raise HostFunctionError(f"guest called unknown host function {fname!r}; available: "
+                                    f"{sorted(self.host_functions) or 'none'}")
+        try:
+            result = fn(*args)
+        except Exception as exc:
+            raise HostFunctionError(f"host function {fname!r} raised {type(exc).__name__}: {exc}") from exc
+        try:
+            data = codec.encode_value(result, f"result of host function {fname!r}")
+        except codec.ValueTypeError as exc:
+            raise HostFunctionError(str(exc)) from None
+        if len(data) > len(self._reply) - abi.HL_MSG_HEADER_SIZE:
+            raise HostFunctionError(f"result of host function {fname!r} is {len(data)} bytes, more than "
+                                    f"the {len(self._reply) - abi.HL_MSG_HEADER_SIZE}-byte reply buffer")
+        self._write_record(self._reply, abi.HL_MSG_REPLY_OK, data, 0, 0)
+        self._reply_used = max(self._reply_used, abi.HL_MSG_HEADER_SIZE + len(data))
+
+    # ---- records -----------------------------------------------------------------------
+
+    @staticmethod
+    def _write_record(view: memoryview, kind: int, payload: bytes, aux0: int, aux1: int) -> None:
+        capacity = len(view) - abi.HL_MSG_HEADER_SIZE
+        if len(payload) > capacity:
+            raise PayloadTooLargeError(f"encoded arguments are {len(payload)} bytes; the input buffer "
+                                       f"holds {capacity} (raise MemoryConfig.in_size)")
+        _HDR.pack_into(view, 0, abi.HL_MSG_MAGIC, kind, len(payload), aux0, aux1, 0, 0, 0)
+        view[abi.HL_MSG_HEADER_SIZE:abi.HL_MSG_HEADER_SIZE + len(payload)] = payload
+
+    def _read_out(self) -> tuple[int, memoryview, int]:
+        """The record the guest wrote into OUT: (kind, payload, aux0). Never trusts the guest."""
+        magic, kind, length, aux0, *_ = _HDR.unpack_from(self._out, 0)
+        if magic != abi.HL_MSG_MAGIC:
+            raise GuestProtocolError("guest signalled without writing a valid record (bad magic)")
+        capacity = len(self._out) - abi.HL_MSG_HEADER_SIZE
+        if length > capacity:
+            raise GuestProtocolError(f"guest claims a {length}-byte record; the output buffer holds {capacity}")
+        return kind, self._out[abi.HL_MSG_HEADER_SIZE:abi.HL_MSG_HEADER_SIZE + length], aux0
+
+    def _result(self, kind: int, payload: memoryview, aux0: int, name: str) -> Any:
+        if kind == abi.HL_MSG_OK:
+            try:
+                return codec.decode_value(payload)
+            except ValueError as exc:
+                raise GuestProtocolError(f"{name}: guest returned a malformed result: {exc}") from None
+        message = bytes(payload).decode("utf-8", "replace")
+        if kind == abi.HL_MSG_GUEST_ERROR:
+            raise GuestError(f"{name}: {message}")
+        if kind == abi.HL_MSG_CALL_ERROR:
+            raise CallError(f"{name}: {message}")
+        if kind == abi.HL_MSG_EXIT:
+            status = aux0 - (1 << 64) if aux0 >= 1 << 63 else aux0
+            raise GuestError(f"{name}: guest called exit({status})")
+        if kind == abi.HL_MSG_SIGNAL:
+            raise GuestError(f"{name}: guest raised {message or 'signal %d' % aux0}")
+        raise GuestProtocolError(f"{name}: guest wrote a record of unknown kind {kind}")
+
+    def _fault_from_record(self) -> GuestFault:
+        magic, kind, length, vector, error_code, rip, cr2, _ = _HDR.unpack_from(self._out, 0)
+        if magic != abi.HL_MSG_MAGIC or kind != abi.HL_MSG_FAULT:
+            return GuestFault("guest fault (the guest's fault report is unreadable)")
+        return faults.exception_fault(vector, error_code, rip, cr2, self.layout)
+
+    def _exit_error(self, reason: int) -> HlpoolError:
+        run = self.vcpu.run_struct
+        rip = self.vcpu.get_regs().rip
+        if reason == kvm_abi.KVM_EXIT_MMIO:
+            mmio = run.exit.mmio
+            return faults.memory_fault(mmio.phys_addr, bool(mmio.is_write), rip,
+                                       self._describe_address(mmio.phys_addr))
+        if reason == kvm_abi.KVM_EXIT_SHUTDOWN:
+            return GuestFault(f"guest fault: triple fault (the guest's own exception handling failed) "
+                              f"near rip={rip:#x}", vector_name="triple fault", rip=rip)
+        if reason == kvm_abi.KVM_EXIT_HLT:
+            return GuestFault(f"guest halted (hlt) at rip={rip:#x}", vector_name="hlt", rip=rip)
+        name = kvm_abi.EXIT_REASON_NAMES.get(reason, str(reason))
+        if reason == kvm_abi.KVM_EXIT_INTERNAL_ERROR:
+            name += f" (suberror {run.exit.internal.suberror})"
+        if reason == kvm_abi.KVM_EXIT_FAIL_ENTRY:
+            name += f" (reason {run.exit.fail_entry.hardware_entry_failure_reason:#x})"
+        return GuestFault(f"guest stopped with KVM exit {name} at rip={rip:#x}", vector_name=name, rip=rip)
+
+    def _describe_address(self, address: int) -> str:
+        described = self._mapped_files.describe(address)
+        if described:
+            return described
+        layout = self.layout
+        if layout.io.start <= address < layout.io.end:
+            return "read-only call input"
+        if layout.system.start <= address < layout.system.end:
+            return "read-only system memory"
+        return "no memory at this guest-physical address"
+
+    # ---- log and I/O buffers --------------------------------------------------------------
+
+    def _drain_log(self) -> None:
+        used, _dropped = abi.LOG_HEADER.unpack_from(self._logbuf, 0)
+        if not used:
+            return
+        capacity = len(self._logbuf) - abi.HL_LOG_HEADER_SIZE
+        used = min(used, capacity)  # untrusted length: clamp to the buffer
+        self._log.feed(bytes(self._logbuf[abi.HL_LOG_HEADER_SIZE:abi.HL_LOG_HEADER_SIZE + used]))
+
+    def _clear_io(self) -> None:
+        """Zero what the host wrote into IN/REPLY, so no call sees another's data."""
+        if self._in_used:
+            self._in[:self._in_used] = bytes(self._in_used)
+            self._in_used = 0
+        if self._reply_used:
+            self._reply[:self._reply_used] = bytes(self._reply_used)
+            self._reply_used = 0
+
+    def _finish_pending_io(self) -> None:
+        """Complete the guest's last `out` without running it (KVM_RUN with immediate_exit).
+
+        After an I/O exit KVM advances RIP only on the next KVM_RUN; a state
+        saved before that would replay the `out`.
+        """
+        self.vcpu.run_struct.immediate_exit = 1
+        try:
+            reason = self.vcpu.run()
+        finally:
+            self.vcpu.run_struct.immediate_exit = 0
+        if reason != _vcpu_run.RUN_INTERRUPTED:
+            raise SandboxBrokenError(f"{self.name}: vCPU ran although immediate_exit was set")
+
+    def _recover(self) -> None:
+        """After a failed call: back to the snapshot, or mark the sandbox broken."""
+        try:
+            self._finish_pending_io()
+            self.memory.restore()
+            self._clear_io()
+            self.vcpu.load_state(self.snapshot.vcpu)
+            self._reload_registers = False
+        except Exception as exc:
+            self.status = SandboxStatus.BROKEN
+            log.error("%s: cannot restore after a failed call: %s", self.name, exc)
+            raise SandboxBrokenError(f"{self.name}: cannot be restored after a failed call: {exc}") from exc
+
+    # ---- state checks and teardown ---------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.status is SandboxStatus.CLOSED:
+            raise SandboxClosedError(f"{self.name} is closed")
+        if self._pid != os.getpid():
+            raise SandboxClosedError(f"{self.name} belongs to process {self._pid}; a VM cannot cross fork()")
+
+    def _check_usable(self) -> None:
+        self._check_open()
+        if self.status is SandboxStatus.BROKEN:
+            raise SandboxBrokenError(f"{self.name} is broken (an earlier restore failed); discard it")
+
+    def _release(self) -> None:
+        if self._pid != os.getpid():
+            return  # a forked child must not tear down its parent's VM
+        for attr in ("vcpu", "memory", "vm"):
+            obj = getattr(self, attr, None)
+            if obj is not None:
+                obj.close()
+                setattr(self, attr, None)
+        files = getattr(self, "_mapped_files", None)
+        if files is not None:
+            files.close()
+
+
+def _deadline(timeout: float | None) -> int:
+    if timeout is None:
+        return 0
+    if timeout <= 0:
+        raise CallError(f"timeout must be positive, got {timeout}")
+    return _vcpu_run.monotonic_ns() + int(timeout * 1e9)
+
+
+def _u32_at(address: int) -> int:
+    import ctypes
+
+    return ctypes.c_uint32.from_address(address).value
+
+
+from .snapshot import Region, Snapshot  # noqa: E402  (circular: snapshot builds sandboxes)

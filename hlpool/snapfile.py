@@ -1,0 +1,403 @@
+"""The snapshot file format: writing (atomic, read-only) and reading (validate first).
+
+A file holds one layer. Layout::
+
+    page 0      header (little-endian, HEADER.size bytes, rest zero)
+    page 1...   page data (the layer), page-aligned so it can be mapped
+    after it    metadata: msgpack map (vCPU state, layout, runs, parents, files)
+
+Header fields: magic, format version (independent of the package version),
+header size, flags, metadata offset/size, data offset/size, file size,
+content hash (SHA-256 of data + metadata: the layer's identity, by which
+children name it), and a CRC-32 of the header itself.
+
+Reading validates everything before anything is mapped: magic, version,
+header CRC, every offset and size against the file, the content hash, the
+metadata's types and bounds, the runs against the layers, and recursively
+every parent (found by the path recorded in the child, checked by hash)
+and every referenced host file (by hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import threading
+import time
+import zlib
+from typing import Any
+
+import msgspec
+
+from . import __version__ as hlpool_version
+from .errors import (SnapshotError, SnapshotFormatError, SnapshotIntegrityError, SnapshotParentError,
+                     SnapshotTooLargeError, SnapshotVersionError)
+from .kvm.system import system
+from .kvm.vcpu import VcpuState
+from .layers import Layer, Run, check_runs
+from .layout import PAGE, Layout, MemoryConfig, page_up
+from .mapped_files import MappedFile, fingerprint, hash_file
+
+MAGIC = b"HLSNAP\r\n"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<8sIIQQQQQQ32sI")
+HEADER_CRC_OFFSET = HEADER.size - 4
+MAX_META_SIZE = 16 << 20
+MAX_FILE_SIZE = 1 << 40
+MAX_DEPTH = 64
+MAX_RUNS = 1 << 16
+DEFAULT_MAX_MEMORY = 256 << 30
+
+
+def _fail(path: str, message: str, cls: type[SnapshotError] = SnapshotFormatError) -> SnapshotError:
+    return cls(f"{path}: {message}")
+
+
+# ---- writing --------------------------------------------------------------------------
+
+
+def _vcpu_to_meta(v: VcpuState) -> dict[str, Any]:
+    return {"regs": v.regs, "sregs": v.sregs, "xsave": v.xsave, "xcrs": v.xcrs,
+            "msrs": [[k, val] for k, val in v.msrs.items()], "debugregs": v.debugregs, "events": v.events}
+
+
+def _relative_path(target: str, directory: str) -> str:
+    return os.path.relpath(target, directory)
+
+
+def write_snapshot(snapshot: "Snapshot", path: str) -> "Snapshot":
+    """Persist ``snapshot``'s top layer to ``path``; returns the file-backed snapshot."""
+    from .snapshot import Snapshot
+
+    if snapshot.exports is None:
+        raise SnapshotError("a boot snapshot (before hl_main ran) cannot be persisted")
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    parents = snapshot.layers[:-1]
+    for i, layer in enumerate(parents):
+        if not layer.persisted:
+            raise SnapshotError(f"layer {i} of this snapshot's parents is not persisted; persist the parent "
+                                "snapshot first (layers name their parents by file)")
+    top = snapshot.layers[-1]
+    meta = {
+        "hlpool": hlpool_version,
+        "created": time.time(),
+        "config": snapshot.layout.config.to_dict(),
+        "image_size": snapshot.layout.image_size,
+        "vcpu": _vcpu_to_meta(snapshot.vcpu),
+        "exports": list(snapshot.exports),
+        "image_segments": [list(s) for s in snapshot.image_segments],
+        "runs": {slot: [[r.first_page, r.count, r.layer, r.offset] for r in runs]
+                 for slot, runs in snapshot.runs.items()},
+        "parents": [{"sha256": layer.sha256, "path": _relative_path(layer.path, directory), "size": layer.size}
+                    for layer in parents],
+        "mapped_files": [{"path": f.path, "guest_address": f.guest_address, "size": f.size, "sha256": f.sha256}
+                         for f in snapshot.mapped_files],
+        "info": {k: v for k, v in snapshot.info.items() if isinstance(v, (str, int, float, bool))},
+        "host": {"kvm": system().info.flavour, "xsave_size": len(snapshot.vcpu.xsave)},
+    }
+    meta_bytes = msgspec.msgpack.encode(meta)
+    data_offset = PAGE
+    data_size = top.size
+    meta_offset = data_offset + data_size
+    file_size = meta_offset + len(meta_bytes)
+
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        content = hashlib.sha256()
+        os.lseek(fd, data_offset, os.SEEK_SET)
+        offset = 0
+        while offset < data_size:
+            chunk = top.read(offset, min(8 << 20, data_size - offset))
+            content.update(chunk)
+            _write_all(fd, chunk)
+            offset += len(chunk)
+        content.update(meta_bytes)
+        _write_all(fd, meta_bytes)
+        header = bytearray(PAGE)
+        HEADER.pack_into(header, 0, MAGIC, FORMAT_VERSION, HEADER.size, 0, meta_offset, len(meta_bytes),
+                         data_offset, data_size, file_size, content.digest(), 0)
+        struct.pack_into("<I", header, HEADER_CRC_OFFSET, zlib.crc32(header[:HEADER_CRC_OFFSET]))
+        os.pwrite(fd, bytes(header), 0)
+        os.fsync(fd)
+        os.fchmod(fd, 0o444)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+    read_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    layer = Layer(read_fd, data_size, content.digest(), path=path, data_offset=data_offset)
+    _remember(path, read_fd, layer)
+    return Snapshot(layout=snapshot.layout, vcpu=snapshot.vcpu, exports=snapshot.exports,
+                    layers=parents + (layer,), runs=snapshot.runs, image_segments=snapshot.image_segments,
+                    mapped_files=snapshot.mapped_files, parent=snapshot.parent, path=path,
+                    info=dict(snapshot.info))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# ---- reading ----------------------------------------------------------------------------
+
+# Content hashes of files already verified in this process, by (path, inode, size,
+# mtime_ns): children sharing a base do not hash it again.
+_verified: dict[tuple[str, int, int, int], bytes] = {}
+_verified_lock = threading.Lock()
+
+
+def _remember(path: str, fd: int, layer: Layer) -> None:
+    st = os.fstat(fd)
+    layer.fingerprint = fingerprint(st)
+    with _verified_lock:
+        _verified[(path, st.st_ino, st.st_size, st.st_mtime_ns)] = layer.sha256
+
+
+class _Header:
+    def __init__(self, path: str, raw: bytes, actual_size: int) -> None:
+        if len(raw) < HEADER.size:
+            raise _fail(path, f"truncated: {actual_size} bytes is too short for a snapshot header")
+        (magic, version, header_size, flags, self.meta_offset, self.meta_size, self.data_offset,
+         self.data_size, self.file_size, self.content_sha256, crc) = HEADER.unpack_from(raw, 0)
+        if magic != MAGIC:
+            raise _fail(path, "not an hlpool snapshot (bad magic)")
+        if version != FORMAT_VERSION:
+            raise _fail(path, f"snapshot format version {version}; this hlpool reads version {FORMAT_VERSION}",
+                        SnapshotVersionError)
+        if zlib.crc32(raw[:HEADER_CRC_OFFSET]) != crc:
+            raise _fail(path, "header checksum mismatch (corrupted or tampered header)", SnapshotIntegrityError)
+        if header_size != HEADER.size or flags != 0:
+            raise _fail(path, f"unsupported header (size {header_size}, flags {flags:#x})")
+        if self.file_size > MAX_FILE_SIZE:
+            raise _fail(path, f"file claims {self.file_size} bytes, over the {MAX_FILE_SIZE}-byte limit",
+                        SnapshotTooLargeError)
+        if actual_size != self.file_size:
+            raise _fail(path, f"file is {actual_size} bytes but its header says {self.file_size} "
+                        f"({'truncated' if actual_size < self.file_size else 'trailing data'})")
+        if self.data_offset != PAGE or self.data_size % PAGE:
+            raise _fail(path, "page data is not page-aligned")
+        if self.meta_offset != self.data_offset + self.data_size or \
+                self.meta_offset + self.meta_size != self.file_size:
+            raise _fail(path, "sections do not tile the file")
+        if self.meta_size > MAX_META_SIZE:
+            raise _fail(path, f"metadata of {self.meta_size} bytes exceeds {MAX_META_SIZE}", SnapshotTooLargeError)
+
+
+def _open_layer(path: str, expected_sha256: bytes | None) -> tuple[Layer, dict[str, Any]]:
+    """Open, hash and parse one snapshot file. Returns its layer and metadata."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SnapshotParentError(f"{path}: no such snapshot file") if expected_sha256 else \
+            SnapshotError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise SnapshotError(f"{path}: cannot open: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        header = _Header(path, os.pread(fd, PAGE, 0), st.st_size)
+        if expected_sha256 is not None and header.content_sha256 != expected_sha256:
+            raise _fail(path, "is not the parent this snapshot was layered on (content hash differs)",
+                        SnapshotParentError)
+        key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+        with _verified_lock:
+            known = _verified.get(key)
+        if known is None:
+            content = hashlib.sha256()
+            offset = header.data_offset
+            while offset < header.file_size:
+                chunk = os.pread(fd, min(8 << 20, header.file_size - offset), offset)
+                if not chunk:
+                    raise _fail(path, "file shrank while being read")
+                content.update(chunk)
+                offset += len(chunk)
+            if content.digest() != header.content_sha256:
+                raise _fail(path, "content hash mismatch: the file was modified or corrupted after it was "
+                            "written", SnapshotIntegrityError)
+        elif known != header.content_sha256:
+            raise _fail(path, "content hash changed", SnapshotIntegrityError)
+        meta_raw = os.pread(fd, header.meta_size, header.meta_offset)
+        if len(meta_raw) != header.meta_size:
+            raise _fail(path, "truncated metadata")
+        try:
+            meta = msgspec.msgpack.decode(meta_raw)
+        except msgspec.DecodeError as exc:
+            raise _fail(path, f"malformed metadata: {exc}") from None
+        if not isinstance(meta, dict):
+            raise _fail(path, "malformed metadata (not a map)")
+    except BaseException:
+        os.close(fd)
+        raise
+    layer = Layer(fd, header.data_size, header.content_sha256, path=path, data_offset=header.data_offset)
+    _remember(path, fd, layer)
+    return layer, meta
+
+
+def _get(meta: dict, key: str, kind: type | tuple[type, ...], path: str) -> Any:
+    value = meta.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise _fail(path, f"metadata field {key!r} is missing or has the wrong type")
+    return value
+
+
+def _parse_runs(raw: Any, path: str, slot: str) -> list[Run]:
+    if not isinstance(raw, list) or len(raw) > MAX_RUNS:
+        raise _fail(path, f"runs of slot {slot} are malformed")
+    runs = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 4 and all(type(v) is int for v in item)):
+            raise _fail(path, f"a run of slot {slot} is malformed")
+        runs.append(Run(*item))
+    return runs
+
+
+def _parse_vcpu(raw: Any, path: str) -> VcpuState:
+    if not isinstance(raw, dict):
+        raise _fail(path, "vCPU state is malformed")
+    sizes = {"regs": 144, "sregs": 312, "xcrs": 392, "debugregs": 128, "events": 64}
+    fields = {}
+    for name in ("regs", "sregs", "xsave", "xcrs", "debugregs", "events"):
+        value = raw.get(name)
+        if not isinstance(value, bytes) or (name in sizes and len(value) != sizes[name]):
+            raise _fail(path, f"vCPU field {name!r} is malformed")
+        fields[name] = value
+    if len(fields["xsave"]) != 4096:
+        raise _fail(path, "vCPU XSAVE area has an unexpected size")
+    msrs = raw.get("msrs")
+    if not isinstance(msrs, list) or not all(isinstance(m, list) and len(m) == 2 and all(type(v) is int for v in m)
+                                             for m in msrs):
+        raise _fail(path, "vCPU MSR list is malformed")
+    return VcpuState(msrs={m[0]: m[1] for m in msrs}, **fields)
+
+
+def read_snapshot(path: str, *, max_memory: int | None = None, _expected: bytes | None = None,
+                  _depth: int = 0) -> "Snapshot":
+    """Validate and open the snapshot at ``path`` (and its parent chain)."""
+    from .snapshot import Snapshot
+
+    path = os.path.abspath(path)
+    if _depth > MAX_DEPTH:
+        raise _fail(path, f"parent chain deeper than {MAX_DEPTH}", SnapshotParentError)
+    layer, meta = _open_layer(path, _expected)
+    try:
+        config_raw = _get(meta, "config", dict, path)
+        try:
+            config = MemoryConfig(**{k: v for k, v in config_raw.items() if isinstance(k, str)})
+            layout = Layout(config, _get(meta, "image_size", int, path))
+        except (TypeError, SnapshotError) as exc:
+            raise _fail(path, f"invalid memory configuration: {exc}") from None
+        except Exception as exc:
+            raise _fail(path, f"invalid memory configuration: {exc}") from None
+        limit = max_memory if max_memory is not None else DEFAULT_MAX_MEMORY
+        if layout.guest_memory_size > limit:
+            raise _fail(path, f"describes {layout.guest_memory_size} bytes of guest memory, over the "
+                        f"{limit}-byte limit", SnapshotTooLargeError)
+        exports = _get(meta, "exports", list, path)
+        if len(exports) > 256 or not all(isinstance(e, str) and 0 < len(e) < 64 for e in exports):
+            raise _fail(path, "export list is malformed")
+        segments = _get(meta, "image_segments", list, path)
+        if not all(isinstance(s, list) and len(s) == 3 and type(s[0]) is int and type(s[1]) is int
+                   and isinstance(s[2], str) for s in segments):
+            raise _fail(path, "image segment list is malformed")
+        vcpu = _parse_vcpu(meta.get("vcpu"), path)
+        runs_raw = _get(meta, "runs", dict, path)
+        runs = {slot: _parse_runs(runs_raw.get(slot), path, slot) for slot in ("system", "main")}
+
+        parents_raw = _get(meta, "parents", list, path)
+        parent: Snapshot | None = None
+        if parents_raw:
+            last = parents_raw[-1]
+            if not (isinstance(last, dict) and isinstance(last.get("path"), str)
+                    and isinstance(last.get("sha256"), bytes)):
+                raise _fail(path, "parent reference is malformed")
+            parent_path = os.path.normpath(os.path.join(os.path.dirname(path), last["path"]))
+            parent = read_snapshot(parent_path, max_memory=max_memory, _expected=last["sha256"],
+                                   _depth=_depth + 1)
+            if len(parent.layers) != len(parents_raw) or any(
+                    not isinstance(p, dict) or p.get("sha256") != pl.sha256
+                    for p, pl in zip(parents_raw, parent.layers)):
+                raise _fail(path, "parent chain does not match the layers recorded in this file",
+                            SnapshotParentError)
+            if parent.layout != layout:
+                raise _fail(path, "parent has a different memory layout", SnapshotParentError)
+        layers = (parent.layers if parent else ()) + (layer,)
+        sizes = [lay.size for lay in layers]
+        for slot, slot_runs in runs.items():
+            try:
+                check_runs(slot_runs, getattr(layout, slot).size // PAGE, sizes, f"{path}: {slot} slot")
+            except SnapshotError as exc:
+                raise SnapshotFormatError(str(exc)) from None
+
+        files = []
+        for f in _get(meta, "mapped_files", list, path):
+            if not (isinstance(f, dict) and isinstance(f.get("path"), str) and type(f.get("guest_address")) is int
+                    and type(f.get("size")) is int and isinstance(f.get("sha256"), bytes)):
+                raise _fail(path, "mapped file entry is malformed")
+            files.append(_verify_mapped_file(path, f, layout))
+        info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
+        return Snapshot(layout=layout, vcpu=vcpu, exports=tuple(exports), layers=layers, runs=runs,
+                        image_segments=tuple(tuple(s) for s in segments), mapped_files=tuple(files),
+                        parent=parent, path=path, info=info)
+    except BaseException:
+        layer.close()
+        raise
+
+
+def _verify_mapped_file(snapshot_path: str, f: dict, layout: Layout) -> MappedFile:
+    file_path = f["path"]
+    if not (layout.files.start <= f["guest_address"] and f["guest_address"] + page_up(f["size"]) <= layout.files.end):
+        raise _fail(snapshot_path, f"mapped file {file_path} lies outside the files window")
+    try:
+        fd = os.open(file_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _fail(snapshot_path, f"mapped file {file_path} is not available: {exc.strerror}",
+                    SnapshotParentError) from None
+    try:
+        st = os.fstat(fd)
+        if st.st_size != f["size"] or hash_file(fd) != f["sha256"]:
+            raise _fail(snapshot_path, f"mapped file {file_path} changed since the snapshot was taken",
+                        SnapshotParentError)
+    finally:
+        os.close(fd)
+    return MappedFile(path=file_path, guest_address=f["guest_address"], size=f["size"], sha256=f["sha256"],
+                      fingerprint=fingerprint(st))
+
+
+def check_files_unchanged(snapshot: "Snapshot") -> None:
+    """Cheap check (stat) that no file behind ``snapshot`` changed since it was verified."""
+    for layer in snapshot.layers:
+        if layer.path is None:
+            continue
+        try:
+            current = fingerprint(os.fstat(layer.fd))
+        except OSError as exc:
+            raise SnapshotIntegrityError(f"{layer.path}: cannot stat snapshot file: {exc.strerror}") from None
+        if current != layer.fingerprint:
+            raise SnapshotIntegrityError(f"{layer.path}: snapshot file was modified after it was verified "
+                                         "(size or mtime changed); a snapshot file must never change")
+    for f in snapshot.mapped_files:
+        try:
+            st = os.stat(f.path)
+        except OSError as exc:
+            raise SnapshotParentError(f"mapped file {f.path} is gone: {exc.strerror}") from None
+        if fingerprint(st) != f.fingerprint:
+            raise SnapshotParentError(f"mapped file {f.path} changed since it was hashed")
+
+
+from .snapshot import Snapshot  # noqa: E402
