@@ -1,0 +1,17 @@
+"""Builds the Cython extensions; everything else is in pyproject.toml."""
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+extensions = [
+    Extension("hlpool._mapping", ["hlpool/_mapping.pyx"], extra_compile_args=["-O2"]),
+    Extension(
+        "hlpool._vcpu_run",
+        ["hlpool/_vcpu_run.pyx"],
+        include_dirs=["hlpool"],
+        extra_compile_args=["-O2"],
+        libraries=["rt"],
+    ),
+]
+
+setup(ext_modules=cythonize(extensions, language_level=3))
