@@ -39,6 +39,7 @@ def page_table_mappings(layout: Layout, image: GuestImage) -> list[tuple[int, in
     for area in (layout.heap, layout.stack, layout.exception_stack):
         maps.append((area.start, area.size, W))
     maps.append((layout.out.start, layout.out.size + layout.log.size, W))
+    maps.append((layout.control.start, layout.control.size, X))
     maps.append((layout.input.start, layout.input.size + layout.reply.size, 0))
     if layout.files.size:
         maps.append((layout.files.start, layout.files.size, 0))

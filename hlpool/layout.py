@@ -12,11 +12,16 @@ snapshots all agree. From low to high addresses::
     2 MiB   image (ELF segments with their own permissions)       \\
             guard, heap (RW), guard, stack (RW), guard,             } "main" slot:
             exception stack (RW), guard, OUT (RW), LOG (RW)         } dirty-logged, restored
-            IN (R), REPLY (R)                                       "io" slot, read-only
+            CONTROL (RX), IN (R), REPLY (R)                         "io" slot, read-only
     1 GiB-aligned: the files window (R, NX)                         one RO slot per mapped file
 
 Guard pages are backed by the slot but unmapped in the page tables, so
 touching one is a page fault the runtime reports.
+
+The io slot is per-sandbox anonymous memory that only the host writes: the
+call input, host-call replies, and the control page, which holds the entry
+stub every restored call starts in (it reloads the snapshot's x87/SSE state
+with fxrstor before any guest code runs; see hlpool/entry_stub.py).
 """
 
 from __future__ import annotations
@@ -126,6 +131,7 @@ class Layout:
     exception_stack: Area = field(init=False)
     out: Area = field(init=False)
     log: Area = field(init=False)
+    control: Area = field(init=False)
     input: Area = field(init=False)
     reply: Area = field(init=False)
     files: Area = field(init=False)
@@ -152,6 +158,7 @@ class Layout:
         take("out", c.out_size, False)
         take("log", c.log_size, False)
         main_end = cursor
+        take("control", PAGE, False)
         take("input", c.in_size, False)
         take("reply", c.reply_size, False)
         io_end = cursor
@@ -172,4 +179,4 @@ class Layout:
 
     def describe(self) -> list[Area]:
         return [self.system, self.image, self.heap, self.stack, self.exception_stack, self.out, self.log,
-                self.input, self.reply, self.files]
+                self.control, self.input, self.reply, self.files]

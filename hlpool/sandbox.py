@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any, Callable, Mapping
 
-from . import _vcpu_run, abi, codec, faults
+from . import _vcpu_run, abi, codec, entry_stub, faults
 from .errors import (CallError, GuestError, GuestFault, GuestProtocolError, GuestTimeout, HlpoolError,
                      HostFunctionError, PayloadTooLargeError, SandboxBrokenError, SandboxClosedError)
 from .guest_log import GuestLog, LogHandler
@@ -57,6 +57,12 @@ class Sandbox:
     (None: no deadline). ``restore_policy`` sets how many restored pages stay
     resident. ``log_handler`` receives each line the guest prints (default:
     the ``hlpool.guest`` logger).
+
+    Every call starts from the snapshot: memory, general registers, segment
+    and control registers, and x87/SSE state. ``strict_cpu_reset=True`` also
+    reloads the full XSAVE area, XCR0, MSRs and debug registers after each
+    call (four more ioctls), closing the channels a guest could only open on
+    purpose with privileged instructions; see README "Isolation between calls".
     """
 
     def __init__(
@@ -69,6 +75,7 @@ class Sandbox:
         log_handler: LogHandler | None = None,
         max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
         max_host_calls: int = DEFAULT_MAX_HOST_CALLS,
+        strict_cpu_reset: bool = False,
         name: str | None = None,
     ) -> None:
         from .snapshot import Snapshot
@@ -84,6 +91,7 @@ class Sandbox:
                 raise TypeError("host_functions must map names (str) to callables")
         self.timeout = timeout
         self.max_host_calls = max_host_calls
+        self.strict_cpu_reset = strict_cpu_reset
         self.status = SandboxStatus.READY
         self.last_restore = RestoreStats()
         self._log = GuestLog(self.name, log_handler, max_log_bytes)
@@ -111,6 +119,13 @@ class Sandbox:
         self._reply_used = 0
         self._reload_registers = False
         self._host_calls = 0
+        self._entry_regs = b""
+        if snapshot.exports is not None:  # a finished snapshot: calls enter through the stub
+            regs = kvm_abi.KvmRegs.from_buffer_copy(snapshot.vcpu.regs)
+            self.memory.write(layout.control.start, entry_stub.control_page(
+                regs.rip, entry_stub.fxsave_image(snapshot.vcpu.xsave)))
+            regs.rip = layout.control.start
+            self._entry_regs = bytes(regs)
 
     @classmethod
     def from_elf(cls, path: str, *, heap_size: int | None = None, stack_size: int | None = None,
@@ -237,7 +252,9 @@ class Sandbox:
 
     def _run_call(self, timeout: float | None, restore: bool, name: str) -> Any:
         if self._reload_registers:
-            self.vcpu.load_sync_regs(self.snapshot.vcpu.regs, self.snapshot.vcpu.sregs)
+            if self.strict_cpu_reset:
+                self.vcpu.load_state(self.snapshot.vcpu)
+            self.vcpu.load_sync_regs(self._entry_regs, self.snapshot.vcpu.sregs)
             self._reload_registers = False
         deadline = _deadline(timeout)
         if deadline:
