@@ -90,6 +90,14 @@ def map_file_view(int fd, size_t size):
     return <uintptr_t>p
 
 
+def map_shared(int fd, size_t size):
+    """Map ``size`` bytes of ``fd`` read-write and shared (e.g. a vCPU's kvm_run). Returns the address."""
+    cdef void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+    if p == MAP_FAILED:
+        raise _oserror("mmap(shared fd %d, %d bytes)" % (fd, size))
+    return <uintptr_t>p
+
+
 def unmap(uintptr_t addr, size_t size):
     """Unmap a range this process mapped."""
     if size and munmap(<void *>addr, size) != 0:

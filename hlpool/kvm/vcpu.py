@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 from dataclasses import dataclass
 
-from .. import _vcpu_run
+from .. import _mapping, _vcpu_run
 from ..errors import KvmError
 from . import abi
 from .vm import Vm
@@ -46,10 +44,11 @@ class Vcpu:
             self.fd = abi.ioctl(vm.fd, abi.KVM_CREATE_VCPU, 0)
         except OSError as exc:
             raise KvmError(f"KVM_CREATE_VCPU failed: {exc.strerror}") from None
-        self._run_map = mmap.mmap(self.fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
-                                  mmap.PROT_READ | mmap.PROT_WRITE)
-        self.run_struct = abi.KvmRun.from_buffer(self._run_map)
-        self.run_address = ctypes.addressof(self.run_struct)
+        # Mapped with a raw mmap, not Python's mmap object: a ctypes view kept alive by a
+        # traceback must not stop close() from unmapping it (nothing touches it after close).
+        self._run_size = vm.kvm.vcpu_mmap_size
+        self.run_address = _mapping.map_shared(self.fd, self._run_size)
+        self.run_struct = abi.KvmRun.from_address(self.run_address)
         abi.ioctl(self.fd, abi.KVM_SET_CPUID2, vm.kvm.supported_cpuid)
 
     # ---- registers ----------------------------------------------------------------
@@ -158,7 +157,7 @@ class Vcpu:
 
     def close(self) -> None:
         if self.fd >= 0:
-            del self.run_struct
-            self._run_map.close()
+            _mapping.unmap(self.run_address, self._run_size)
+            self.run_address = 0
             os.close(self.fd)
             self.fd = -1
