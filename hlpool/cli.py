@@ -1,0 +1,312 @@
+"""The ``hlpool`` command line.
+
+    hlpool guest build SRC.c [MORE.c ...] -o OUT.elf     compile a guest with the SDK
+    hlpool guest examples                                 build the example guests, print their paths
+    hlpool snapshot build GUEST.elf -o X.hlsnap           initialise a guest, persist its snapshot
+    hlpool snapshot inspect X.hlsnap                      layers, regions, sizes, parents, files
+    hlpool run GUEST.elf|X.hlsnap FN [ARG_JSON ...]       call a guest function in this process
+    hlpool demo                                           build the examples and call each one
+    hlpool info                                           what this host's KVM offers
+
+Errors print one line on stderr and exit with status 1 (2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import re
+import sys
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import HlpoolError
+
+log = logging.getLogger("hlpool.cli")
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'16M', '512k', '1G', '4096' -> bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 4096, 512K, 16M, 1G)")
+    unit = (match.group(2) or "").lower()[:1]
+    return int(match.group(1)) * _UNITS[unit]
+
+
+def _json_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare word is taken as a string
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"base64": base64.b64encode(value).decode()}
+    if isinstance(value, list):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    """JSON arguments: {"base64": "..."} becomes bytes."""
+    if isinstance(value, dict):
+        if set(value) == {"base64"} and isinstance(value["base64"], str):
+            try:
+                return base64.b64decode(value["base64"], validate=True)
+            except ValueError as exc:
+                raise HlpoolError(f"invalid base64 argument: {exc}") from None
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
+
+
+# ---- commands --------------------------------------------------------------------------
+
+
+def cmd_guest_build(args: argparse.Namespace) -> int:
+    from .guest_build import build_guest
+
+    out = build_guest(args.sources, args.output, include_dirs=args.include, defines=args.define,
+                      optimize=args.optimize, cflags=args.cflag)
+    print(out)
+    return 0
+
+
+def cmd_guest_examples(args: argparse.Namespace) -> int:
+    from .examples import build_all
+
+    for name, path in build_all().items():
+        print(f"{name}\t{path}")
+    return 0
+
+
+def _config(args: argparse.Namespace):
+    from .layout import MemoryConfig
+
+    values = {k: getattr(args, k) for k in ("heap_size", "stack_size", "in_size", "out_size")
+              if getattr(args, k, None) is not None}
+    return MemoryConfig(**values)
+
+
+def cmd_snapshot_build(args: argparse.Namespace) -> int:
+    from .snapshot import Snapshot
+
+    snap = Snapshot.from_elf(args.guest, config=_config(args))
+    persisted = snap.persist(args.output)
+    print(f"{persisted.path}: {len(persisted.exports or ())} exports, "
+          f"{persisted.stored_bytes()} bytes of pages")
+    return 0
+
+
+def describe_snapshot(snap) -> dict[str, Any]:
+    """A JSON-friendly description of a snapshot (used by `snapshot inspect` and the server)."""
+    chain = []
+    s = snap
+    while s is not None:
+        chain.append(s.path or "<memory>")
+        s = s.parent
+    return {
+        "path": snap.path,
+        "exports": list(snap.exports or ()),
+        "layers": [{"index": i, "sha256": layer.sha256.hex(), "bytes": layer.size, "file": layer.path}
+                   for i, layer in enumerate(snap.layers)],
+        "parent_chain": chain[1:],
+        "memory": {"guest_bytes": snap.layout.guest_memory_size, "heap": snap.layout.heap.size,
+                   "stack": snap.layout.stack.size, "image": snap.layout.image.size,
+                   "input": snap.layout.input.size, "output": snap.layout.out.size},
+        "regions": [{"address": hex(r.guest_address), "size": r.size, "area": r.area, "perms": r.perms,
+                     "backing": r.backing, "layer": r.layer, "file": r.path} for r in snap.regions],
+        "mapped_files": [{"path": f.path, "address": hex(f.guest_address), "size": f.size,
+                          "sha256": f.sha256.hex()} for f in snap.mapped_files],
+    }
+
+
+def cmd_snapshot_inspect(args: argparse.Namespace) -> int:
+    from .snapshot import Snapshot
+
+    snap = Snapshot.open(args.snapshot)
+    info = describe_snapshot(snap)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"snapshot   {info['path']}")
+    print(f"exports    {', '.join(info['exports']) or '-'}")
+    print(f"memory     {info['memory']['guest_bytes']} bytes (heap {info['memory']['heap']}, "
+          f"stack {info['memory']['stack']}, image {info['memory']['image']})")
+    print("layers")
+    for layer in info["layers"]:
+        print(f"  [{layer['index']}] {layer['bytes']:>12} bytes  {layer['sha256'][:16]}  {layer['file']}")
+    if info["parent_chain"]:
+        print("parents    " + " <- ".join(info["parent_chain"]))
+    if info["mapped_files"]:
+        print("files")
+        for f in info["mapped_files"]:
+            print(f"  {f['address']:>14} {f['size']:>12} bytes  {f['path']}")
+    print("regions")
+    for r in info["regions"]:
+        where = f"layer {r['layer']}" if r["layer"] is not None else r["backing"]
+        print(f"  {r['address']:>14} {r['size']:>12}  {r['perms']:<4} {r['area']:<16} {where}")
+    return 0
+
+
+def _open_any(path: str):
+    from .snapshot import Snapshot
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"HLSNAP"):
+        return Snapshot.open(path)
+    return Snapshot.from_elf(path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .sandbox import Sandbox
+
+    call_args = [_from_json(_json_arg(a)) for a in args.args]
+    with Sandbox(_open_any(args.file), timeout=args.timeout) as sb:
+        result = sb.call(args.function, *call_args)
+    print(json.dumps(_to_json(result)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import hashlib
+    import time
+
+    from .examples import example_path
+    from .sandbox import Sandbox
+    from .snapshot import Snapshot
+
+    def show(label: str, fn) -> None:
+        start = time.perf_counter()
+        try:
+            result = fn()
+            outcome = repr(result)
+        except HlpoolError as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        print(f"  {label:<34} {(time.perf_counter() - start) * 1e6:9.0f} us  {outcome[:110]}")
+
+    print(f"hlpool {__version__} demo: example guests in KVM sandboxes")
+    host = {"prefix": lambda: "Hello", "value": lambda i: i * i}
+    for name in ("echo", "add", "fib", "sha256", "hostcall", "touch", "faults"):
+        path = example_path(name)
+        snap = Snapshot.from_elf(path)
+        with Sandbox(snap, host_functions=host, timeout=1.0) as sb:
+            print(f"{name}: {', '.join(sb.exports)}")
+            if name == "echo":
+                show("echo('hi')", lambda: sb.call("echo", "hi"))
+                show("echo([1, 2.5, b'x', {'k': None}])", lambda: sb.call("echo", [1, 2.5, b"x", {"k": None}]))
+            elif name == "add":
+                show("add(2, 3)", lambda: sb.call("add", 2, 3))
+                show("add(1, 'x')", lambda: sb.call("add", 1, "x"))
+            elif name == "fib":
+                show("fib(90)", lambda: sb.call("fib", 90))
+            elif name == "sha256":
+                data = os.urandom(1 << 16)
+                show("sha256(64 KiB) == hashlib", lambda: sb.call("sha256", data) == hashlib.sha256(data).hexdigest())
+            elif name == "hostcall":
+                show("greet('world')", lambda: sb.call("greet", "world"))
+                show("total(100) via 100 host calls", lambda: sb.call("total", 100))
+            elif name == "touch":
+                show("touch(64) twice (restored)", lambda: (sb.call("touch", 64), sb.call("touch", 64)))
+            elif name == "faults":
+                for fn in ("null_deref", "divide_by_zero", "stack_overflow"):
+                    show(fn, lambda fn=fn: sb.call(fn))
+                show("infinite_loop (timeout 1 s)", lambda: sb.call("infinite_loop"))
+                show("after all that: fail('still alive')", lambda: sb.call("fail", "still alive"))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .kvm.system import system
+
+    info = asdict(system().info)
+    info["tsc_khz"] = system().tsc_khz
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+# ---- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hlpool", description="Micro-VM sandbox pool on KVM.")
+    parser.add_argument("--version", action="version", version=f"hlpool {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    guest = sub.add_parser("guest", help="build guests").add_subparsers(dest="guest_command", required=True)
+    b = guest.add_parser("build", help="compile C sources into a guest ELF",
+                         description="Compile C (or assembly) sources with the hlpool SDK into a static-PIE "
+                                     "guest linked against musl. Define hl_main() instead of main().")
+    b.add_argument("sources", nargs="+", help="C or assembly source files")
+    b.add_argument("-o", "--output", required=True, help="the guest ELF to write")
+    b.add_argument("-I", dest="include", action="append", default=[], help="add an include directory")
+    b.add_argument("-D", dest="define", action="append", default=[], help="define a macro (NAME or NAME=VALUE)")
+    b.add_argument("-O", dest="optimize", default="2", help="optimisation level: 0, 1, 2, 3, s, g (default 2)")
+    b.add_argument("--cflag", action="append", default=[], help="extra compiler flag (repeatable)")
+    b.set_defaults(func=cmd_guest_build)
+    e = guest.add_parser("examples", help="build the example guests and print their paths")
+    e.set_defaults(func=cmd_guest_examples)
+
+    snap = sub.add_parser("snapshot", help="build and inspect snapshot files").add_subparsers(
+        dest="snapshot_command", required=True)
+    sb = snap.add_parser("build", help="initialise a guest ELF and persist its snapshot",
+                         description="Load and relocate GUEST.elf, run its hl_main() once in a VM, and write "
+                                     "the initialised state as an immutable snapshot file.")
+    sb.add_argument("guest", help="guest ELF")
+    sb.add_argument("-o", "--output", required=True, help="snapshot file to write (.hlsnap)")
+    for flag, dest in (("--heap-size", "heap_size"), ("--stack-size", "stack_size"), ("--in-size", "in_size"),
+                       ("--out-size", "out_size")):
+        sb.add_argument(flag, dest=dest, type=parse_size, help="bytes (K/M/G suffixes allowed)")
+    sb.set_defaults(func=cmd_snapshot_build)
+    si = snap.add_parser("inspect", help="show a snapshot's layers, regions, sizes, parents and files")
+    si.add_argument("snapshot", help="snapshot file")
+    si.add_argument("--json", action="store_true", help="print JSON")
+    si.set_defaults(func=cmd_snapshot_inspect)
+
+    r = sub.add_parser("run", help="call a guest function in this process",
+                       description="Call FN in a sandbox made from a guest ELF or snapshot file. Arguments are "
+                                   "JSON values (a bare word is a string; {\"base64\": ...} is bytes).")
+    r.add_argument("file", help="guest ELF or .hlsnap snapshot")
+    r.add_argument("function", help="exported function name")
+    r.add_argument("args", nargs="*", help="arguments as JSON")
+    r.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("demo", help="build the example guests and call each of them")
+    d.set_defaults(func=cmd_demo)
+    i = sub.add_parser("info", help="show what this host's KVM offers")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except HlpoolError as exc:
+        print(f"hlpool: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
