@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from .errors import GuestFault
 from .layout import PAGE, Layout
 
@@ -33,8 +35,11 @@ def vector_name(vector: int) -> str:
     return VECTOR_NAMES.get(vector, f"vector {vector}")
 
 
-def _where(address: int, layout: Layout) -> str:
+def _where(address: int, layout: Layout, describe: Callable[[int], str | None] | None) -> str:
     """What lies at a guest address, for fault messages."""
+    described = describe(address) if describe else None
+    if described:
+        return described
     if address < PAGE:
         return "NULL pointer dereference"
     stack_guard = layout.stack.start - PAGE
@@ -49,8 +54,12 @@ def _where(address: int, layout: Layout) -> str:
     return "unmapped address"
 
 
-def exception_fault(vector: int, error_code: int, rip: int, cr2: int, layout: Layout) -> GuestFault:
-    """A fault the guest runtime reported from its IDT handler."""
+def exception_fault(vector: int, error_code: int, rip: int, cr2: int, layout: Layout,
+                    describe: Callable[[int], str | None] | None = None) -> GuestFault:
+    """A fault the guest runtime reported from its IDT handler.
+
+    ``describe(address)`` may name what lies at an address (e.g. a mapped file).
+    """
     name = vector_name(vector)
     message = f"guest fault: {name} at rip={rip:#x}"
     address = None
@@ -58,7 +67,7 @@ def exception_fault(vector: int, error_code: int, rip: int, cr2: int, layout: La
         address = cr2
         access = "write" if error_code & 2 else ("instruction fetch" if error_code & 16 else "read")
         kind = "protection violation" if error_code & 1 else "not mapped"
-        message += f", {access} of {cr2:#x} ({kind}; {_where(cr2, layout)})"
+        message += f", {access} of {cr2:#x} ({kind}; {_where(cr2, layout, describe)})"
     elif vector in (8, 10, 11, 12, 13, 17, 21) and error_code:
         message += f", error code {error_code:#x}"
     return GuestFault(message, vector=vector, vector_name=name, error_code=error_code, rip=rip, address=address)

@@ -104,7 +104,7 @@ class SandboxFiles:
         for a in self._attached:
             f = a.file
             if f.guest_address <= address < f.guest_address + page_up(f.size):
-                return f"read-only mapped file {f.path}"
+                return f"in read-only mapped file {f.path}"
         files = self._sb.layout.files
         if files.start <= address < files.end:
             return "unmapped part of the files window"

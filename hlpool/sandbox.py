@@ -83,7 +83,7 @@ class Sandbox:
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"Sandbox needs a Snapshot, not {type(snapshot).__name__}")
         snapshot.check_usable()
-        self.snapshot = snapshot
+        self.base_snapshot = snapshot  # what restore() returns to
         self.name = name or f"sandbox-{next(_names)}"
         self.host_functions: dict[str, HostFunction] = dict(host_functions or {})
         for key, fn in self.host_functions.items():
@@ -253,8 +253,8 @@ class Sandbox:
     def _run_call(self, timeout: float | None, restore: bool, name: str) -> Any:
         if self._reload_registers:
             if self.strict_cpu_reset:
-                self.vcpu.load_state(self.snapshot.vcpu)
-            self.vcpu.load_sync_regs(self._entry_regs, self.snapshot.vcpu.sregs)
+                self.vcpu.load_state(self.base_snapshot.vcpu)
+            self.vcpu.load_sync_regs(self._entry_regs, self.base_snapshot.vcpu.sregs)
             self._reload_registers = False
         deadline = _deadline(timeout)
         if deadline:
@@ -404,7 +404,7 @@ class Sandbox:
         magic, kind, length, vector, error_code, rip, cr2, _ = _HDR.unpack_from(self._out, 0)
         if magic != abi.HL_MSG_MAGIC or kind != abi.HL_MSG_FAULT:
             return GuestFault("guest fault (the guest's fault report is unreadable)")
-        return faults.exception_fault(vector, error_code, rip, cr2, self.layout)
+        return faults.exception_fault(vector, error_code, rip, cr2, self.layout, self._mapped_files.describe)
 
     def _exit_error(self, reason: int) -> HlpoolError:
         run = self.vcpu.run_struct
@@ -475,7 +475,7 @@ class Sandbox:
             self._finish_pending_io()
             self.memory.restore()
             self._clear_io()
-            self.vcpu.load_state(self.snapshot.vcpu)
+            self.vcpu.load_state(self.base_snapshot.vcpu)
             self._reload_registers = False
         except Exception as exc:
             self.status = SandboxStatus.BROKEN

@@ -278,7 +278,7 @@ def capture(
     With ``flatten`` the result has a single layer holding every non-zero
     page (used for snapshots made from an ELF).
     """
-    parent = sandbox.snapshot
+    parent = sandbox.base_snapshot
     sandbox._finish_pending_io()
     vcpu_state = sandbox.vcpu.save_state()
     memory = sandbox.memory
