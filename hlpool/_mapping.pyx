@@ -216,6 +216,8 @@ def build_page_tables(list mappings, uint64_t base, int max_pages=4096):
     Returns the tables as bytes, to be placed at guest-physical ``base``
     (the PML4 is the first page, so CR3 = base).
     """
+    if base % PAGE or base >> 47:
+        raise ValueError("page tables base %#x must be page aligned and below 2**47" % base)
     cdef _TableBuilder tb = _TableBuilder(base, max_pages)
     cdef uint64_t addr, end, size
     cdef int perms, pdpt, pd, pt

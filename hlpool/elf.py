@@ -109,6 +109,9 @@ def parse_guest_image(raw: bytes, base: int, max_size: int, name: str = "<bytes>
         phoff = header["e_phoff"]
         phent = header["e_phentsize"]
         entry = header["e_entry"]
+        shoff = header["e_shoff"]
+        shnum = header["e_shnum"]
+        shent = header["e_shentsize"]
     except (ELFError, struct.error, ValueError, KeyError) as exc:
         raise fail(f"malformed ELF header: {exc}") from None
     if machine != "EM_X86_64":
@@ -123,6 +126,11 @@ def parse_guest_image(raw: bytes, base: int, max_size: int, name: str = "<bytes>
         raise fail(f"unreasonable number of program headers ({phnum})")
     if phoff + phnum * phent > len(raw):
         raise fail("program header table extends past the end of the file")
+    # pyelftools reads section headers lazily; a file cut short after its loaded
+    # data would otherwise pass. e_shnum == 0 with e_shoff set means the count is
+    # in section 0, so at least one entry must be there.
+    if shoff and shoff + max(shnum, 1) * shent > len(raw):
+        raise fail("section header table extends past the end of the file (truncated?)")
 
     phdrs = []
     for i in range(phnum):
