@@ -14,6 +14,7 @@
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdio_ext.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -61,8 +62,6 @@ void hl_export(const char *name, hl_fn fn) {
 
 /* ---- records and call termination ------------------------------------------ */
 
-static jmp_buf call_env;
-static int in_call;
 
 void hl__out_record(uint64_t kind, uint64_t length, uint64_t aux0) {
     struct hl_msg_header *h = hl__out_header();
@@ -73,13 +72,15 @@ void hl__out_record(uint64_t kind, uint64_t length, uint64_t aux0) {
     h->magic = HL_MSG_MAGIC;
 }
 
+/* fflush() writes to the FILE even when nothing is buffered; skip it then,
+ * so a call that prints nothing does not dirty libc's data page. */
 static void flush_stdio(void) {
-    fflush(stdout);
-    fflush(stderr);
+    if (__fpending(stdout)) fflush(stdout);
+    if (__fpending(stderr)) fflush(stderr);
 }
 
 void hl__finish_call(void) {
-    if (in_call) longjmp(call_env, 1);
+    if (hl__call.in_call) longjmp(hl__call.env, 1);
     /* Outside a call (during hl_main): report and stop here. */
     flush_stdio();
     hl__signal(HL_EV_RESULT);
@@ -408,9 +409,9 @@ static HL_NORETURN void serve(void) {
     for (;;) {
         hl__log_reset();
         hl__arena_reset();
-        in_call = 1;
-        if (setjmp(call_env) == 0) run_call();
-        in_call = 0;
+        hl__call.in_call = 1;
+        if (setjmp(hl__call.env) == 0) run_call();
+        hl__call.in_call = 0;
         flush_stdio();
         hl__signal(HL_EV_RESULT);
     }

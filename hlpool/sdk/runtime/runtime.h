@@ -2,6 +2,7 @@
 #ifndef HLPOOL_RUNTIME_H
 #define HLPOOL_RUNTIME_H
 
+#include <setjmp.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -88,5 +89,20 @@ void hl__mp_write_str(hl_writer *w, const char *s, size_t len) HL_HIDDEN;
 /* Value flag: a list/dict built by hl_list()/hl_dict() (items are hl_value
  * structs in the arena) rather than decoded (items are msgpack bytes). */
 #define HL__BUILT 1
+
+/* Everything the runtime writes on every call, kept together from the start
+ * of one page: each page a call writes costs a fault and a restore, so a
+ * plain call touches only this page, the top of the stack and OUT. */
+#define HL__ARENA_STATIC 65536
+struct hl__chunk;
+struct hl__call_state {
+    jmp_buf env;                         /* where hl__fail() ends a call */
+    int in_call;
+    uint64_t base_realtime_ns, base_tsc; /* clock base of the current call */
+    size_t arena_used;
+    struct hl__chunk *spill;             /* arena overflow chunks (malloc) */
+    unsigned char arena[HL__ARENA_STATIC] __attribute__((aligned(16)));
+};
+extern struct hl__call_state hl__call HL_HIDDEN;
 
 #endif

@@ -48,46 +48,42 @@ void hl_log(const char *fmt, ...) {
 
 /* ---- arena ----------------------------------------------------------------- */
 
-/* A static buffer first, so a typical call allocates without malloc (and
- * dirties one page rather than malloc's metadata); bigger needs spill into
- * malloc'd chunks, chained and freed when the next call starts. */
-#define ARENA_STATIC 65536
-struct chunk {
-    struct chunk *next;
+/* The static arena in hl__call first, so a typical call allocates without
+ * malloc; bigger needs spill into malloc'd chunks, chained and freed when the
+ * next call starts. */
+struct hl__call_state hl__call __attribute__((aligned(4096)));
+
+struct hl__chunk {
+    struct hl__chunk *next;
     size_t used, size;
     unsigned char data[];
 };
-static struct {
-    size_t used;
-    struct chunk *spill;
-    unsigned char data[ARENA_STATIC] __attribute__((aligned(16)));
-} arena __attribute__((aligned(4096)));
 
 void hl__arena_reset(void) {
-    arena.used = 0;
-    while (arena.spill) {
-        struct chunk *next = arena.spill->next;
-        free(arena.spill);
-        arena.spill = next;
+    hl__call.arena_used = 0;
+    while (hl__call.spill) {
+        struct hl__chunk *next = hl__call.spill->next;
+        free(hl__call.spill);
+        hl__call.spill = next;
     }
 }
 
 void *hl__arena_alloc(size_t size) {
     size = (size + 15) & ~(size_t)15;
-    if (ARENA_STATIC - arena.used >= size) {
-        void *p = arena.data + arena.used;
-        arena.used += size;
+    if (HL__ARENA_STATIC - hl__call.arena_used >= size) {
+        void *p = hl__call.arena + hl__call.arena_used;
+        hl__call.arena_used += size;
         return p;
     }
-    struct chunk *c = arena.spill;
+    struct hl__chunk *c = hl__call.spill;
     if (!c || c->size - c->used < size) {
         size_t want = size > 65536 ? size : 65536;
         c = malloc(sizeof *c + want);
         if (!c) hl__fail(HL_MSG_GUEST_ERROR, "out of memory (arena allocation of %zu bytes)", size);
-        c->next = arena.spill;
+        c->next = hl__call.spill;
         c->used = 0;
         c->size = want;
-        arena.spill = c;
+        hl__call.spill = c;
     }
     void *p = c->data + c->used;
     c->used += size;
@@ -96,11 +92,9 @@ void *hl__arena_alloc(size_t size) {
 
 /* ---- clocks ------------------------------------------------------------------ */
 
-static uint64_t base_realtime_ns, base_tsc;
-
 void hl__clock_set_base(uint64_t realtime_ns, uint64_t tsc) {
-    base_realtime_ns = realtime_ns;
-    base_tsc = tsc;
+    hl__call.base_realtime_ns = realtime_ns;
+    hl__call.base_tsc = tsc;
 }
 
 static uint64_t tsc_to_ns(uint64_t ticks) {
@@ -111,8 +105,8 @@ static uint64_t tsc_to_ns(uint64_t ticks) {
 uint64_t hl__clock_monotonic_ns(void) { return tsc_to_ns(hl__rdtsc()); }
 
 uint64_t hl__clock_realtime_ns(void) {
-    uint64_t now = hl__rdtsc();
-    return base_realtime_ns + (now > base_tsc ? tsc_to_ns(now - base_tsc) : 0);
+    uint64_t now = hl__rdtsc(), base = hl__call.base_tsc;
+    return hl__call.base_realtime_ns + (now > base ? tsc_to_ns(now - base) : 0);
 }
 
 /* ---- randomness ---------------------------------------------------------------- */
