@@ -99,20 +99,20 @@ def _measure_case(case: Case, n: int) -> None:
 
 
 def _instrumented_pass(case: Case, n: int) -> None:
-    """Count exits and time KVM_RUN per call by wrapping this sandbox's ``vcpu.run`` (not timed)."""
+    """Count exits and time KVM_RUN per call by wrapping this sandbox's ``vcpu.run_io`` (not timed)."""
     vcpu = case.sandbox.vcpu
-    original: Callable[[], int] = vcpu.run
+    original: Callable[[], Any] = vcpu.run_io
     clock = time.perf_counter_ns
     state = {"exits": 0, "ns": 0}
 
-    def counting_run() -> int:
+    def counting_run() -> Any:
         t0 = clock()
         reason = original()
         state["ns"] += clock() - t0
         state["exits"] += 1
         return reason
 
-    vcpu.run = counting_run  # instance attribute shadows the method
+    vcpu.run_io = counting_run  # instance attribute shadows the method
     try:
         per_call = []
         for _ in range(n):
@@ -122,7 +122,7 @@ def _instrumented_pass(case: Case, n: int) -> None:
         case.exits_per_call = state["exits"] / n
         case.in_kvm_run = per_call
     finally:
-        del vcpu.run
+        del vcpu.run_io
 
 
 def run_benchmark(iterations: int, warmup: int) -> dict[str, Any]:

@@ -13,7 +13,7 @@ of mappings they created and keep alive.
 - ``restore_dirty``: put back the pages a call dirtied (copy or drop).
 """
 
-from libc.stdint cimport uint8_t, uint64_t, int64_t, uintptr_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, uintptr_t
 from libc.string cimport memcpy, memset
 from libc.errno cimport errno
 from posix.mman cimport (mmap, munmap, madvise, MAP_PRIVATE, MAP_SHARED, MAP_ANONYMOUS,
@@ -114,6 +114,29 @@ def write_bytes(uintptr_t addr, const uint8_t[:] data):
     """Copy ``data`` to ``addr`` (which must lie in a writable mapping the caller owns)."""
     if data.shape[0]:
         memcpy(<void *>addr, &data[0], data.shape[0])
+
+
+def write_record(uintptr_t addr, size_t capacity, uint64_t magic, uint64_t kind, const uint8_t[:] payload,
+                 uint64_t aux0, uint64_t aux1):
+    """Write an hl_msg_header (64 bytes) and its payload at ``addr``.
+
+    ``capacity`` is the size of the buffer at ``addr``; the caller checked
+    the payload fits, and this checks again before copying.
+    """
+    cdef size_t n = payload.shape[0]
+    cdef uint64_t *h = <uint64_t *>addr
+    if n > capacity - 64:
+        raise ValueError("record does not fit its buffer")
+    h[0] = magic
+    h[1] = kind
+    h[2] = n
+    h[3] = aux0
+    h[4] = aux1
+    h[5] = 0
+    h[6] = 0
+    h[7] = 0
+    if n:
+        memcpy(<void *>(addr + 64), &payload[0], n)
 
 
 def read_bytes(uintptr_t addr, size_t size):
@@ -274,6 +297,34 @@ def dirty_page_list(const uint64_t[:] bitmap):
     return out
 
 
+cdef extern from "sys/ioctl.h":
+    int ioctl(int fd, unsigned long request, ...) nogil
+
+cdef struct kvm_dirty_log:
+    uint32_t slot
+    uint32_t padding
+    uint64_t dirty_bitmap
+
+DEF KVM_GET_DIRTY_LOG = 0x4010AE42  # _IOW(KVMIO, 0x42, struct kvm_dirty_log)
+
+
+def collect_dirty_log(int vm_fd, uint32_t slot, uint64_t[:] scratch, uint64_t[:] pending):
+    """KVM_GET_DIRTY_LOG for ``slot`` into ``scratch``, then ``pending |= scratch``.
+
+    KVM write-protects the reported pages again, so the next guest write to
+    each is reported next time. Returns the number of newly reported pages.
+    ``scratch`` and ``pending`` hold one bit per page of the slot (the caller
+    sizes them from the slot, so KVM never writes past ``scratch``).
+    """
+    cdef kvm_dirty_log log
+    log.slot = slot
+    log.padding = 0
+    log.dirty_bitmap = <uint64_t>&scratch[0]
+    if ioctl(vm_fd, KVM_GET_DIRTY_LOG, &log) != 0:
+        raise _oserror("KVM_GET_DIRTY_LOG")
+    return merge_bitmap(pending, scratch)
+
+
 def merge_bitmap(uint64_t[:] into, const uint64_t[:] bitmap):
     """``into |= bitmap``; returns the number of set bits in ``bitmap``."""
     cdef Py_ssize_t w
@@ -290,7 +341,7 @@ cdef extern from *:
     int __builtin_popcountll(unsigned long long)
 
 
-def restore_dirty(const uint64_t[:] bitmap, uintptr_t host_base,
+def restore_dirty(uint64_t[:] bitmap, uintptr_t host_base,
                   const uint64_t[:] run_first, const uint64_t[:] run_count, const uint64_t[:] run_source,
                   uint8_t[:] resident, int64_t resident_count, int64_t keep_resident):
     """Put every page set in ``bitmap`` back to its snapshot contents.
@@ -309,7 +360,7 @@ def restore_dirty(const uint64_t[:] bitmap, uintptr_t host_base,
     (``i`` < bits in the bitmap == pages in the slot) and every source page
     lies inside a view of the file the run was built from.
 
-    Returns (copied, dropped, resident_count).
+    The bitmap is cleared as it is consumed. Returns (copied, dropped, resident_count).
     """
     cdef Py_ssize_t nwords = bitmap.shape[0], nruns = run_first.shape[0]
     cdef Py_ssize_t w, r = 0
@@ -319,6 +370,9 @@ def restore_dirty(const uint64_t[:] bitmap, uintptr_t host_base,
     cdef uintptr_t drop_start = 0, drop_end = 0, dst
     for w in range(nwords):
         word = bitmap[w]
+        if not word:
+            continue
+        bitmap[w] = 0
         while word:
             bit = __builtin_ctzll(word)
             word &= word - 1

@@ -13,7 +13,7 @@ or just before KVM_RUN is entered. Spurious wake-ups are filtered by the
 caller, which compares the clock with the deadline.
 """
 
-from libc.stdint cimport uint8_t, uint64_t, int64_t, uintptr_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
 from libc.string cimport memcpy
 from libc.errno cimport errno, EINTR
 import os
@@ -94,6 +94,44 @@ def run(int fd, uintptr_t run):
             return RUN_INTERRUPTED
         raise OSError(errno, "KVM_RUN: " + os.strerror(errno))
     return (<unsigned int *>(run + KVM_RUN_OFFSET_EXIT_REASON))[0]
+
+
+DEF KVM_EXIT_IO = 2
+DEF KVM_RUN_OFFSET_IO = 32
+
+
+def run_io(int fd, uintptr_t run, size_t run_size):
+    """KVM_RUN once; returns (reason, port, value).
+
+    For an I/O exit that is a single 4-byte ``out``, ``port`` and ``value``
+    are the port and the value written; for any other I/O exit ``value`` is
+    -1 (``port`` is negative for ``in``). For other exits both are -1.
+    ``reason`` is RUN_INTERRUPTED when a kick arrived. ``run_size`` is the
+    size of the kvm_run mapping (the data of an I/O exit lies inside it).
+    """
+    cdef int rc
+    cdef uint8_t *io
+    with nogil:
+        rc = hl_kvm_run(fd, <void *>run)
+    if rc < 0:
+        if errno == EINTR:
+            (<uint8_t *>(run + KVM_RUN_OFFSET_IMMEDIATE_EXIT))[0] = 0
+            return RUN_INTERRUPTED, -1, -1
+        raise OSError(errno, "KVM_RUN: " + os.strerror(errno))
+    cdef unsigned int reason = (<unsigned int *>(run + KVM_RUN_OFFSET_EXIT_REASON))[0]
+    if reason != KVM_EXIT_IO:
+        return reason, -1, -1
+    io = <uint8_t *>(run + KVM_RUN_OFFSET_IO)
+    # struct kvm_run.io: u8 direction, u8 size, u16 port, u32 count, u64 data_offset
+    cdef int direction = io[0], size = io[1]
+    cdef int port = (<uint16_t *>(io + 2))[0]
+    cdef unsigned int count = (<uint32_t *>(io + 4))[0]
+    cdef uint64_t data_offset = (<uint64_t *>(io + 8))[0]
+    if direction != 1:
+        return reason, -port, -1
+    if size != 4 or count != 1 or data_offset > run_size - 4:
+        return reason, port, -1
+    return reason, port, (<uint32_t *>(run + data_offset))[0]
 
 
 def clear_kick(uintptr_t run):

@@ -64,6 +64,8 @@ HL_FILES_MAX: int
 HL_NAME_MAX: int
 HL_EXPORTS_MAX: int
 HL_MAX_DEPTH: int
+HL_CALL_PAGE_INLINE: int
+HL_INLINE_MAX: int
 
 MSG_HEADER = struct.Struct("<8Q")
 assert MSG_HEADER.size == HL_MSG_HEADER_SIZE

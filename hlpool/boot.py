@@ -36,9 +36,10 @@ def page_table_mappings(layout: Layout, image: GuestImage) -> list[tuple[int, in
     for seg in image.segments:
         perms = (W if seg.writable else 0) | (X if seg.executable else 0)
         maps.append((IMAGE_BASE + seg.offset, seg.size, perms))
-    for area in (layout.heap, layout.stack, layout.exception_stack):
+    for area in (layout.heap, layout.exception_stack):
         maps.append((area.start, area.size, W))
     maps.append((layout.out.start, layout.out.size + layout.log.size, W))
+    maps.append((layout.stack.start, layout.stack.size + layout.call.size, W))
     maps.append((layout.control.start, layout.control.size, X))
     maps.append((layout.input.start, layout.input.size + layout.reply.size, 0))
     if layout.files.size:
@@ -73,6 +74,7 @@ def boot_info(layout: Layout, image: GuestImage, tsc_khz: int) -> bytes:
         log_base=layout.log.start, log_size=layout.log.size,
         tsc_khz=tsc_khz,
         files_base=layout.files.start, files_size=layout.files.size, files_table=FILES_TABLE,
+        call_page=layout.call.start,
     )
 
 

@@ -45,8 +45,8 @@ def _where(address: int, layout: Layout, describe: Callable[[int], str | None] |
     stack_guard = layout.stack.start - PAGE
     if stack_guard <= address < layout.stack.start:
         return "stack overflow (hit the guard page below the stack)"
-    for area in (layout.image, layout.heap, layout.stack, layout.out, layout.log, layout.input, layout.reply,
-                 layout.files):
+    for area in (layout.image, layout.heap, layout.stack, layout.call, layout.out, layout.log, layout.control,
+                 layout.input, layout.reply, layout.files):
         if area.start <= address < area.end:
             return f"in {area.name}"
         if area.end <= address < area.end + PAGE:

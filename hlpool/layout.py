@@ -10,13 +10,21 @@ snapshots all agree. From low to high addresses::
     0x4000  mapped-files table R    } stage 2 (KVM_MEM_READONLY)
     0x5000  page tables        -   /  (not mapped in the guest's own tables)
     2 MiB   image (ELF segments with their own permissions)       \\
-            guard, heap (RW), guard, stack (RW), guard,             } "main" slot:
-            exception stack (RW), guard, OUT (RW), LOG (RW)         } dirty-logged, restored
+            guard, heap (RW), guard, OUT (RW), LOG (RW), guard,     } "main" slot:
+            exception stack (RW), guard, stack (RW)                 } dirty-logged, restored
+            top of the stack, CALL page (RW)                        "hot" slot: not logged,
+                                                                    restored wholesale
             CONTROL (RX), IN (R), REPLY (R)                         "io" slot, read-only
     1 GiB-aligned: the files window (R, NX)                         one RO slot per mapped file
 
 Guard pages are backed by the slot but unmapped in the page tables, so
 touching one is a page fault the runtime reports.
+
+The hot slot holds what every call writes (the call page with the OUT
+record header and the runtime's per-call state, and the top of the stack).
+Dirty logging would cost each of those pages a write-protect fault per call
+(~4-5 us each here); copying the few pages back unconditionally costs far
+less (see README, "Restore").
 
 The io slot is per-sandbox anonymous memory that only the host writes: the
 call input, host-call replies, and the control page, which holds the entry
@@ -47,13 +55,15 @@ SYSTEM_BASE = BOOT_INFO
 IMAGE_BASE = LARGE_PAGE
 
 EXCEPTION_STACK_SIZE = 16 * KIB
+HOT_STACK_PAGES = 2  # stack pages (from the top) kept in the hot slot
 
 # Memory slot numbers.
 SLOT_VIF = 0
 SLOT_SYSTEM = 1
 SLOT_MAIN = 2
 SLOT_IO = 3
-SLOT_FIRST_FILE = 4
+SLOT_HOT = 4
+SLOT_FIRST_FILE = 5
 
 
 def page_up(n: int) -> int:
@@ -129,6 +139,7 @@ class Layout:
     heap: Area = field(init=False)
     stack: Area = field(init=False)
     exception_stack: Area = field(init=False)
+    call: Area = field(init=False)
     out: Area = field(init=False)
     log: Area = field(init=False)
     control: Area = field(init=False)
@@ -137,6 +148,8 @@ class Layout:
     files: Area = field(init=False)
     system: Area = field(init=False)
     main: Area = field(init=False)
+    logged: Area = field(init=False)
+    hot: Area = field(init=False)
     io: Area = field(init=False)
 
     def __post_init__(self) -> None:
@@ -153,11 +166,13 @@ class Layout:
 
         take("image", max(self.image_size, PAGE), True)
         take("heap", c.heap_size, True)
-        take("stack", c.stack_size, True)
-        take("exception_stack", EXCEPTION_STACK_SIZE, True)
         take("out", c.out_size, False)
-        take("log", c.log_size, False)
+        take("log", c.log_size, True)
+        take("exception_stack", EXCEPTION_STACK_SIZE, True)
+        take("stack", c.stack_size, False)
+        take("call", PAGE, False)
         main_end = cursor
+        hot_start = areas["stack"].end - HOT_STACK_PAGES * PAGE
         take("control", PAGE, False)
         take("input", c.in_size, False)
         take("reply", c.reply_size, False)
@@ -166,6 +181,8 @@ class Layout:
         areas["files"] = Area("files", files_base, c.files_window)
         areas["system"] = Area("system", SYSTEM_BASE, IMAGE_BASE - SYSTEM_BASE)
         areas["main"] = Area("main", IMAGE_BASE, main_end - IMAGE_BASE)
+        areas["logged"] = Area("logged", IMAGE_BASE, hot_start - IMAGE_BASE)
+        areas["hot"] = Area("hot", hot_start, main_end - hot_start)
         areas["io"] = Area("io", main_end, io_end - main_end)
         for name, area in areas.items():
             object.__setattr__(self, name, area)
@@ -178,5 +195,5 @@ class Layout:
         return self.system.size + self.main.size + self.io.size
 
     def describe(self) -> list[Area]:
-        return [self.system, self.image, self.heap, self.stack, self.exception_stack, self.out, self.log,
-                self.control, self.input, self.reply, self.files]
+        return [self.system, self.image, self.heap, self.out, self.log, self.exception_stack, self.stack,
+                self.call, self.control, self.input, self.reply, self.files]

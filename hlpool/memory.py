@@ -5,9 +5,12 @@ snapshot's runs are mapped with MAP_FIXED: layer files MAP_PRIVATE (shared
 page-cache pages until the guest writes one), zero runs as anonymous memory.
 The io slot (IN/REPLY) and the VIF page are plain anonymous memory.
 
-Restore (mechanism in ``_mapping.restore_dirty``, policy in
-:class:`RestorePolicy`) reads KVM's dirty log for the main slot, the only
-slot the guest can write, and puts back exactly those pages.
+The main area (everything the guest can write) is two KVM slots over one
+host range: the large "logged" slot with KVM dirty logging, and the small
+"hot" slot (call page + top of the stack) that every call writes, which is
+treated as always dirty. Restore (mechanism in ``_mapping.restore_dirty``,
+policy in :class:`RestorePolicy`) puts back exactly the logged slot's dirty
+pages plus the hot pages.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from . import _mapping
 from .errors import GuestProtocolError
 from .kvm.vm import MemorySlot, Vm
 from .layers import Layer, Run
-from .layout import PAGE, SLOT_IO, SLOT_MAIN, SLOT_SYSTEM, SLOT_VIF, VIF_PAGE, Area, Layout
+from .layout import PAGE, SLOT_HOT, SLOT_IO, SLOT_MAIN, SLOT_SYSTEM, SLOT_VIF, VIF_PAGE, Area, Layout
 
 
 @dataclass(frozen=True)
@@ -93,12 +96,13 @@ class GuestMemory:
             self._slots["system"] = SlotMapping(layout.system, runs["system"], layers)
             self._slots["main"] = SlotMapping(layout.main, runs["main"], layers)
             self._slots["io"] = SlotMapping(layout.io, None, layers)
-            for name, slot_id, readonly, log in (("vif", SLOT_VIF, False, False),
-                                                  ("system", SLOT_SYSTEM, True, False),
-                                                  ("main", SLOT_MAIN, False, True),
-                                                  ("io", SLOT_IO, True, False)):
-                m = self._slots[name]
-                vm.set_memory_slot(MemorySlot(slot_id, m.area.start, m.size, m.host, readonly=readonly,
+            for slot_id, area, readonly, log in ((SLOT_VIF, self._slots["vif"].area, False, False),
+                                                 (SLOT_SYSTEM, layout.system, True, False),
+                                                 (SLOT_MAIN, layout.logged, False, True),
+                                                 (SLOT_HOT, layout.hot, False, False),
+                                                 (SLOT_IO, layout.io, True, False)):
+                host = self.slot_of(area.start, area.size).host_address(area.start)
+                vm.set_memory_slot(MemorySlot(slot_id, area.start, area.size, host, readonly=readonly,
                                               log_dirty=log))
         except BaseException:
             self.close()
@@ -114,10 +118,12 @@ class GuestMemory:
         self._run_source = array("Q", (layers[r.layer].view() + r.offset if r.layer >= 0 else 0
                                        for r in main_runs))
         words = (self.main_pages + 63) // 64
-        self._dirty = (ctypes.c_uint64 * words)()
-        self._dirty_view = memoryview(self._dirty).cast("B").cast("Q")
-        self._pending = array("Q", bytes(8 * words))  # dirty pages fetched but not yet restored
-        self._pending_any = False
+        logged_pages = layout.logged.size // PAGE
+        self._scratch = array("Q", bytes(8 * ((logged_pages + 63) // 64)))  # KVM writes the dirty log here
+        self._pending = array("Q", bytes(8 * words))  # pages to restore (main-area page indices)
+        self._hot = array("Q", bytes(8 * words))  # the hot slot's pages: always restored
+        for page in range(logged_pages, self.main_pages):
+            self._hot[page // 64] |= 1 << (page % 64)
         self._resident = bytearray(self.main_pages)
         self._resident_count = 0
 
@@ -151,11 +157,9 @@ class GuestMemory:
     # ---- dirty pages and restore ------------------------------------------------------
 
     def collect_dirty(self) -> int:
-        """Move KVM's dirty log into the pending set; returns how many pages were new."""
-        self.vm.get_dirty_log(SLOT_MAIN, self._dirty)
-        n = _mapping.merge_bitmap(self._pending, self._dirty_view)
-        if n:
-            self._pending_any = True
+        """Move KVM's dirty log (and the hot pages) into the pending set; returns the logged count."""
+        n = _mapping.collect_dirty_log(self.vm.fd, SLOT_MAIN, self._scratch, self._pending)
+        _mapping.merge_bitmap(self._pending, self._hot)
         return n
 
     def pending_dirty_pages(self) -> list[int]:
@@ -166,16 +170,11 @@ class GuestMemory:
         """Put every page written since the last restore back to the snapshot."""
         self.collect_dirty()
         stats = RestoreStats()
-        if not self._pending_any:
-            stats.resident = self._resident_count
-            return stats
         copied, dropped, self._resident_count = _mapping.restore_dirty(
             self._pending, self.main_host, self._run_first, self._run_count, self._run_source,
             self._resident, self._resident_count, self.policy.keep_resident_pages)
         stats.dirty = copied + dropped
         stats.copied, stats.dropped, stats.resident = copied, dropped, self._resident_count
-        _mapping.zero_bytes(self._pending.buffer_info()[0], len(self._pending) * 8)
-        self._pending_any = False
         return stats
 
     def slot_runs_host(self, name: str) -> SlotMapping:

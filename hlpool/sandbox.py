@@ -13,10 +13,11 @@ import enum
 import itertools
 import logging
 import os
+import struct
 import time
 from typing import Any, Callable, Mapping
 
-from . import _vcpu_run, abi, codec, entry_stub, faults
+from . import _mapping, _vcpu_run, abi, codec, entry_stub, faults
 from .errors import (CallError, GuestError, GuestFault, GuestProtocolError, GuestTimeout, HlpoolError,
                      HostFunctionError, PayloadTooLargeError, SandboxBrokenError, SandboxClosedError)
 from .guest_log import GuestLog, LogHandler
@@ -36,6 +37,14 @@ DEFAULT_MAX_LOG_BYTES = 1 << 20
 DEFAULT_MAX_HOST_CALLS = 100_000
 
 _HDR = abi.MSG_HEADER
+_U64 = struct.Struct("<Q")
+_MAGIC = abi.HL_MSG_MAGIC
+_PORT = abi.HL_PORT
+_INLINE = abi.HL_CALL_PAGE_INLINE
+_INLINE_MAX = abi.HL_INLINE_MAX
+_INTERRUPTED = _vcpu_run.RUN_INTERRUPTED
+_getpid = os.getpid
+_time_ns = time.time_ns
 _names = itertools.count(1)
 
 
@@ -114,7 +123,12 @@ class Sandbox:
         self._in = self.memory.view(layout.input)
         self._reply = self.memory.view(layout.reply)
         self._out = self.memory.view(layout.out)
+        self._call_page = self.memory.view(layout.call)
         self._logbuf = self.memory.view(layout.log)
+        self._in_addr = self.memory.host_address(layout.input.start, layout.input.size)
+        self._in_size = layout.input.size
+        self._in_capacity = layout.input.size - abi.HL_MSG_HEADER_SIZE
+        self._reply_addr = self.memory.host_address(layout.reply.start, layout.reply.size)
         self._in_used = 0
         self._reply_used = 0
         self._reload_registers = False
@@ -155,7 +169,8 @@ class Sandbox:
         as the call left them (e.g. to take a snapshot after an initialisation
         call); by default every call starts from the snapshot.
         """
-        self._check_usable()
+        if self.status is not SandboxStatus.READY or self._pid != _getpid():
+            self._check_usable()
         index = self._exports.get(name)
         if index is None:
             raise CallError(f"{self.name}: unknown function {name!r}; the guest exports "
@@ -164,10 +179,12 @@ class Sandbox:
             payload = codec.encode_args(args)
         except codec.ValueTypeError as exc:
             raise CallError(f"{name}: {exc}") from None
-        self._write_record(self._in, abi.HL_MSG_CALL, payload, index, time.time_ns())
+        if len(payload) > self._in_capacity:
+            raise PayloadTooLargeError(f"{name}: encoded arguments are {len(payload)} bytes; the input buffer "
+                                       f"holds {self._in_capacity} (raise MemoryConfig.in_size)")
+        _mapping.write_record(self._in_addr, self._in_size, _MAGIC, abi.HL_MSG_CALL, payload, index, _time_ns())
         self._in_used = abi.HL_MSG_HEADER_SIZE + len(payload)
-        limit = self.timeout if timeout is ... else timeout
-        return self._run_call(limit, restore, name)
+        return self._run_call(self.timeout if timeout is ... else timeout, restore, name)
 
     def restore(self) -> RestoreStats:
         """Put the sandbox back to its snapshot (memory pages the guest wrote, then registers)."""
@@ -281,24 +298,26 @@ class Sandbox:
 
     def _run_until(self, event: int, deadline: int) -> tuple[int, memoryview, int]:
         """Run the vCPU until the guest signals ``event``; serve everything in between."""
-        run = self.vcpu.run_struct
+        run_io = self.vcpu.run_io
         while True:
-            reason = self.vcpu.run()
-            if reason == kvm_abi.KVM_EXIT_IO:
-                io = run.exit.io
-                if io.port != abi.HL_PORT or io.direction != 1 or io.size != 4 or io.count != 1:
-                    raise GuestProtocolError(f"guest {'wrote to' if io.direction else 'read from'} "
-                                             f"unknown I/O port {io.port:#x}")
-                code = _u32_at(self.vcpu.run_address + io.data_offset)
+            reason, port, code = run_io()
+            if port == _PORT and code >= 0:
                 if code == event:
                     self._drain_log()
                     return self._read_out()
                 self._serve_event(code, event)
-            elif reason == _vcpu_run.RUN_INTERRUPTED:
+            elif reason == _INTERRUPTED:
                 if deadline and _vcpu_run.monotonic_ns() >= deadline:
                     self._drain_log()
                     raise GuestTimeout(f"{self.name}: call exceeded its deadline and was stopped")
                 _vcpu_run.clear_kick(self.vcpu.run_address)  # a stale kick from an earlier deadline
+            elif reason == kvm_abi.KVM_EXIT_IO:
+                if port < 0:
+                    raise GuestProtocolError(f"guest read from unknown I/O port {-port:#x} (`in` is not part "
+                                             "of the protocol)")
+                if port != _PORT:
+                    raise GuestProtocolError(f"guest wrote to unknown I/O port {port:#x}")
+                raise GuestProtocolError("guest signalled with a wrong access size (expected one 4-byte out)")
             else:
                 self._drain_log()
                 raise self._exit_error(reason)
@@ -373,14 +392,19 @@ class Sandbox:
         view[abi.HL_MSG_HEADER_SIZE:abi.HL_MSG_HEADER_SIZE + len(payload)] = payload
 
     def _read_out(self) -> tuple[int, memoryview, int]:
-        """The record the guest wrote into OUT: (kind, payload, aux0). Never trusts the guest."""
-        magic, kind, length, aux0, *_ = _HDR.unpack_from(self._out, 0)
-        if magic != abi.HL_MSG_MAGIC:
+        """The record the guest wrote (header on the call page): (kind, payload, aux0).
+
+        Never trusts the guest: the payload is inline on the call page if its
+        length is at most HL_INLINE_MAX, else in the OUT area, and it must fit.
+        """
+        magic, kind, length, aux0, *_ = _HDR.unpack_from(self._call_page, 0)
+        if magic != _MAGIC:
             raise GuestProtocolError("guest signalled without writing a valid record (bad magic)")
-        capacity = len(self._out) - abi.HL_MSG_HEADER_SIZE
-        if length > capacity:
-            raise GuestProtocolError(f"guest claims a {length}-byte record; the output buffer holds {capacity}")
-        return kind, self._out[abi.HL_MSG_HEADER_SIZE:abi.HL_MSG_HEADER_SIZE + length], aux0
+        if length <= _INLINE_MAX:
+            return kind, self._call_page[_INLINE:_INLINE + length], aux0
+        if length > len(self._out):
+            raise GuestProtocolError(f"guest claims a {length}-byte record; the output buffer holds {len(self._out)}")
+        return kind, self._out[:length], aux0
 
     def _result(self, kind: int, payload: memoryview, aux0: int, name: str) -> Any:
         if kind == abi.HL_MSG_OK:
@@ -401,7 +425,7 @@ class Sandbox:
         raise GuestProtocolError(f"{name}: guest wrote a record of unknown kind {kind}")
 
     def _fault_from_record(self) -> GuestFault:
-        magic, kind, length, vector, error_code, rip, cr2, _ = _HDR.unpack_from(self._out, 0)
+        magic, kind, length, vector, error_code, rip, cr2, _ = _HDR.unpack_from(self._call_page, 0)
         if magic != abi.HL_MSG_MAGIC or kind != abi.HL_MSG_FAULT:
             return GuestFault("guest fault (the guest's fault report is unreadable)")
         return faults.exception_fault(vector, error_code, rip, cr2, self.layout, self._mapped_files.describe)
@@ -439,7 +463,7 @@ class Sandbox:
     # ---- log and I/O buffers --------------------------------------------------------------
 
     def _drain_log(self) -> None:
-        used, _dropped = abi.LOG_HEADER.unpack_from(self._logbuf, 0)
+        used = _U64.unpack_from(self._logbuf, 0)[0]
         if not used:
             return
         capacity = len(self._logbuf) - abi.HL_LOG_HEADER_SIZE
@@ -449,10 +473,10 @@ class Sandbox:
     def _clear_io(self) -> None:
         """Zero what the host wrote into IN/REPLY, so no call sees another's data."""
         if self._in_used:
-            self._in[:self._in_used] = bytes(self._in_used)
+            _mapping.zero_bytes(self._in_addr, self._in_used)
             self._in_used = 0
         if self._reply_used:
-            self._reply[:self._reply_used] = bytes(self._reply_used)
+            _mapping.zero_bytes(self._reply_addr, self._reply_used)
             self._reply_used = 0
 
     def _finish_pending_io(self) -> None:

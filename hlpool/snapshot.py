@@ -206,7 +206,7 @@ class Snapshot:
         for offset, size, perms in self.image_segments:
             pieces.append((IMAGE_BASE + offset, IMAGE_BASE + offset + size, "image", perms))
         for area, perms in ((L.heap, "rw"), (L.stack, "rw"), (L.exception_stack, "rw"), (L.out, "rw"),
-                            (L.log, "rw")):
+                            (L.log, "rw"), (L.call, "rw")):
             pieces.append((area.start, area.end, area.name, perms))
         pieces.sort()
         out: list[tuple[int, int, str, str]] = []

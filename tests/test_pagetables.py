@@ -425,20 +425,23 @@ def test_boot_layout_tables(config_name):
         unmapped(area.start - 1, f"guard before {area.name}")
         mapped(area.start, True, False, area.name)
         mapped(area.end - 8, True, False, area.name)
-        unmapped(area.end, f"guard after {area.name}")
+        if area is not layout.stack:
+            unmapped(area.end, f"guard after {area.name}")
+    # Above the top of the stack sits the call page (writable), then the read-only io area.
+    assert layout.call.start == layout.stack.end
+    mapped(layout.call.start, True, False, "call page")
+    assert layout.control.start == layout.call.end
     # OUT and LOG are writable; IN and REPLY read-only; nothing past them but the files window.
     for area in (layout.out, layout.log):
         mapped(area.start, True, False, area.name)
         mapped(area.end - 1, True, False, area.name)
+    unmapped(layout.log.end, "guard after log")
     for area in (layout.input, layout.reply):
         mapped(area.start, False, False, area.name)
         mapped(area.end - 1, False, False, area.name)
-    control = getattr(layout, "control", None)  # the entry-stub page, where the layout has one
-    if control is not None:
-        mapped(control.start, False, True, "control page")
-        assert layout.input.start == control.end
-    else:
-        assert layout.input.start == layout.log.end
+    control = layout.control  # the entry-stub page
+    mapped(control.start, False, True, "control page")
+    assert layout.input.start == control.end
     if layout.files.start > layout.reply.end:
         unmapped(layout.reply.end, "gap after reply")
         unmapped(layout.files.start - PAGE, "gap before the files window")
@@ -447,7 +450,7 @@ def test_boot_layout_tables(config_name):
         mapped(layout.files.end - PAGE, False, False, "files window")
     unmapped(layout.files.end, "past the files window")
     # Only the text (and the control page's entry stub) is executable.
-    code = [(IMAGE_BASE, IMAGE_BASE + 0x9000)] + ([(control.start, control.end)] if control is not None else [])
+    code = [(IMAGE_BASE, IMAGE_BASE + 0x9000), (control.start, control.end)]
     executable = [va for va, _size, entry in leaves(tables, PAGE_TABLES) if not entry & PTE_NX]
     assert executable and all(any(lo <= va < hi for lo, hi in code) for va in executable)
 

@@ -46,8 +46,8 @@ class Vcpu:
             raise KvmError(f"KVM_CREATE_VCPU failed: {exc.strerror}") from None
         # Mapped with a raw mmap, not Python's mmap object: a ctypes view kept alive by a
         # traceback must not stop close() from unmapping it (nothing touches it after close).
-        self._run_size = vm.kvm.vcpu_mmap_size
-        self.run_address = _mapping.map_shared(self.fd, self._run_size)
+        self.run_size = vm.kvm.vcpu_mmap_size
+        self.run_address = _mapping.map_shared(self.fd, self.run_size)
         self.run_struct = abi.KvmRun.from_address(self.run_address)
         abi.ioctl(self.fd, abi.KVM_SET_CPUID2, vm.kvm.supported_cpuid)
 
@@ -155,9 +155,13 @@ class Vcpu:
         """KVM_RUN until the next exit; returns the exit reason or ``RUN_INTERRUPTED``."""
         return _vcpu_run.run(self.fd, self.run_address)
 
+    def run_io(self) -> tuple[int, int, int]:
+        """KVM_RUN until the next exit; returns (reason, port, value) (see ``_vcpu_run.run_io``)."""
+        return _vcpu_run.run_io(self.fd, self.run_address, self.run_size)
+
     def close(self) -> None:
         if self.fd >= 0:
-            _mapping.unmap(self.run_address, self._run_size)
+            _mapping.unmap(self.run_address, self.run_size)
             self.run_address = 0
             os.close(self.fd)
             self.fd = -1

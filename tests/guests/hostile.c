@@ -8,7 +8,7 @@
 
 #include "../../hlpool/sdk/runtime/runtime.h"
 
-static struct hl_msg_header *out(void) { return (struct hl_msg_header *)(uintptr_t)hl__boot->out_base; }
+static struct hl_msg_header *out(void) { return hl__out_header(); }
 
 /* Writes a result record with the given kind/length and signals RESULT. */
 static hl_value forge(const hl_args *a) {
@@ -16,7 +16,7 @@ static hl_value forge(const hl_args *a) {
     size_t plen = 0;
     const void *payload = hl_argc(a) > 2 ? hl_arg_bytes(a, 2, &plen) : NULL;
     if (plen > hl__out_capacity()) plen = hl__out_capacity();
-    if (payload) memcpy(hl__out_payload(), payload, plen);
+    if (payload) memcpy(hl__out_payload_for(length < plen ? plen : length), payload, plen);
     out()->kind = kind;
     out()->length = length;
     out()->magic = HL_MSG_MAGIC;

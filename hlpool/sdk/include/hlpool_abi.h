@@ -14,7 +14,7 @@
 #define HLPOOL_ABI_H
 
 /* Version of this contract; bumped whenever a struct or constant changes. */
-#define HL_ABI_VERSION 1
+#define HL_ABI_VERSION 2
 
 #define HL_PAGE_SIZE 4096
 
@@ -25,6 +25,7 @@
 #define HL_EV_INIT_DONE 1 /* hl_main returned; OUT holds the init record */
 #define HL_EV_RESULT 2    /* a call finished; OUT holds the result record */
 #define HL_EV_HOSTCALL 3  /* OUT holds a host-call request; host answers in REPLY */
+/* ("OUT" below means the record whose header is on the call page.) */
 #define HL_EV_LOG_FULL 4  /* the log buffer is full; host drains it and resumes */
 #define HL_EV_FAULT 5     /* CPU exception; OUT holds the fault record */
 #define HL_EV_RANDOM 6    /* getrandom(): OUT header aux0 = bytes wanted; host fills REPLY */
@@ -62,6 +63,18 @@ struct hl_msg_header {
 #endif
 #define HL_MSG_HEADER_SIZE 64
 
+/*
+ * The call page: one page the guest writes on every call, kept out of dirty
+ * logging and restored wholesale (with the top of the stack) after each call.
+ * It holds the header of every OUT record, small payloads inline, and the
+ * runtime's per-call state. A record's payload is inline (right after the
+ * header) when its length is at most HL_INLINE_MAX, otherwise at out_base.
+ */
+#define HL_CALL_PAGE_OUT_HEADER 0
+#define HL_CALL_PAGE_INLINE 64
+#define HL_INLINE_MAX 1984
+#define HL_CALL_PAGE_RUNTIME 2048
+
 /* IN (call request) uses the aux fields as follows. */
 #define HL_CALL_AUX_FUNCTION 0 /* aux0: index of the exported function */
 #define HL_CALL_AUX_TIME_NS 1  /* aux1: host CLOCK_REALTIME in ns when the call started;
@@ -95,7 +108,7 @@ struct hl_boot_info {
     unsigned long long in_size;
     unsigned long long reply_base;   /* host-call replies (read-only to the guest) */
     unsigned long long reply_size;
-    unsigned long long out_base;     /* results and requests from the guest */
+    unsigned long long out_base;     /* payloads of results and requests longer than HL_INLINE_MAX */
     unsigned long long out_size;
     unsigned long long log_base;     /* log buffer (hl_log_header + data) */
     unsigned long long log_size;
@@ -103,7 +116,8 @@ struct hl_boot_info {
     unsigned long long files_base;   /* window where host files are mapped read-only */
     unsigned long long files_size;
     unsigned long long files_table;  /* guest address of the mapped-files table */
-    unsigned long long reserved[9];
+    unsigned long long call_page;    /* the call page (see HL_CALL_PAGE_*) */
+    unsigned long long reserved[8];
 };
 #endif
 

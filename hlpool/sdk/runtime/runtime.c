@@ -63,6 +63,27 @@ void hl_export(const char *name, hl_fn fn) {
 /* ---- records and call termination ------------------------------------------ */
 
 
+void hl__out_record_bytes(uint64_t kind, const void *data, size_t length, uint64_t aux0) {
+    if (length > hl__out_capacity()) length = hl__out_capacity();
+    memcpy(hl__out_payload_for(length), data, length);
+    hl__out_record(kind, length, aux0);
+}
+
+/* Encode a payload with `encode`: on the call page if it fits, else in the
+ * OUT area. Returns -1 if it does not fit the OUT area either. */
+typedef void (*payload_encoder)(hl_writer *w, const void *ctx);
+static int out_encoded(uint64_t kind, payload_encoder encode, const void *ctx, uint64_t aux0) {
+    hl_writer w = {hl__call_page() + HL_CALL_PAGE_INLINE, HL_INLINE_MAX, 0, 0};
+    encode(&w, ctx);
+    if (w.overflow) {
+        w = (hl_writer){(uint8_t *)(uintptr_t)hl__boot->out_base, hl__out_capacity(), 0, 0};
+        encode(&w, ctx);
+        if (w.overflow) return -1;
+    }
+    hl__out_record(kind, w.pos, aux0);
+    return 0;
+}
+
 void hl__out_record(uint64_t kind, uint64_t length, uint64_t aux0) {
     struct hl_msg_header *h = hl__out_header();
     h->kind = kind;
@@ -80,7 +101,7 @@ static void flush_stdio(void) {
 }
 
 void hl__finish_call(void) {
-    if (hl__call.in_call) longjmp(hl__call.env, 1);
+    if (HL__CALL->in_call) longjmp(HL__CALL->env, 1);
     /* Outside a call (during hl_main): report and stop here. */
     flush_stdio();
     hl__signal(HL_EV_RESULT);
@@ -88,13 +109,14 @@ void hl__finish_call(void) {
 }
 
 void hl__fail(uint64_t kind, const char *fmt, ...) {
+    char message[HL_INLINE_MAX];
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf((char *)hl__out_payload(), hl__out_capacity(), fmt, ap);
+    int n = vsnprintf(message, sizeof message, fmt, ap);
     va_end(ap);
     if (n < 0) n = 0;
-    if ((size_t)n >= hl__out_capacity()) n = (int)hl__out_capacity() - 1;
-    hl__out_record(kind, (uint64_t)n, 0);
+    if ((size_t)n >= sizeof message) n = sizeof message - 1;
+    hl__out_record_bytes(kind, message, (size_t)n, 0);
     hl__finish_call();
 }
 
@@ -322,17 +344,26 @@ hl_value hl_error(const char *fmt, ...) {
 
 /* ---- host calls --------------------------------------------------------- */
 
+struct host_request {
+    const char *name;
+    int argc;
+    const hl_value *argv;
+};
+
+static void encode_host_request(hl_writer *w, const void *ctx) {
+    const struct host_request *r = ctx;
+    hl__mp_write_array_header(w, 2);
+    hl__mp_write_str(w, r->name, strlen(r->name));
+    hl__mp_write_array_header(w, (uint32_t)r->argc);
+    for (int i = 0; i < r->argc; i++) hl__mp_write_value(w, r->argv[i], 0);
+}
+
 hl_value hl_call_host(const char *name, int argc, const hl_value *argv) {
     if (argc < 0) hl__fail(HL_MSG_CALL_ERROR, "hl_call_host: negative argc");
-    hl_writer w = {hl__out_payload(), hl__out_capacity(), 0, 0};
-    hl__mp_write_array_header(&w, 2);
-    hl__mp_write_str(&w, name, strlen(name));
-    hl__mp_write_array_header(&w, (uint32_t)argc);
-    for (int i = 0; i < argc; i++) hl__mp_write_value(&w, argv[i], 0);
-    if (w.overflow)
+    struct host_request request = {name, argc, argv};
+    if (out_encoded(HL_MSG_HOSTCALL, encode_host_request, &request, 0) != 0)
         hl__fail(HL_MSG_CALL_ERROR, "hl_call_host(\"%s\"): arguments do not fit the output buffer (%zu bytes)",
                  name, hl__out_capacity());
-    hl__out_record(HL_MSG_HOSTCALL, w.pos, 0);
     hl__signal(HL_EV_HOSTCALL);
 
     /* The host answered in REPLY (read-only to us). Copy the payload into
@@ -367,18 +398,15 @@ const void *hl_mapped_file(const char *name, size_t *size) {
 
 /* ---- call dispatch --------------------------------------------------------- */
 
+static void encode_value(hl_writer *w, const void *ctx) { hl__mp_write_value(w, *(const hl_value *)ctx, 0); }
+
 static void write_result(hl_value v) {
     if (v.type == HL_TYPE_ERROR) {
-        size_t n = v.len < hl__out_capacity() ? v.len : hl__out_capacity();
-        memcpy(hl__out_payload(), v.u.p, n);
-        hl__out_record(HL_MSG_GUEST_ERROR, n, 0);
+        hl__out_record_bytes(HL_MSG_GUEST_ERROR, v.u.p, v.len, 0);
         return;
     }
-    hl_writer w = {hl__out_payload(), hl__out_capacity(), 0, 0};
-    hl__mp_write_value(&w, v, 0);
-    if (w.overflow)
+    if (out_encoded(HL_MSG_OK, encode_value, &v, 0) != 0)
         hl__fail(HL_MSG_CALL_ERROR, "result does not fit the output buffer (%zu bytes)", hl__out_capacity());
-    hl__out_record(HL_MSG_OK, w.pos, 0);
 }
 
 static void run_call(void) {
@@ -409,12 +437,18 @@ static HL_NORETURN void serve(void) {
     for (;;) {
         hl__log_reset();
         hl__arena_reset();
-        hl__call.in_call = 1;
-        if (setjmp(hl__call.env) == 0) run_call();
-        hl__call.in_call = 0;
+        HL__CALL->in_call = 1;
+        if (setjmp(HL__CALL->env) == 0) run_call();
+        HL__CALL->in_call = 0;
         flush_stdio();
         hl__signal(HL_EV_RESULT);
     }
+}
+
+static void encode_exports(hl_writer *w, const void *ctx) {
+    (void)ctx;
+    hl__mp_write_array_header(w, (uint32_t)export_count);
+    for (int i = 0; i < export_count; i++) hl__mp_write_str(w, exports[i].name, strlen(exports[i].name));
 }
 
 /* Called by musl's __libc_start_main once libc is initialised. */
@@ -427,10 +461,8 @@ static int hl__main(int argc, char **argv, char **envp) {
     flush_stdio();
     if (init_error[0]) hl__fail(HL_MSG_CALL_ERROR, "%s", init_error);
 
-    hl_writer w = {hl__out_payload(), hl__out_capacity(), 0, 0};
-    hl__mp_write_array_header(&w, (uint32_t)export_count);
-    for (int i = 0; i < export_count; i++) hl__mp_write_str(&w, exports[i].name, strlen(exports[i].name));
-    hl__out_record(HL_MSG_INIT, w.pos, (uint64_t)(int64_t)rc);
+    if (out_encoded(HL_MSG_INIT, encode_exports, NULL, (uint64_t)(int64_t)rc) != 0)
+        hl__fail(HL_MSG_CALL_ERROR, "the export list does not fit the output buffer");
     serve();
 }
 
@@ -538,7 +570,7 @@ void hl__exception(const struct exception_frame *f) {
     h->aux2 = f->rip;
     h->aux3 = cr2;
     h->aux4 = 0;
-    memcpy(hl__out_payload(), &f->rsp, 8);
+    memcpy(hl__out_payload_for(8), &f->rsp, 8);
     h->magic = HL_MSG_MAGIC;
     for (;;) {
         hl__signal(HL_EV_FAULT);

@@ -26,15 +26,15 @@ static inline uint64_t hl__rdtsc(void) {
 }
 
 /* Records in the host-shared buffers. */
+static inline uint8_t *hl__call_page(void) { return (uint8_t *)(uintptr_t)hl__boot->call_page; }
 static inline struct hl_msg_header *hl__out_header(void) {
-    return (struct hl_msg_header *)(uintptr_t)hl__boot->out_base;
+    return (struct hl_msg_header *)(hl__call_page() + HL_CALL_PAGE_OUT_HEADER);
 }
-static inline uint8_t *hl__out_payload(void) {
-    return (uint8_t *)(uintptr_t)hl__boot->out_base + HL_MSG_HEADER_SIZE;
+/* Where a payload of `length` bytes goes (inline on the call page, or the OUT area). */
+static inline uint8_t *hl__out_payload_for(size_t length) {
+    return length <= HL_INLINE_MAX ? hl__call_page() + HL_CALL_PAGE_INLINE : (uint8_t *)(uintptr_t)hl__boot->out_base;
 }
-static inline size_t hl__out_capacity(void) {
-    return hl__boot->out_size - HL_MSG_HEADER_SIZE;
-}
+static inline size_t hl__out_capacity(void) { return hl__boot->out_size; }
 static inline const struct hl_msg_header *hl__in_header(void) {
     return (const struct hl_msg_header *)(uintptr_t)hl__boot->in_base;
 }
@@ -44,6 +44,8 @@ static inline const struct hl_msg_header *hl__reply_header(void) {
 
 /* Write a record header into OUT. */
 void hl__out_record(uint64_t kind, uint64_t length, uint64_t aux0) HL_HIDDEN;
+/* Copy a payload to where a record of its length belongs, then write the header. */
+void hl__out_record_bytes(uint64_t kind, const void *data, size_t length, uint64_t aux0) HL_HIDDEN;
 
 /* End the current call with a record of `kind` whose payload is a formatted message. */
 HL_NORETURN void hl__fail(uint64_t kind, const char *fmt, ...) HL_HIDDEN
@@ -90,19 +92,20 @@ void hl__mp_write_str(hl_writer *w, const char *s, size_t len) HL_HIDDEN;
  * structs in the arena) rather than decoded (items are msgpack bytes). */
 #define HL__BUILT 1
 
-/* Everything the runtime writes on every call, kept together from the start
- * of one page: each page a call writes costs a fault and a restore, so a
- * plain call touches only this page, the top of the stack and OUT. */
-#define HL__ARENA_STATIC 65536
+/* Everything the runtime writes on every call lives on the call page (after
+ * the OUT header and inline payload), so a plain call dirties no logged page:
+ * the call page and the top of the stack are restored wholesale instead. */
 struct hl__chunk;
 struct hl__call_state {
     jmp_buf env;                         /* where hl__fail() ends a call */
     int in_call;
     uint64_t base_realtime_ns, base_tsc; /* clock base of the current call */
-    size_t arena_used;
+    size_t arena_used;                   /* bytes used of the arena's first part (this page) */
+    size_t arena2_used;                  /* ... of its second part (.bss) */
     struct hl__chunk *spill;             /* arena overflow chunks (malloc) */
-    unsigned char arena[HL__ARENA_STATIC] __attribute__((aligned(16)));
+    unsigned char arena[] __attribute__((aligned(16)));
 };
-extern struct hl__call_state hl__call HL_HIDDEN;
+#define HL__CALL ((struct hl__call_state *)(hl__call_page() + HL_CALL_PAGE_RUNTIME))
+#define HL__ARENA1_SIZE (HL_PAGE_SIZE - HL_CALL_PAGE_RUNTIME - sizeof(struct hl__call_state))
 
 #endif

@@ -48,10 +48,11 @@ void hl_log(const char *fmt, ...) {
 
 /* ---- arena ----------------------------------------------------------------- */
 
-/* The static arena in hl__call first, so a typical call allocates without
- * malloc; bigger needs spill into malloc'd chunks, chained and freed when the
- * next call starts. */
-struct hl__call_state hl__call __attribute__((aligned(4096)));
+/* Three tiers: the rest of the call page (restored wholesale, costs nothing
+ * extra), then a static buffer in .bss, then malloc'd chunks, chained and
+ * freed when the next call starts. */
+#define ARENA2_SIZE 65536
+static unsigned char arena2[ARENA2_SIZE] __attribute__((aligned(16)));
 
 struct hl__chunk {
     struct hl__chunk *next;
@@ -60,30 +61,38 @@ struct hl__chunk {
 };
 
 void hl__arena_reset(void) {
-    hl__call.arena_used = 0;
-    while (hl__call.spill) {
-        struct hl__chunk *next = hl__call.spill->next;
-        free(hl__call.spill);
-        hl__call.spill = next;
+    struct hl__call_state *c = HL__CALL;
+    c->arena_used = 0;
+    if (c->arena2_used) c->arena2_used = 0;
+    while (c->spill) {
+        struct hl__chunk *next = c->spill->next;
+        free(c->spill);
+        c->spill = next;
     }
 }
 
 void *hl__arena_alloc(size_t size) {
+    struct hl__call_state *cs = HL__CALL;
     size = (size + 15) & ~(size_t)15;
-    if (HL__ARENA_STATIC - hl__call.arena_used >= size) {
-        void *p = hl__call.arena + hl__call.arena_used;
-        hl__call.arena_used += size;
+    if (HL__ARENA1_SIZE - cs->arena_used >= size) {
+        void *p = cs->arena + cs->arena_used;
+        cs->arena_used += size;
         return p;
     }
-    struct hl__chunk *c = hl__call.spill;
+    if (ARENA2_SIZE - cs->arena2_used >= size) {
+        void *p = arena2 + cs->arena2_used;
+        cs->arena2_used += size;
+        return p;
+    }
+    struct hl__chunk *c = cs->spill;
     if (!c || c->size - c->used < size) {
         size_t want = size > 65536 ? size : 65536;
         c = malloc(sizeof *c + want);
         if (!c) hl__fail(HL_MSG_GUEST_ERROR, "out of memory (arena allocation of %zu bytes)", size);
-        c->next = hl__call.spill;
+        c->next = cs->spill;
         c->used = 0;
         c->size = want;
-        hl__call.spill = c;
+        cs->spill = c;
     }
     void *p = c->data + c->used;
     c->used += size;
@@ -93,8 +102,8 @@ void *hl__arena_alloc(size_t size) {
 /* ---- clocks ------------------------------------------------------------------ */
 
 void hl__clock_set_base(uint64_t realtime_ns, uint64_t tsc) {
-    hl__call.base_realtime_ns = realtime_ns;
-    hl__call.base_tsc = tsc;
+    HL__CALL->base_realtime_ns = realtime_ns;
+    HL__CALL->base_tsc = tsc;
 }
 
 static uint64_t tsc_to_ns(uint64_t ticks) {
@@ -105,8 +114,8 @@ static uint64_t tsc_to_ns(uint64_t ticks) {
 uint64_t hl__clock_monotonic_ns(void) { return tsc_to_ns(hl__rdtsc()); }
 
 uint64_t hl__clock_realtime_ns(void) {
-    uint64_t now = hl__rdtsc(), base = hl__call.base_tsc;
-    return hl__call.base_realtime_ns + (now > base ? tsc_to_ns(now - base) : 0);
+    uint64_t now = hl__rdtsc(), base = HL__CALL->base_tsc;
+    return HL__CALL->base_realtime_ns + (now > base ? tsc_to_ns(now - base) : 0);
 }
 
 /* ---- randomness ---------------------------------------------------------------- */

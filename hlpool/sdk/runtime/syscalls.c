@@ -74,9 +74,7 @@ static long sys_exit(long status) {
 
 static long sys_kill(long sig) {
     const char *name = signal_name(sig);
-    size_t n = strlen(name);
-    memcpy(hl__out_payload(), name, n);
-    hl__out_record(HL_MSG_SIGNAL, n, (uint64_t)sig);
+    hl__out_record_bytes(HL_MSG_SIGNAL, name, strlen(name), (uint64_t)sig);
     hl__finish_call();
 }
 
