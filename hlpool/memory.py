@@ -53,9 +53,15 @@ class RestoreStats:
 
 
 class SlotMapping:
-    """One reserved host range holding a slot, with the snapshot's runs mapped on it."""
+    """One reserved host range holding a slot, with the snapshot's runs mapped on it.
 
-    def __init__(self, area: Area, runs: list[Run] | None, layers: tuple[Layer, ...]) -> None:
+    With ``private_copy`` the layer bytes are copied into anonymous memory
+    instead of mapped: the design before snapshot files, kept as the baseline
+    the density benchmark compares against.
+    """
+
+    def __init__(self, area: Area, runs: list[Run] | None, layers: tuple[Layer, ...],
+                 private_copy: bool = False) -> None:
         self.area = area
         self.size = area.size
         self.host = _mapping.reserve(area.size)
@@ -67,6 +73,9 @@ class SlotMapping:
                     addr = self.host + run.first_page * PAGE
                     if run.layer < 0:
                         _mapping.map_anonymous_fixed(addr, run.count * PAGE)
+                    elif private_copy:
+                        _mapping.map_anonymous_fixed(addr, run.count * PAGE)
+                        _mapping.write_bytes(addr, layers[run.layer].read(run.offset, run.count * PAGE))
                     else:
                         layer = layers[run.layer]
                         _mapping.map_file_fixed(addr, run.count * PAGE, layer.fd, layer.file_offset(run.offset))
@@ -87,14 +96,14 @@ class GuestMemory:
     """All memory of one sandbox's VM."""
 
     def __init__(self, vm: Vm, layout: Layout, runs: dict[str, list[Run]], layers: tuple[Layer, ...],
-                 policy: RestorePolicy) -> None:
+                 policy: RestorePolicy, private_copy: bool = False) -> None:
         self.layout = layout
         self.policy = policy
         self._slots: dict[str, SlotMapping] = {}
         try:
             self._slots["vif"] = SlotMapping(Area("vif", VIF_PAGE, PAGE), None, layers)
-            self._slots["system"] = SlotMapping(layout.system, runs["system"], layers)
-            self._slots["main"] = SlotMapping(layout.main, runs["main"], layers)
+            self._slots["system"] = SlotMapping(layout.system, runs["system"], layers, private_copy)
+            self._slots["main"] = SlotMapping(layout.main, runs["main"], layers, private_copy)
             self._slots["io"] = SlotMapping(layout.io, None, layers)
             for slot_id, area, readonly, log in ((SLOT_VIF, self._slots["vif"].area, False, False),
                                                  (SLOT_SYSTEM, layout.system, True, False),

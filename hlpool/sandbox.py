@@ -72,6 +72,9 @@ class Sandbox:
     reloads the full XSAVE area, XCR0, MSRs and debug registers after each
     call (four more ioctls), closing the channels a guest could only open on
     purpose with privileged instructions; see README "Isolation between calls".
+
+    ``private_memory=True`` copies the snapshot into private anonymous memory
+    instead of mapping its files (no sharing; the baseline for benchmarks).
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class Sandbox:
         max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
         max_host_calls: int = DEFAULT_MAX_HOST_CALLS,
         strict_cpu_reset: bool = False,
+        private_memory: bool = False,
         name: str | None = None,
     ) -> None:
         from .snapshot import Snapshot
@@ -112,7 +116,7 @@ class Sandbox:
         try:
             self.vm = Vm()
             self.memory = GuestMemory(self.vm, layout, snapshot.runs, snapshot.layers,
-                                      restore_policy or RestorePolicy())
+                                      restore_policy or RestorePolicy(), private_copy=private_memory)
             self._mapped_files = snapshot.attach_files(self)
             self.vcpu = Vcpu(self.vm)
             self.vcpu.load_state(snapshot.vcpu)
