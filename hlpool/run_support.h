@@ -6,6 +6,7 @@
 #define HLPOOL_RUN_SUPPORT_H
 
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
@@ -34,7 +35,15 @@ static void hl_kick_handler(int sig) {
     if (run) run[1] = 1; /* immediate_exit */
 }
 
+/* POSIX timers are not inherited by fork(): forget this thread's timer in the child. */
+static void hl_forget_timer_after_fork(void) {
+    hl_thread_timer_ok = 0;
+    hl_kicked = 0;
+    hl_current_run = NULL;
+}
+
 static int hl_install_kick_handler(void) {
+    if (pthread_atfork(NULL, NULL, hl_forget_timer_after_fork) != 0) return -1;
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = hl_kick_handler;

@@ -188,7 +188,28 @@ class Sandbox:
                                        f"holds {self._in_capacity} (raise MemoryConfig.in_size)")
         _mapping.write_record(self._in_addr, self._in_size, _MAGIC, abi.HL_MSG_CALL, payload, index, _time_ns())
         self._in_used = abi.HL_MSG_HEADER_SIZE + len(payload)
-        return self._run_call(self.timeout if timeout is ... else timeout, restore, name)
+        return self._run_call(self.timeout if timeout is ... else timeout, restore, name, True)
+
+    def call_encoded(self, name: str, payload: bytes, *, timeout: float | None | object = ...,
+                     restore: bool = True) -> bytes:
+        """Like :meth:`call`, with the arguments already MessagePack-encoded (an array).
+
+        Returns the guest's result still encoded (untrusted bytes: decode them
+        with :func:`hlpool.codec.decode_value`). The pool's workers use this so
+        that values are encoded and decoded once, in the supervisor.
+        """
+        if self.status is not SandboxStatus.READY or self._pid != _getpid():
+            self._check_usable()
+        index = self._exports.get(name)
+        if index is None:
+            raise CallError(f"{self.name}: unknown function {name!r}; the guest exports "
+                            f"{sorted(self._exports) or 'nothing'}")
+        if len(payload) > self._in_capacity:
+            raise PayloadTooLargeError(f"{name}: encoded arguments are {len(payload)} bytes; the input buffer "
+                                       f"holds {self._in_capacity} (raise MemoryConfig.in_size)")
+        _mapping.write_record(self._in_addr, self._in_size, _MAGIC, abi.HL_MSG_CALL, payload, index, _time_ns())
+        self._in_used = abi.HL_MSG_HEADER_SIZE + len(payload)
+        return self._run_call(self.timeout if timeout is ... else timeout, restore, name, False)
 
     def restore(self) -> RestoreStats:
         """Put the sandbox back to its snapshot (memory pages the guest wrote, then registers)."""
@@ -271,7 +292,7 @@ class Sandbox:
 
     # ---- the call loop -------------------------------------------------------------------
 
-    def _run_call(self, timeout: float | None, restore: bool, name: str) -> Any:
+    def _run_call(self, timeout: float | None, restore: bool, name: str, decode: bool) -> Any:
         if self._reload_registers:
             if self.strict_cpu_reset:
                 self.vcpu.load_state(self.base_snapshot.vcpu)
@@ -283,7 +304,7 @@ class Sandbox:
         self._host_calls = 0
         try:
             kind, payload, aux0 = self._run_until(abi.HL_EV_RESULT, deadline)
-            value = self._result(kind, payload, aux0, name)
+            value = self._result(kind, payload, aux0, name, decode)
         except HlpoolError:
             self._recover()
             raise
@@ -410,8 +431,10 @@ class Sandbox:
             raise GuestProtocolError(f"guest claims a {length}-byte record; the output buffer holds {len(self._out)}")
         return kind, self._out[:length], aux0
 
-    def _result(self, kind: int, payload: memoryview, aux0: int, name: str) -> Any:
+    def _result(self, kind: int, payload: memoryview, aux0: int, name: str, decode: bool = True) -> Any:
         if kind == abi.HL_MSG_OK:
+            if not decode:
+                return bytes(payload)  # copied: restore overwrites the guest's buffers
             try:
                 return codec.decode_value(payload)
             except ValueError as exc:

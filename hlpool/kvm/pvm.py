@@ -41,7 +41,7 @@ def detect_flavour(kvm: "Kvm") -> str:
             os.close(vcpu_fd)
     finally:
         os.close(vm_fd)
-    log.info("KVM flavour: %s", flavour)
+    log.debug("KVM flavour: %s", flavour)
     return flavour
 
 

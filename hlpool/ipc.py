@@ -1,0 +1,205 @@
+"""The channel between the supervisor and one worker: posix_ipc shared memory + two semaphores.
+
+Layout of the shared memory: ``depth`` slots, each a 128-byte header and a
+data area. The supervisor writes a request into the next slot and posts
+``requests``; the worker answers in the same slot and posts ``responses``.
+Both sides walk the slots in order, so at most ``depth`` calls are in flight
+per worker and no other synchronisation is needed.
+
+Names exist only for the moment it takes the spawner to open them: the
+supervisor unlinks them right after, so nothing is left in /dev/shm when a
+process is killed. Leftovers of a supervisor killed inside that window are
+removed by :func:`remove_stale_names` when the next pool starts.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import secrets
+import struct
+from dataclasses import dataclass
+
+import posix_ipc
+
+from .errors import HlpoolError
+
+PREFIX = "hlpool-"
+HEADER = struct.Struct("<16Q")  # 128 bytes
+HEADER_SIZE = HEADER.size
+
+OP_CALL = 1
+OP_STOP = 2
+STATUS_OK = 0
+STATUS_ERROR = 1
+
+# Request header: op, request id, timeout (ns from when the worker starts it, 0 = none), path length, function name
+# length, payload length. Response header: status, request id, data length, sandboxes held.
+MAX_PATH = 4096
+MAX_NAME = 256
+
+
+@dataclass(frozen=True)
+class ChannelNames:
+    shm: str
+    requests: str
+    responses: str
+    size: int
+    depth: int
+
+
+class Channel:
+    """One side's handle on a channel (shared memory mapping + semaphores)."""
+
+    def __init__(self, names: ChannelNames, memory: mmap.mmap, requests: posix_ipc.Semaphore,
+                 responses: posix_ipc.Semaphore) -> None:
+        self.names = names
+        self.memory = memory
+        self.view = memoryview(memory)
+        self.requests = requests
+        self.responses = responses
+        self.depth = names.depth
+        self.slot_size = names.size // names.depth
+        self.data_capacity = self.slot_size - HEADER_SIZE
+
+    # ---- creation ---------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, depth: int, data_capacity: int) -> "Channel":
+        """Create the shared memory and semaphores (supervisor side); names stay until :meth:`unlink`."""
+        slot = (HEADER_SIZE + data_capacity + 4095) & ~4095
+        size = slot * depth
+        base = f"/{PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        names = ChannelNames(base + "-m", base + "-q", base + "-r", size, depth)
+        try:
+            shm = posix_ipc.SharedMemory(names.shm, posix_ipc.O_CREX, mode=0o600, size=size)
+        except posix_ipc.Error as exc:
+            raise HlpoolError(f"cannot create shared memory for a worker: {exc}") from None
+        try:
+            memory = mmap.mmap(shm.fd, size)
+        finally:
+            shm.close_fd()
+        try:
+            requests = posix_ipc.Semaphore(names.requests, posix_ipc.O_CREX, mode=0o600, initial_value=0)
+            responses = posix_ipc.Semaphore(names.responses, posix_ipc.O_CREX, mode=0o600, initial_value=0)
+        except posix_ipc.Error as exc:
+            memory.close()
+            _unlink_quietly(names)
+            raise HlpoolError(f"cannot create semaphores for a worker: {exc}") from None
+        return cls(names, memory, requests, responses)
+
+    @classmethod
+    def attach(cls, names: ChannelNames) -> "Channel":
+        """Open an existing channel by name (the spawner does this before forking a worker)."""
+        shm = posix_ipc.SharedMemory(names.shm)
+        try:
+            memory = mmap.mmap(shm.fd, names.size)
+        finally:
+            shm.close_fd()
+        return cls(names, memory, posix_ipc.Semaphore(names.requests), posix_ipc.Semaphore(names.responses))
+
+    def unlink(self) -> None:
+        _unlink_quietly(self.names)
+
+    def close(self) -> None:
+        self.view.release()
+        try:
+            self.memory.close()
+        except BufferError:
+            pass  # a view is still held; the mapping goes with the process
+        for sem in (self.requests, self.responses):
+            try:
+                sem.close()
+            except posix_ipc.Error:
+                pass
+
+    # ---- slots --------------------------------------------------------------------------
+
+    def _slot(self, index: int) -> int:
+        return (index % self.depth) * self.slot_size
+
+    def write_request(self, index: int, request_id: int, path: bytes, function: bytes, payload: bytes,
+                      timeout_ns: int) -> None:
+        base = self._slot(index)
+        data = base + HEADER_SIZE
+        total = len(path) + len(function) + len(payload)
+        if total > self.data_capacity:
+            raise ValueError("request does not fit the channel")
+        v = self.view
+        v[data:data + len(path)] = path
+        v[data + len(path):data + len(path) + len(function)] = function
+        v[data + len(path) + len(function):data + total] = payload
+        HEADER.pack_into(v, base, OP_CALL, request_id, timeout_ns, len(path), len(function), len(payload),
+                         *([0] * 10))
+
+    def write_stop(self, index: int) -> None:
+        HEADER.pack_into(self.view, self._slot(index), OP_STOP, *([0] * 15))
+
+    def read_request(self, index: int) -> tuple[int, int, int, str, str, memoryview]:
+        """(op, request id, timeout ns, snapshot path, function, payload view) of slot ``index``."""
+        base = self._slot(index)
+        op, request_id, timeout, path_len, name_len, payload_len, *_ = HEADER.unpack_from(self.view, base)
+        if op != OP_CALL:
+            return op, 0, 0, "", "", self.view[0:0]
+        data = base + HEADER_SIZE
+        if path_len + name_len + payload_len > self.data_capacity:
+            raise HlpoolError("corrupt request in the channel")
+        path = bytes(self.view[data:data + path_len]).decode()
+        function = bytes(self.view[data + path_len:data + path_len + name_len]).decode()
+        start = data + path_len + name_len
+        return op, request_id, timeout, path, function, self.view[start:start + payload_len]
+
+    def write_response(self, index: int, request_id: int, status: int, data: bytes, sandboxes: int) -> None:
+        base = self._slot(index)
+        if len(data) > self.data_capacity:
+            raise ValueError("response does not fit the channel")
+        self.view[base + HEADER_SIZE:base + HEADER_SIZE + len(data)] = data
+        HEADER.pack_into(self.view, base, status, request_id, len(data), sandboxes, *([0] * 12))
+
+    def read_response(self, index: int) -> tuple[int, int, bytes, int]:
+        """(status, request id, data, sandboxes held) of slot ``index``."""
+        base = self._slot(index)
+        status, request_id, length, sandboxes, *_ = HEADER.unpack_from(self.view, base)
+        if length > self.data_capacity:
+            raise HlpoolError("corrupt response in the channel")
+        return status, request_id, bytes(self.view[base + HEADER_SIZE:base + HEADER_SIZE + length]), sandboxes
+
+
+def _unlink_quietly(names: ChannelNames) -> None:
+    for unlink, name in ((posix_ipc.unlink_shared_memory, names.shm), (posix_ipc.unlink_semaphore, names.requests),
+                         (posix_ipc.unlink_semaphore, names.responses)):
+        try:
+            unlink(name)
+        except posix_ipc.ExistentialError:
+            pass
+
+
+_STALE = re.compile(r"^(?:sem\.)?hlpool-(\d+)-[0-9a-f]+-[mqr]$")
+
+
+def remove_stale_names(shm_dir: str = "/dev/shm") -> int:
+    """Unlink channel names left by supervisors that no longer exist; returns how many."""
+    removed = 0
+    try:
+        entries = os.listdir(shm_dir)
+    except OSError:
+        return 0
+    for entry in entries:
+        match = _STALE.match(entry)
+        if not match:
+            continue
+        pid = int(match.group(1))
+        try:
+            os.kill(pid, 0)
+            continue  # its supervisor is alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            os.unlink(os.path.join(shm_dir, entry))
+            removed += 1
+        except OSError:
+            pass
+    return removed

@@ -1,0 +1,159 @@
+"""The spawner: a small process that forks workers on the supervisor's behalf.
+
+The supervisor runs threads (one per worker, plus the caller's), and forking
+a multi-threaded process copies whatever locks other threads held at that
+instant. So the pool forks this spawner once, while it has no threads of its
+own and no KVM state, and the spawner (single-threaded, idle between
+requests) forks every worker, including replacements for workers that died.
+
+Process tree: supervisor -> spawner -> workers. Each child has
+``PR_SET_PDEATHSIG=SIGKILL``, so killing the supervisor (even with SIGKILL)
+takes the spawner and then every worker with it. The spawner ignores
+SIGCHLD, so the kernel reaps workers; the supervisor watches each worker
+with a pidfd.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import traceback
+
+import msgspec
+
+from . import ipc
+from .errors import HlpoolError
+
+log = logging.getLogger(__name__)
+
+
+class Spawner:
+    """Supervisor-side handle on the spawner process."""
+
+    def __init__(self, config: "WorkerConfig") -> None:  # noqa: F821 (worker imported lazily)
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # the spawner
+            code = 1
+            try:
+                parent_sock.close()
+                _spawner_main(child_sock, config)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)  # never run the supervisor's atexit handlers or finalizers here
+        child_sock.close()
+        self.pid = pid
+        self._sock = parent_sock
+        self.pidfd = os.pidfd_open(pid)
+
+    def spawn(self, index: int, names: ipc.ChannelNames) -> int:
+        """Fork worker ``index`` attached to the channel ``names``; returns its pid."""
+        request = msgspec.msgpack.encode({"index": index, "names": [names.shm, names.requests, names.responses,
+                                                                    names.size, names.depth]})
+        try:
+            self._sock.send(request)
+            reply = msgspec.msgpack.decode(self._sock.recv(4096))
+        except (OSError, msgspec.DecodeError) as exc:
+            raise HlpoolError(f"the worker spawner is gone: {exc}") from None
+        if "error" in reply:
+            raise HlpoolError(f"cannot start worker {index}: {reply['error']}")
+        return int(reply["pid"])
+
+    def alive(self) -> bool:
+        try:
+            return os.waitpid(self.pid, os.WNOHANG) == (0, 0)
+        except ChildProcessError:
+            return False
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the spawner (its workers die with it) and reap it."""
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        import select
+
+        ready, _, _ = select.select([self.pidfd], [], [], timeout)
+        if not ready:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        os.close(self.pidfd)
+
+
+def _close_inherited_vm_fds(keep: int) -> None:
+    """Close KVM and snapshot-memory fds inherited from the supervisor.
+
+    The supervisor may already own VMs (it boots guests to build snapshots) and
+    in-memory layers; copies of those fds here would keep them alive after the
+    supervisor releases them. Nothing in the spawner or a worker uses them:
+    workers open /dev/kvm and snapshot files themselves.
+    """
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2 or fd == keep:
+            continue
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target == "/dev/kvm" or target.startswith("anon_inode:kvm") or target.startswith("/memfd:hlpool-"):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _spawner_main(sock: socket.socket, config) -> None:
+    import prctl
+
+    from .worker import serve
+
+    _close_inherited_vm_fds(sock.fileno())
+    prctl.set_pdeathsig(signal.SIGKILL)
+    if os.getppid() == 1:
+        return
+    prctl.set_name("hlpool-spawner")
+    try:
+        prctl.set_proctitle("hlpool-spawner")
+    except Exception:
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps workers
+    while True:
+        try:
+            message = sock.recv(4096)
+        except OSError:
+            return
+        if not message:
+            return  # the supervisor closed its end: stop; workers follow through PDEATHSIG
+        try:
+            request = msgspec.msgpack.decode(message)
+            shm, requests, responses, size, depth = request["names"]
+            channel = ipc.Channel.attach(ipc.ChannelNames(shm, requests, responses, size, depth))
+        except Exception as exc:
+            sock.send(msgspec.msgpack.encode({"error": f"{type(exc).__name__}: {exc}"}))
+            continue
+        pid = os.fork()
+        if pid == 0:  # a worker
+            code = 1
+            try:
+                sock.close()
+                serve(int(request["index"]), channel, config)
+                code = 0
+            except BaseException:
+                traceback.print_exc(file=sys.stderr)
+            finally:
+                os._exit(code)
+        channel.close()
+        sock.send(msgspec.msgpack.encode({"pid": pid}))
