@@ -103,6 +103,7 @@ class _Worker:
     sandboxes: int = 0
     alive: bool = False
     thread: threading.Thread | None = None
+    wakeup: threading.Condition | None = None  # shares the pool's lock
 
     @property
     def load(self) -> int:
@@ -155,8 +156,9 @@ class Pool:
         self._max_payload = max_payload
         self._pending = threading.BoundedSemaphore(max_pending)
         self._max_pending = max_pending
-        self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
+        # One re-entrant lock guards every worker's queue, in-flight list and channel writes
+        # (re-entrant: a future's done-callback may submit again while it is held).
+        self._lock = threading.RLock()
         self._closed = False
         self._broken: str | None = None
         self._ids = itertools.count(1)
@@ -170,7 +172,7 @@ class Pool:
             restore_policy=restore_policy or RestorePolicy(), strict_cpu_reset=strict_cpu_reset)
         self._max_warm = max_sandboxes_per_worker
         self._spawner = Spawner(self._worker_config)
-        self._workers = [_Worker(index=i) for i in range(workers)]
+        self._workers = [_Worker(index=i, wakeup=threading.Condition(self._lock)) for i in range(workers)]
         try:
             for w in self._workers:
                 self._start_worker(w)
@@ -279,11 +281,14 @@ class Pool:
         future.add_done_callback(self._release_pending)
         with self._lock:
             if self._closed or self._broken:
-                self._pending.release()
+                future.cancel()  # releases the pending slot
                 raise PoolClosedError("the pool is shut down")
             worker = self._route(handle)
-            worker.queue.append(call)
-            self._wakeup.notify_all()
+            if worker.alive and not worker.queue and len(worker.inflight) < PIPELINE_DEPTH:
+                self._dispatch_locked(worker, call)  # straight into the channel: no thread hop
+            else:
+                worker.queue.append(call)
+            worker.wakeup.notify()
         return future
 
     def map(self, snapshot: Any, fn: str, iterable: Iterable[Iterable[Any]], *,
@@ -347,59 +352,65 @@ class Pool:
         w.alive = True
         log.debug("worker %d started (pid %d)", w.index, pid)
 
+    def _dispatch_locked(self, w: _Worker, call: _Call) -> None:
+        """Write a call into the worker's channel (the caller holds the pool's lock)."""
+        if not call.future.set_running_or_notify_cancel():
+            return  # cancelled while queued
+        call.started = time.monotonic()
+        try:
+            w.channel.write_request(w.sent, call.request_id, call.handle.path.encode(), call.function.encode(),
+                                    call.payload, call.timeout_ns)
+        except ValueError as exc:
+            call.future.set_exception(PayloadTooLargeError(str(exc)))
+            return
+        w.sent += 1
+        w.inflight.append(call)
+        w.channel.requests.release()
+
     def _run_worker(self, w: _Worker) -> None:
-        """Move calls through one worker's channel; resolve their futures; replace the worker if it dies."""
+        """Move queued calls into one worker's channel, resolve their futures, replace the worker if it dies."""
         while True:
             with self._lock:
                 while not w.queue and not w.inflight and not self._closed and not self._broken:
-                    self._wakeup.wait(0.25)
+                    w.wakeup.wait(0.25)
                     if not self._worker_alive(w):
                         break
                 if (self._closed or self._broken) and not w.queue and not w.inflight:
                     break
-                batch = []
-                while w.queue and len(w.inflight) + len(batch) < PIPELINE_DEPTH:
-                    batch.append(w.queue.popleft())
-            for call in batch:
-                if not call.future.set_running_or_notify_cancel():
-                    continue
-                call.started = time.monotonic()
-                try:
-                    w.channel.write_request(w.sent, call.request_id, call.handle.path.encode(),
-                                            call.function.encode(), call.payload, call.timeout_ns)
-                except ValueError as exc:
-                    call.future.set_exception(PayloadTooLargeError(str(exc)))
-                    continue
-                w.sent += 1
-                w.inflight.append(call)
-                w.channel.requests.release()
-            if w.inflight:
+                while w.queue and w.alive and len(w.inflight) < PIPELINE_DEPTH:
+                    self._dispatch_locked(w, w.queue.popleft())
+                busy = bool(w.inflight)
+            if busy:
                 self._collect(w)
             elif not self._worker_alive(w):
                 self._replace(w, None)
         self._stop_worker(w)
 
     def _collect(self, w: _Worker) -> None:
+        """Wait briefly for the next response of ``w`` and resolve its future (outside the lock)."""
         try:
             w.channel.responses.acquire(0.05)
         except posix_ipc.BusyError:
             if not self._worker_alive(w):
                 self._replace(w, "died")
                 return
-            call = w.inflight[0]
-            limit = (call.timeout_ns / 1e9 if call.timeout_ns else None)
+            with self._lock:
+                call = w.inflight[0] if w.inflight else None
+            limit = call.timeout_ns / 1e9 if call is not None and call.timeout_ns else None
             if limit is not None and time.monotonic() - call.started > limit + WATCHDOG_GRACE:
                 log.error("worker %d (pid %d) is stuck past a call's deadline; killing it", w.index, w.pid)
                 self._kill(w)
                 self._replace(w, "was killed: stuck past a call's deadline")
             return
-        call = w.inflight.popleft()
-        status, request_id, data, sandboxes = w.channel.read_response(w.received)
-        w.received += 1
-        w.sandboxes = sandboxes
-        w.calls += 1
+        with self._lock:
+            call = w.inflight.popleft()
+            status, request_id, data, sandboxes = w.channel.read_response(w.received)
+            w.received += 1
+            w.sandboxes = sandboxes
+            w.calls += 1
+            if status != ipc.STATUS_OK:
+                w.errors += 1
         if request_id != call.request_id:
-            w.errors += 1
             call.future.set_exception(WorkerCrashed(f"worker {w.index} answered out of order"))
             self._kill(w)
             self._replace(w, "answered out of order")
@@ -408,13 +419,11 @@ class Pool:
             try:
                 value = codec.decode_value(data)
             except ValueError as exc:
-                w.errors += 1
                 call.future.set_exception(errors.GuestProtocolError(f"{call.function}: guest returned a "
                                                                     f"malformed result: {exc}"))
                 return
             call.future.set_result(value)
         else:
-            w.errors += 1
             call.future.set_exception(_rebuild_error(data))
 
     def _worker_alive(self, w: _Worker) -> bool:
@@ -431,19 +440,22 @@ class Pool:
 
     def _replace(self, w: _Worker, reason: str | None) -> None:
         """The worker died: fail its in-flight calls, start a replacement, keep its queue."""
-        w.alive = False
-        w.crashes += 1
+        with self._lock:
+            w.alive = False
+            w.crashes += 1
+            lost = list(w.inflight)
+            w.inflight.clear()
+            self._close_channel(w)
         message = f"worker {w.index} (pid {w.pid}) {reason or 'died'} while running the call"
-        while w.inflight:
-            call = w.inflight.popleft()
+        for call in lost:
             call.future.set_exception(WorkerCrashed(message))
         log.warning("worker %d (pid %d) %s; starting a replacement", w.index, w.pid, reason or "died")
-        self._close_channel(w)
         if self._closed and not w.queue:
             return
         for attempt in range(5):
             try:
-                self._start_worker(w)
+                with self._lock:
+                    self._start_worker(w)
                 self.restarts += 1
                 return
             except HlpoolError as exc:
@@ -459,7 +471,7 @@ class Pool:
             stranded = [c for w in self._workers for c in w.queue]
             for w in self._workers:
                 w.queue.clear()
-            self._wakeup.notify_all()
+                w.wakeup.notify()
         for call in stranded:
             if call.future.set_running_or_notify_cancel():
                 call.future.set_exception(WorkerCrashed(f"the pool is broken: {reason}"))
@@ -499,7 +511,8 @@ class Pool:
                 for w in self._workers:
                     cancelled.extend(w.queue)
                     w.queue.clear()
-            self._wakeup.notify_all()
+            for w in self._workers:
+                w.wakeup.notify()
         for call in cancelled:
             call.future.cancel()
         if already and not wait:
