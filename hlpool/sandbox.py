@@ -173,22 +173,11 @@ class Sandbox:
         as the call left them (e.g. to take a snapshot after an initialisation
         call); by default every call starts from the snapshot.
         """
-        if self.status is not SandboxStatus.READY or self._pid != _getpid():
-            self._check_usable()
-        index = self._exports.get(name)
-        if index is None:
-            raise CallError(f"{self.name}: unknown function {name!r}; the guest exports "
-                            f"{sorted(self._exports) or 'nothing'}")
         try:
             payload = codec.encode_args(args)
         except codec.ValueTypeError as exc:
             raise CallError(f"{name}: {exc}") from None
-        if len(payload) > self._in_capacity:
-            raise PayloadTooLargeError(f"{name}: encoded arguments are {len(payload)} bytes; the input buffer "
-                                       f"holds {self._in_capacity} (raise MemoryConfig.in_size)")
-        _mapping.write_record(self._in_addr, self._in_size, _MAGIC, abi.HL_MSG_CALL, payload, index, _time_ns())
-        self._in_used = abi.HL_MSG_HEADER_SIZE + len(payload)
-        return self._run_call(self.timeout if timeout is ... else timeout, restore, name, True)
+        return self._call(name, payload, timeout, restore, decode=True)
 
     def call_encoded(self, name: str, payload: bytes, *, timeout: float | None | object = ...,
                      restore: bool = True) -> bytes:
@@ -198,6 +187,10 @@ class Sandbox:
         with :func:`hlpool.codec.decode_value`). The pool's workers use this so
         that values are encoded and decoded once, in the supervisor.
         """
+        return self._call(name, payload, timeout, restore, decode=False)
+
+    def _call(self, name: str, payload: bytes, timeout: float | None | object, restore: bool,
+              decode: bool) -> Any:
         if self.status is not SandboxStatus.READY or self._pid != _getpid():
             self._check_usable()
         index = self._exports.get(name)
@@ -209,7 +202,7 @@ class Sandbox:
                                        f"holds {self._in_capacity} (raise MemoryConfig.in_size)")
         _mapping.write_record(self._in_addr, self._in_size, _MAGIC, abi.HL_MSG_CALL, payload, index, _time_ns())
         self._in_used = abi.HL_MSG_HEADER_SIZE + len(payload)
-        return self._run_call(self.timeout if timeout is ... else timeout, restore, name, False)
+        return self._run_call(self.timeout if timeout is ... else timeout, restore, name, decode)
 
     def restore(self) -> RestoreStats:
         """Put the sandbox back to its snapshot (memory pages the guest wrote, then registers)."""
