@@ -308,6 +308,17 @@ cdef struct kvm_dirty_log:
 DEF KVM_GET_DIRTY_LOG = 0x4010AE42  # _IOW(KVMIO, 0x42, struct kvm_dirty_log)
 
 
+def get_dirty_log(int vm_fd, uint32_t slot, uint64_t[:] bitmap):
+    """KVM_GET_DIRTY_LOG for ``slot`` straight into ``bitmap`` (one bit per page of the slot;
+    its first words are overwritten). KVM write-protects the reported pages again."""
+    cdef kvm_dirty_log log
+    log.slot = slot
+    log.padding = 0
+    log.dirty_bitmap = <uint64_t>&bitmap[0]
+    if ioctl(vm_fd, KVM_GET_DIRTY_LOG, &log) != 0:
+        raise _oserror("KVM_GET_DIRTY_LOG")
+
+
 def collect_dirty_log(int vm_fd, uint32_t slot, uint64_t[:] scratch, uint64_t[:] pending):
     """KVM_GET_DIRTY_LOG for ``slot`` into ``scratch``, then ``pending |= scratch``.
 
@@ -343,7 +354,7 @@ cdef extern from *:
 
 def restore_dirty(uint64_t[:] bitmap, uintptr_t host_base,
                   const uint64_t[:] run_first, const uint64_t[:] run_count, const uint64_t[:] run_source,
-                  uint8_t[:] resident, int64_t resident_count, int64_t keep_resident):
+                  uint8_t[:] resident, int64_t resident_count, int64_t keep_resident, uint64_t always_copy_from):
     """Put every page set in ``bitmap`` back to its snapshot contents.
 
     Mechanism: page ``i`` of the slot lives at ``host_base + i*4096``. The
@@ -354,7 +365,9 @@ def restore_dirty(uint64_t[:] bitmap, uintptr_t host_base,
     Policy: a page is copied back (and stays resident, so the guest's next
     touch costs no page fault) if it is already resident or fewer than
     ``keep_resident`` pages are; otherwise it is dropped with MADV_DONTNEED
-    (memory returned; the next touch faults the page in again).
+    (memory returned; the next touch faults the page in again). Pages from
+    ``always_copy_from`` on (the hot slot, written by every call) are always
+    copied, outside the budget.
 
     Safe because every address written is inside the slot's own host mapping
     (``i`` < bits in the bitmap == pages in the slot) and every source page
@@ -382,7 +395,7 @@ def restore_dirty(uint64_t[:] bitmap, uintptr_t host_base,
             if r == nruns or run_first[r] > page:
                 raise ValueError("dirty page %d is not covered by the snapshot" % page)
             dst = host_base + (<uintptr_t>page << PAGE_SHIFT)
-            if resident[page] or resident_count < keep_resident:
+            if resident[page] or resident_count < keep_resident or page >= always_copy_from:
                 src = run_source[r]
                 if src:
                     memcpy(<void *>dst, <const void *>(src + ((page - run_first[r]) << PAGE_SHIFT)), PAGE)

@@ -130,9 +130,11 @@ class GuestMemory:
         logged_pages = layout.logged.size // PAGE
         self._scratch = array("Q", bytes(8 * ((logged_pages + 63) // 64)))  # KVM writes the dirty log here
         self._pending = array("Q", bytes(8 * words))  # pages to restore (main-area page indices)
-        self._hot = array("Q", bytes(8 * words))  # the hot slot's pages: always restored
+        self._pending_empty = True  # then KVM can write the log straight into it
+        self._hot_first = logged_pages  # the hot slot's pages: always restored, outside the budget
+        self._hot_words: dict[int, int] = {}
         for page in range(logged_pages, self.main_pages):
-            self._hot[page // 64] |= 1 << (page % 64)
+            self._hot_words[page // 64] = self._hot_words.get(page // 64, 0) | 1 << (page % 64)
         self._resident = bytearray(self.main_pages)
         self._resident_count = 0
 
@@ -165,11 +167,18 @@ class GuestMemory:
 
     # ---- dirty pages and restore ------------------------------------------------------
 
-    def collect_dirty(self) -> int:
-        """Move KVM's dirty log (and the hot pages) into the pending set; returns the logged count."""
-        n = _mapping.collect_dirty_log(self.vm.fd, SLOT_MAIN, self._scratch, self._pending)
-        _mapping.merge_bitmap(self._pending, self._hot)
-        return n
+    def collect_dirty(self) -> None:
+        """Move KVM's dirty log (and the hot pages, always) into the pending set."""
+        if self._pending_empty:
+            # Nothing pending (the usual case, right after a restore): let KVM write the
+            # log straight into the pending bitmap instead of merging a copy.
+            _mapping.get_dirty_log(self.vm.fd, SLOT_MAIN, self._pending)
+        else:
+            _mapping.collect_dirty_log(self.vm.fd, SLOT_MAIN, self._scratch, self._pending)
+        pending = self._pending
+        for word, bits in self._hot_words.items():
+            pending[word] |= bits
+        self._pending_empty = False
 
     def pending_dirty_pages(self) -> list[int]:
         """Main-slot page indices written since the last restore (after :meth:`collect_dirty`)."""
@@ -181,7 +190,8 @@ class GuestMemory:
         stats = RestoreStats()
         copied, dropped, self._resident_count = _mapping.restore_dirty(
             self._pending, self.main_host, self._run_first, self._run_count, self._run_source,
-            self._resident, self._resident_count, self.policy.keep_resident_pages)
+            self._resident, self._resident_count, self.policy.keep_resident_pages, self._hot_first)
+        self._pending_empty = True  # restore_dirty cleared it
         stats.dirty = copied + dropped
         stats.copied, stats.dropped, stats.resident = copied, dropped, self._resident_count
         return stats

@@ -399,3 +399,12 @@ def test_mapped_files_are_read_only_shared_and_referenced(snapshots, tmp_path):
         Snapshot.open(tmp_path / "with-files.hlsnap")
     with pytest.raises(SnapshotParentError, match="changed"):
         Sandbox(child)
+
+
+def test_hot_pages_are_always_copied_back_outside_the_budget(snapshots):
+    for keep in (0, 10):
+        with Sandbox(snapshots("touch"), restore_policy=RestorePolicy(keep_resident_pages=keep)) as sb:
+            sb.call("touch", 100)  # fills (or exceeds) the residency budget
+            sb.call("touch", 0)    # writes only the call page and the top of the stack
+            stats = sb.last_restore
+            assert stats.dropped == 0 and stats.copied >= 3, stats
