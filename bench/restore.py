@@ -114,7 +114,7 @@ def _step(case: Case, n: int, record: bool) -> None:
 
 
 def _breakdown_step(case: Case, n: int, record: bool) -> None:
-    """touch(n); GET_DIRTY_LOG with n dirty; empty GET_DIRTY_LOG; restore() (whose own GET is empty)."""
+    """touch(n); collect n dirty pages; collect again (nothing new); restore() (whose own collection is empty)."""
     sb = case.sandbox
     _touch(case, case.n_for(n))
     collect = sb.memory.collect_dirty
@@ -130,73 +130,6 @@ def _breakdown_step(case: Case, n: int, record: bool) -> None:
         case.get_dirty_ns[n].append(t1 - t0)
         case.get_empty_ns[n].append(t2 - t1)
         case.rest_ns[n].append((t3 - t2) - (t2 - t1))
-
-
-SWEEP_SIZES = (16 * MIB, 64 * MIB, 256 * MIB, 1 * GIB, 4 * GIB)
-SWEEP_REPS = 3000
-
-
-def sweep_bitmap_costs(reps: int, sizes: tuple[int, ...] = SWEEP_SIZES) -> dict[str, Any]:
-    """The size-dependent parts of restore with nothing dirty, on bare VMs with one dirty-logged slot.
-
-    Per slot size: ``KVM_GET_DIRTY_LOG`` + OR into a pending bitmap
-    (``_mapping.collect_dirty_log``, as restore() does), the OR alone
-    (``merge_bitmap``: restore does it twice, for the log and the hot pages),
-    and ``restore_dirty`` over an empty bitmap (its word scan). Back to back,
-    so the bitmaps are cache-warm: a lower bound for the in-sandbox cost, where
-    a KVM_RUN comes between two restores. Sizes are interleaved round by round.
-    """
-    from array import array
-
-    from hlpool import _mapping
-    from hlpool.kvm.vcpu import Vcpu
-    from hlpool.kvm.vm import MemorySlot, Vm
-
-    vms = []
-    try:
-        for size in sizes:
-            vm = Vm()
-            host = _mapping.reserve(size)
-            vms.append((size, vm, host, None))
-            _mapping.map_anonymous_fixed(host, size)
-            vm.set_memory_slot(MemorySlot(0, 0, size, host, log_dirty=True))
-            vcpu = Vcpu(vm)
-            words = (size // 4096 + 63) // 64
-            vms[-1] = (size, vm, host, vcpu, array("Q", bytes(8 * words)), array("Q", bytes(8 * words)),
-                       array("Q", bytes(8 * words)))
-        samples = {size: {"get_dirty_log_and_merge": [], "merge_bitmap": [], "restore_dirty_empty": []}
-                   for size in sizes}
-        clock = time.perf_counter_ns
-        collect, merge, restore_dirty = _mapping.collect_dirty_log, _mapping.merge_bitmap, _mapping.restore_dirty
-        gc.disable()
-        try:
-            chunk = 100
-            for _ in progress(range((reps + chunk - 1) // chunk), "bitmap sweep"):
-                for size, vm, host, _vcpu, scratch, pending, zeros in vms:
-                    first, count, source = array("Q", [0]), array("Q", [size // 4096]), array("Q", [0])
-                    resident = bytearray(size // 4096)
-                    s = samples[size]
-                    for _ in range(chunk):
-                        t0 = clock()
-                        collect(vm.fd, 0, scratch, pending)
-                        t1 = clock()
-                        merge(pending, zeros)
-                        t2 = clock()
-                        restore_dirty(pending, host, first, count, source, resident, 0, 0)
-                        t3 = clock()
-                        s["get_dirty_log_and_merge"].append(t1 - t0)
-                        s["merge_bitmap"].append(t2 - t1)
-                        s["restore_dirty_empty"].append(t3 - t2)
-        finally:
-            gc.enable()
-    finally:
-        for entry in vms:
-            size, vm, host, vcpu = entry[:4]
-            if vcpu is not None:
-                vcpu.close()
-            vm.close()
-            _mapping.unmap(host, size)
-    return {str(size): {k: percentiles(v) for k, v in s.items()} for size, s in samples.items()}
 
 
 def _reps(table: dict[int, int], n: int, quick: bool) -> int:
@@ -220,8 +153,7 @@ def _interleaved(cases: list[Case], n: int, reps: int, step, label: str) -> None
         gc.enable()
 
 
-def run_benchmark(quick: bool, ns: tuple[int, ...] = NS, breakdown: bool = True,
-                  sweep: bool = True) -> dict[str, Any]:
+def run_benchmark(quick: bool, ns: tuple[int, ...] = NS, breakdown: bool = True) -> dict[str, Any]:
     import hlpool
     from hlpool.examples import example_path
 
@@ -307,10 +239,6 @@ def run_benchmark(quick: bool, ns: tuple[int, ...] = NS, breakdown: bool = True,
             }
         ratios[policy] = per
     results["ratios_1GiB_over_16MiB"] = ratios
-    if sweep:
-        status("bitmap cost sweep over slot sizes (bare VMs) ...")
-        results["bitmap_sweep"] = sweep_bitmap_costs(max(QUICK_MIN * 25, SWEEP_REPS // QUICK_DIVISOR)
-                                                     if quick else SWEEP_REPS)
     return results
 
 
@@ -368,35 +296,21 @@ def print_report(data: dict[str, Any]) -> None:
                 ["n", "GET(n dirty) 16M", "GET(n dirty) 1G", "GET(empty) 16M", "GET(empty) 1G",
                  "rest 16M", "rest 1G", "GET(empty) 1G-16M"], rows)
         lay = data["layouts"]
-        print("GET = KVM_GET_DIRTY_LOG of the logged slot + OR into the pending bitmap "
+        print("GET = collecting dirty pages (harvesting KVM's dirty ring, or KVM_GET_DIRTY_LOG where there is no ring) "
               f"(logged slot: {lay['16MiB']['logged_slot_bytes'] / MIB:.1f} MiB vs "
               f"{lay['1GiB']['logged_slot_bytes'] / MIB:.1f} MiB); rest = restore() - empty GET "
               "(copy/drop loop incl. bitmap scan, hot pages, Python).")
 
-    if data.get("bitmap_sweep"):
-        rows = []
-        base = None
-        for size, s in data["bitmap_sweep"].items():
-            g, m, r = s["get_dirty_log_and_merge"], s["merge_bitmap"], s["restore_dirty_empty"]
-            total = g["p50_us"] + 2 * m["p50_us"] + r["p50_us"]  # restore: GET+OR, OR of hot pages, scan
-            base = total if base is None else base
-            rows.append([f"{int(size) / MIB:,.0f} MiB", int(size) / 4096 / 8 / 1024,
-                         g["p50_us"], g["p90_us"], m["p50_us"], r["p50_us"], total, total - base])
-        print_table("Size-dependent restore work with nothing dirty, bare VM + one dirty-logged slot "
-                    "(cache-warm, back to back); us",
-                    ["slot", "bitmap KiB", "GET+OR p50", "GET+OR p90", "OR p50", "scan p50",
-                     "GET+2*OR+scan", "minus 16MiB"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="restore time vs dirty pages for 16 MiB and 1 GiB guests")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (well under a minute)")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the GET_DIRTY_LOG / rest split")
-    parser.add_argument("--no-sweep", action="store_true", help="skip the bitmap-cost sweep over slot sizes")
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results/restore.json")
     args = parser.parse_args(argv)
     t0 = time.monotonic()
-    data = run_benchmark(args.quick, breakdown=not args.no_breakdown, sweep=not args.no_sweep)
+    data = run_benchmark(args.quick, breakdown=not args.no_breakdown)
     data["elapsed_s"] = time.monotonic() - t0
     print_report(data)
     if not args.no_write:

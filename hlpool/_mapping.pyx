@@ -90,11 +90,11 @@ def map_file_view(int fd, size_t size):
     return <uintptr_t>p
 
 
-def map_shared(int fd, size_t size):
+def map_shared(int fd, size_t size, int64_t offset=0):
     """Map ``size`` bytes of ``fd`` read-write and shared (e.g. a vCPU's kvm_run). Returns the address."""
-    cdef void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+    cdef void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset)
     if p == MAP_FAILED:
-        raise _oserror("mmap(shared fd %d, %d bytes)" % (fd, size))
+        raise _oserror("mmap(shared fd %d, %d bytes at %d)" % (fd, size, offset))
     return <uintptr_t>p
 
 
@@ -282,21 +282,6 @@ def _merge(list mappings):
 
 # ---- dirty pages ----------------------------------------------------------------------
 
-def dirty_page_list(const uint64_t[:] bitmap):
-    """Indices of the set bits of a KVM dirty bitmap (ascending)."""
-    cdef Py_ssize_t w, n = bitmap.shape[0]
-    cdef uint64_t word
-    cdef int bit
-    out = []
-    for w in range(n):
-        word = bitmap[w]
-        while word:
-            bit = __builtin_ctzll(word)
-            out.append(w * 64 + bit)
-            word &= word - 1
-    return out
-
-
 cdef extern from "sys/ioctl.h":
     int ioctl(int fd, unsigned long request, ...) nogil
 
@@ -319,101 +304,176 @@ def get_dirty_log(int vm_fd, uint32_t slot, uint64_t[:] bitmap):
         raise _oserror("KVM_GET_DIRTY_LOG")
 
 
-def collect_dirty_log(int vm_fd, uint32_t slot, uint64_t[:] scratch, uint64_t[:] pending):
-    """KVM_GET_DIRTY_LOG for ``slot`` into ``scratch``, then ``pending |= scratch``.
-
-    KVM write-protects the reported pages again, so the next guest write to
-    each is reported next time. Returns the number of newly reported pages.
-    ``scratch`` and ``pending`` hold one bit per page of the slot (the caller
-    sizes them from the slot, so KVM never writes past ``scratch``).
-    """
-    cdef kvm_dirty_log log
-    log.slot = slot
-    log.padding = 0
-    log.dirty_bitmap = <uint64_t>&scratch[0]
-    if ioctl(vm_fd, KVM_GET_DIRTY_LOG, &log) != 0:
-        raise _oserror("KVM_GET_DIRTY_LOG")
-    return merge_bitmap(pending, scratch)
-
-
-def merge_bitmap(uint64_t[:] into, const uint64_t[:] bitmap):
-    """``into |= bitmap``; returns the number of set bits in ``bitmap``."""
-    cdef Py_ssize_t w
-    cdef int count = 0
-    for w in range(bitmap.shape[0]):
-        if bitmap[w]:
-            into[w] |= bitmap[w]
-            count += __builtin_popcountll(bitmap[w])
-    return count
-
-
 cdef extern from *:
-    int __builtin_ctzll(unsigned long long)
-    int __builtin_popcountll(unsigned long long)
+    int __builtin_ctzll(unsigned long long) nogil
+    int __builtin_popcountll(unsigned long long) nogil
+    void __sync_synchronize() nogil
 
 
-def restore_dirty(uint64_t[:] bitmap, uintptr_t host_base,
-                  const uint64_t[:] run_first, const uint64_t[:] run_count, const uint64_t[:] run_source,
-                  uint8_t[:] resident, int64_t resident_count, int64_t keep_resident, uint64_t always_copy_from):
-    """Put every page set in ``bitmap`` back to its snapshot contents.
+DEF KVM_RESET_DIRTY_RINGS = 0xAEC7  # _IO(KVMIO, 0xc7)
+DEF DIRTY_GFN_F_DIRTY = 1
+DEF DIRTY_GFN_F_RESET = 2
 
-    Mechanism: page ``i`` of the slot lives at ``host_base + i*4096``. The
-    snapshot's runs (sorted, covering the slot) say where its pristine bytes
-    are: ``run_source[r]`` is the host address of the run's first page in a
-    read-only view of the backing file, or 0 for zero pages.
 
-    Policy: a page is copied back (and stays resident, so the guest's next
-    touch costs no page fault) if it is already resident or fewer than
-    ``keep_resident`` pages are; otherwise it is dropped with MADV_DONTNEED
-    (memory returned; the next touch faults the page in again). Pages from
-    ``always_copy_from`` on (the hot slot, written by every call) are always
-    copied, outside the budget.
+cdef struct kvm_dirty_gfn:
+    uint32_t flags
+    uint32_t slot
+    uint64_t offset
 
-    Safe because every address written is inside the slot's own host mapping
-    (``i`` < bits in the bitmap == pages in the slot) and every source page
-    lies inside a view of the file the run was built from.
 
-    The bitmap is cleared as it is consumed. Returns (copied, dropped, resident_count).
+cdef class DirtySet:
+    """The set of main-area pages to put back, with the words that hold them.
+
+    Filled from KVM's dirty ring (O(pages dirtied)) or from a dirty bitmap
+    (O(bitmap)), plus pages the caller always adds (the hot slot). Restoring
+    visits only the words that were touched, so its cost follows the number
+    of dirty pages, not the size of guest memory.
     """
-    cdef Py_ssize_t nwords = bitmap.shape[0], nruns = run_first.shape[0]
-    cdef Py_ssize_t w, r = 0
-    cdef uint64_t word, page, src
-    cdef int bit
-    cdef int64_t copied = 0, dropped = 0
-    cdef uintptr_t drop_start = 0, drop_end = 0, dst
-    for w in range(nwords):
-        word = bitmap[w]
-        if not word:
-            continue
-        bitmap[w] = 0
-        while word:
-            bit = __builtin_ctzll(word)
-            word &= word - 1
-            page = <uint64_t>w * 64 + bit
-            while r < nruns and run_first[r] + run_count[r] <= page:
-                r += 1
-            if r == nruns or run_first[r] > page:
-                raise ValueError("dirty page %d is not covered by the snapshot" % page)
-            dst = host_base + (<uintptr_t>page << PAGE_SHIFT)
-            if resident[page] or resident_count < keep_resident or page >= always_copy_from:
-                src = run_source[r]
-                if src:
-                    memcpy(<void *>dst, <const void *>(src + ((page - run_first[r]) << PAGE_SHIFT)), PAGE)
+
+    cdef uint64_t[::1] bits
+    cdef uint32_t[::1] words
+    cdef Py_ssize_t nwords_used
+    cdef uint64_t npages
+    cdef uint64_t fetch  # next dirty-ring entry to read
+
+    def __init__(self, uint64_t npages):
+        cdef Py_ssize_t nwords = (npages + 63) // 64
+        import array as _array
+        self.bits = _array.array("Q", bytes(8 * nwords))
+        self.words = _array.array("I", bytes(4 * nwords))
+        self.nwords_used = 0
+        self.npages = npages
+        self.fetch = 0
+
+    cdef inline void _add(self, uint64_t page) noexcept:
+        cdef uint64_t w = page >> 6
+        if self.bits[w] == 0:
+            self.words[self.nwords_used] = <uint32_t>w
+            self.nwords_used += 1
+        self.bits[w] |= (<uint64_t>1) << (page & 63)
+
+    @property
+    def empty(self):
+        return self.nwords_used == 0
+
+    def add_range(self, uint64_t first, uint64_t count):
+        """Add pages ``[first, first+count)``."""
+        cdef uint64_t p
+        if first + count > self.npages:
+            raise ValueError("page range outside the area")
+        for p in range(first, first + count):
+            self._add(p)
+
+    def add_bitmap(self, const uint64_t[:] bitmap):
+        """Add the pages set in a KVM dirty bitmap (its first words cover this area's first pages)."""
+        cdef Py_ssize_t w, n = min(bitmap.shape[0], self.bits.shape[0])
+        for w in range(n):
+            if bitmap[w]:
+                if self.bits[w] == 0:
+                    self.words[self.nwords_used] = <uint32_t>w
+                    self.nwords_used += 1
+                self.bits[w] |= bitmap[w]
+
+    def harvest_ring(self, int vm_fd, uintptr_t ring, uint32_t entries, uint32_t slot_id):
+        """Collect the dirty-ring entries KVM published for memory slot ``slot_id``.
+
+        Each harvested entry is marked for reset; KVM_RESET_DIRTY_RINGS then
+        write-protects those pages again, so the guest's next write to them is
+        logged. ``entries`` is a power of two; ``ring`` is the vCPU's mapped
+        ring (``entries`` * 16 bytes), which KVM writes and this reads: every
+        index is masked into it, every page checked against the area.
+        Returns the number of entries harvested.
+        """
+        cdef volatile kvm_dirty_gfn *e
+        cdef uint32_t harvested = 0
+        cdef uint64_t page
+        while True:
+            e = <volatile kvm_dirty_gfn *>(ring + (self.fetch & (entries - 1)) * sizeof(kvm_dirty_gfn))
+            if not (e.flags & DIRTY_GFN_F_DIRTY):
+                break
+            __sync_synchronize()  # read the entry only after seeing its DIRTY flag
+            page = e.offset
+            if (e.slot & 0xFFFF) == slot_id and page < self.npages:
+                self._add(page)
+            __sync_synchronize()
+            e.flags = DIRTY_GFN_F_RESET
+            self.fetch += 1
+            harvested += 1
+        if harvested and ioctl(vm_fd, KVM_RESET_DIRTY_RINGS, 0) < 0:
+            raise _oserror("KVM_RESET_DIRTY_RINGS")
+        return harvested
+
+    def pages(self):
+        """The pages in the set, ascending."""
+        out = []
+        cdef Py_ssize_t i
+        cdef uint64_t word, w
+        for w in sorted(self.words[i] for i in range(self.nwords_used)):
+            word = self.bits[w]
+            while word:
+                out.append(w * 64 + __builtin_ctzll(word))
+                word &= word - 1
+        return out
+
+    def restore(self, uintptr_t host_base,
+                const uint64_t[:] run_first, const uint64_t[:] run_count, const uint64_t[:] run_source,
+                uint8_t[:] resident, int64_t resident_count, int64_t keep_resident, uint64_t always_copy_from):
+        """Put every page in the set back to its snapshot contents, then empty the set.
+
+        Mechanism: page ``i`` of the area lives at ``host_base + i*4096``. The
+        snapshot's runs (sorted, covering the area) say where its pristine bytes
+        are: ``run_source[r]`` is the host address of the run's first page in a
+        read-only view of the backing file, or 0 for zero pages.
+
+        Policy: a page is copied back (and stays resident, so the guest's next
+        touch costs no page fault) if it is already resident or fewer than
+        ``keep_resident`` pages are; otherwise it is dropped with MADV_DONTNEED
+        (memory returned; the next touch faults the page in again). Pages from
+        ``always_copy_from`` on (the hot slot, written by every call) are always
+        copied, outside the budget.
+
+        Safe because every page in the set is below ``npages`` (checked when
+        added), the area's host mapping spans ``npages`` pages, and every source
+        page lies inside a view of the file its run was built from.
+
+        Returns (copied, dropped, resident_count).
+        """
+        cdef Py_ssize_t i, lo, hi, mid, r, nruns = run_first.shape[0]
+        cdef uint64_t w, word, page, src
+        cdef int64_t copied = 0, dropped = 0
+        cdef uintptr_t dst
+        if resident.shape[0] < <Py_ssize_t>self.npages:
+            raise ValueError("resident map smaller than the area")
+        for i in range(self.nwords_used):
+            w = self.words[i]
+            word = self.bits[w]
+            self.bits[w] = 0
+            while word:
+                page = w * 64 + __builtin_ctzll(word)
+                word &= word - 1
+                lo, hi = 0, nruns  # binary search: the run holding this page
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if run_first[mid] + run_count[mid] <= page:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                r = lo
+                if r == nruns or run_first[r] > page:
+                    raise ValueError("dirty page %d is not covered by the snapshot" % page)
+                dst = host_base + (<uintptr_t>page << PAGE_SHIFT)
+                if resident[page] or resident_count < keep_resident or page >= always_copy_from:
+                    src = run_source[r]
+                    if src:
+                        memcpy(<void *>dst, <const void *>(src + ((page - run_first[r]) << PAGE_SHIFT)), PAGE)
+                    else:
+                        memset(<void *>dst, 0, PAGE)
+                    if not resident[page]:
+                        resident[page] = 1
+                        resident_count += 1
+                    copied += 1
                 else:
-                    memset(<void *>dst, 0, PAGE)
-                if not resident[page]:
-                    resident[page] = 1
-                    resident_count += 1
-                copied += 1
-            else:
-                if dst == drop_end:
-                    drop_end += PAGE
-                else:
-                    if drop_end:
-                        madvise(<void *>drop_start, drop_end - drop_start, MADV_DONTNEED)
-                    drop_start = dst
-                    drop_end = dst + PAGE
-                dropped += 1
-    if drop_end:
-        madvise(<void *>drop_start, drop_end - drop_start, MADV_DONTNEED)
-    return copied, dropped, resident_count
+                    madvise(<void *>dst, PAGE, MADV_DONTNEED)
+                    dropped += 1
+        self.nwords_used = 0
+        return copied, dropped, resident_count

@@ -26,6 +26,9 @@ from .layers import Layer, Run
 from .layout import PAGE, SLOT_HOT, SLOT_IO, SLOT_MAIN, SLOT_SYSTEM, SLOT_VIF, VIF_PAGE, Area, Layout
 
 
+DIRTY_RING_ENTRIES = 1024  # 16 KiB of ring per vCPU; a full ring costs one exit
+
+
 @dataclass(frozen=True)
 class RestorePolicy:
     """How restore treats the pages a call dirtied.
@@ -126,17 +129,16 @@ class GuestMemory:
         self._run_count = array("Q", (r.count for r in main_runs))
         self._run_source = array("Q", (layers[r.layer].view() + r.offset if r.layer >= 0 else 0
                                        for r in main_runs))
-        words = (self.main_pages + 63) // 64
         logged_pages = layout.logged.size // PAGE
-        self._scratch = array("Q", bytes(8 * ((logged_pages + 63) // 64)))  # KVM writes the dirty log here
-        self._pending = array("Q", bytes(8 * words))  # pages to restore (main-area page indices)
-        self._pending_empty = True  # then KVM can write the log straight into it
+        self._pending = _mapping.DirtySet(self.main_pages)  # pages to restore (main-area page indices)
         self._hot_first = logged_pages  # the hot slot's pages: always restored, outside the budget
-        self._hot_words: dict[int, int] = {}
-        for page in range(logged_pages, self.main_pages):
-            self._hot_words[page // 64] = self._hot_words.get(page // 64, 0) | 1 << (page % 64)
         self._resident = bytearray(self.main_pages)
         self._resident_count = 0
+        # Dirty tracking: KVM's dirty ring when the vCPU exists and KVM has one (cost follows
+        # dirty pages), else KVM_GET_DIRTY_LOG into a bitmap (cost follows the slot's size).
+        self._ring = 0
+        self._ring_entries = 0
+        self._scratch = array("Q", bytes(8 * ((logged_pages + 63) // 64)))
 
     # ---- access --------------------------------------------------------------------
 
@@ -167,31 +169,41 @@ class GuestMemory:
 
     # ---- dirty pages and restore ------------------------------------------------------
 
+    @staticmethod
+    def enable_dirty_ring(vm: Vm) -> int:
+        """Turn on KVM's dirty ring for ``vm`` if KVM offers one (before any vCPU exists).
+
+        Returns the number of ring entries per vCPU, or 0 (then dirty bitmaps are used).
+        """
+        return vm.enable_dirty_ring(DIRTY_RING_ENTRIES)
+
+    def attach_dirty_ring(self, ring_address: int, entries: int) -> None:
+        """Use the vCPU's mapped dirty ring from now on."""
+        self._ring, self._ring_entries = ring_address, entries
+
     def collect_dirty(self) -> None:
-        """Move KVM's dirty log (and the hot pages, always) into the pending set."""
-        if self._pending_empty:
-            # Nothing pending (the usual case, right after a restore): let KVM write the
-            # log straight into the pending bitmap instead of merging a copy.
-            _mapping.get_dirty_log(self.vm.fd, SLOT_MAIN, self._pending)
+        """Move the pages the guest wrote (and the hot pages, always) into the pending set.
+
+        Called after every call and when KVM reports a full dirty ring.
+        """
+        if self._ring:
+            self._pending.harvest_ring(self.vm.fd, self._ring, self._ring_entries, SLOT_MAIN)
         else:
-            _mapping.collect_dirty_log(self.vm.fd, SLOT_MAIN, self._scratch, self._pending)
-        pending = self._pending
-        for word, bits in self._hot_words.items():
-            pending[word] |= bits
-        self._pending_empty = False
+            _mapping.get_dirty_log(self.vm.fd, SLOT_MAIN, self._scratch)
+            self._pending.add_bitmap(self._scratch)
+        self._pending.add_range(self._hot_first, self.main_pages - self._hot_first)
 
     def pending_dirty_pages(self) -> list[int]:
-        """Main-slot page indices written since the last restore (after :meth:`collect_dirty`)."""
-        return _mapping.dirty_page_list(self._pending)
+        """Main-area page indices written since the last restore (after :meth:`collect_dirty`)."""
+        return self._pending.pages()
 
     def restore(self) -> RestoreStats:
         """Put every page written since the last restore back to the snapshot."""
         self.collect_dirty()
         stats = RestoreStats()
-        copied, dropped, self._resident_count = _mapping.restore_dirty(
-            self._pending, self.main_host, self._run_first, self._run_count, self._run_source,
+        copied, dropped, self._resident_count = self._pending.restore(
+            self.main_host, self._run_first, self._run_count, self._run_source,
             self._resident, self._resident_count, self.policy.keep_resident_pages, self._hot_first)
-        self._pending_empty = True  # restore_dirty cleared it
         stats.dirty = copied + dropped
         stats.copied, stats.dropped, stats.resident = copied, dropped, self._resident_count
         return stats

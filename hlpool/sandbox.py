@@ -115,10 +115,13 @@ class Sandbox:
         self.layout = layout
         try:
             self.vm = Vm()
+            GuestMemory.enable_dirty_ring(self.vm)
             self.memory = GuestMemory(self.vm, layout, snapshot.runs, snapshot.layers,
                                       restore_policy or RestorePolicy(), private_copy=private_memory)
             self._mapped_files = snapshot.attach_files(self)
             self.vcpu = Vcpu(self.vm)
+            if self.vcpu.dirty_ring:
+                self.memory.attach_dirty_ring(self.vcpu.dirty_ring, self.vm.dirty_ring_entries)
             self.vcpu.load_state(snapshot.vcpu)
             pvm.enable_native_execution(self.vcpu, VIF_PAGE)
         except BaseException:
@@ -329,6 +332,8 @@ class Sandbox:
                     self._drain_log()
                     raise GuestTimeout(f"{self.name}: call exceeded its deadline and was stopped")
                 _vcpu_run.clear_kick(self.vcpu.run_address)  # a stale kick from an earlier deadline
+            elif reason == kvm_abi.KVM_EXIT_DIRTY_RING_FULL:
+                self.memory.collect_dirty()  # harvest; KVM resumes the guest on the next run
             elif reason == kvm_abi.KVM_EXIT_IO:
                 if port < 0:
                     raise GuestProtocolError(f"guest read from unknown I/O port {-port:#x} (`in` is not part "

@@ -49,6 +49,12 @@ class Vcpu:
         self.run_size = vm.kvm.vcpu_mmap_size
         self.run_address = _mapping.map_shared(self.fd, self.run_size)
         self.run_struct = abi.KvmRun.from_address(self.run_address)
+        self.dirty_ring = 0
+        self._dirty_ring_size = 0
+        if vm.dirty_ring_entries:
+            self._dirty_ring_size = vm.dirty_ring_entries * 16
+            self.dirty_ring = _mapping.map_shared(self.fd, self._dirty_ring_size,
+                                                  abi.KVM_DIRTY_LOG_PAGE_OFFSET * 4096)
         abi.ioctl(self.fd, abi.KVM_SET_CPUID2, vm.kvm.supported_cpuid)
 
     # ---- registers ----------------------------------------------------------------
@@ -163,5 +169,8 @@ class Vcpu:
         if self.fd >= 0:
             _mapping.unmap(self.run_address, self.run_size)
             self.run_address = 0
+            if self.dirty_ring:
+                _mapping.unmap(self.dirty_ring, self._dirty_ring_size)
+                self.dirty_ring = 0
             os.close(self.fd)
             self.fd = -1

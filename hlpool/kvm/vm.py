@@ -35,6 +35,7 @@ class Vm:
         self.kvm.info  # fail early on a KVM without the capabilities we need
         self.fd = self.kvm.create_vm_fd()
         self.slots: dict[int, MemorySlot] = {}
+        self.dirty_ring_entries = 0
         try:
             if self.kvm.info.flavour == "hardware":
                 # VMX needs a 3-page TSS region outside guest memory for real-mode
@@ -65,6 +66,24 @@ class Vm:
         region = abi.KvmUserspaceMemoryRegion(slot=slot.slot, guest_phys_addr=slot.guest_address,
                                               memory_size=0, userspace_addr=slot.host_address)
         abi.ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region)
+
+    def enable_dirty_ring(self, entries: int) -> int:
+        """Enable KVM's per-vCPU dirty ring of ``entries`` entries (before vCPUs are created).
+
+        Returns ``entries``, or 0 if this KVM has no dirty ring (or refuses the size).
+        """
+        supported = self.kvm.check_extension(abi.KVM_CAP_DIRTY_LOG_RING)
+        size = entries * 16  # sizeof(struct kvm_dirty_gfn)
+        if not supported or size > supported:
+            return 0
+        cap = abi.KvmEnableCap(cap=abi.KVM_CAP_DIRTY_LOG_RING)
+        cap.args[0] = size
+        try:
+            abi.ioctl(self.fd, abi.KVM_ENABLE_CAP, cap)
+        except OSError:
+            return 0
+        self.dirty_ring_entries = entries
+        return entries
 
     def get_dirty_log(self, slot_id: int, bitmap: ctypes.Array) -> None:
         """Fill ``bitmap`` (one bit per page of the slot) with the pages the guest
