@@ -7,7 +7,7 @@ setup:
 	./scripts/setup.sh
 
 serve: setup
-	.venv/bin/hlpool demo
+	.venv/bin/hlpool serve --workers 2
 
 demo: setup
 	.venv/bin/hlpool demo

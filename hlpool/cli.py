@@ -14,7 +14,6 @@ Errors print one line on stderr and exit with status 1 (2 for usage errors).
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from .errors import HlpoolError
+from .jsonvalues import from_json, to_json
 
 log = logging.getLogger("hlpool.cli")
 
@@ -45,30 +45,6 @@ def _json_arg(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text  # a bare word is taken as a string
-
-
-def _to_json(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return {"base64": base64.b64encode(value).decode()}
-    if isinstance(value, list):
-        return [_to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_json(v) for k, v in value.items()}
-    return value
-
-
-def _from_json(value: Any) -> Any:
-    """JSON arguments: {"base64": "..."} becomes bytes."""
-    if isinstance(value, dict):
-        if set(value) == {"base64"} and isinstance(value["base64"], str):
-            try:
-                return base64.b64decode(value["base64"], validate=True)
-            except ValueError as exc:
-                raise HlpoolError(f"invalid base64 argument: {exc}") from None
-        return {k: _from_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_from_json(v) for v in value]
-    return value
 
 
 # ---- commands --------------------------------------------------------------------------
@@ -173,10 +149,10 @@ def _open_any(path: str):
 def cmd_run(args: argparse.Namespace) -> int:
     from .sandbox import Sandbox
 
-    call_args = [_from_json(_json_arg(a)) for a in args.args]
+    call_args = [from_json(_json_arg(a)) for a in args.args]
     with Sandbox(_open_any(args.file), timeout=args.timeout) as sb:
         result = sb.call(args.function, *call_args)
-    print(json.dumps(_to_json(result)))
+    print(json.dumps(to_json(result), allow_nan=False))
     return 0
 
 
@@ -239,6 +215,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import ServerConfig, parse_guest_specs, serve
+
+    logging.getLogger("hlpool").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:
+        logging.getLogger("hlpool.snapshot").setLevel(logging.WARNING)  # one line per guest is enough
+    config = ServerConfig(workers=args.workers, host=args.host, port=args.port, snapshot_dir=args.snapshot_dir,
+                          guests=parse_guest_specs(args.guest), token=args.token or None, insecure=args.insecure,
+                          max_body=args.max_body, call_timeout=args.call_timeout, grace=args.grace,
+                          max_pending=args.max_pending, access_log=args.access_log)
+    return serve(config)
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    call_args = [from_json(_json_arg(a)) for a in args.args]
+    client = Client(args.url, token=args.token)
+    result = client.call(args.snapshot, args.function, *call_args, timeout=args.timeout)
+    print(json.dumps(to_json(result), allow_nan=False))
+    return 0
+
+
 # ---- parser ------------------------------------------------------------------------------
 
 
@@ -291,6 +290,51 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
     i = sub.add_parser("info", help="show what this host's KVM offers")
     i.set_defaults(func=cmd_info)
+
+    sv = sub.add_parser(
+        "serve", help="run the sandbox pool as an HTTP service",
+        description="Start the pool's supervisor and worker processes and serve a JSON HTTP API: list and "
+                    "register snapshots, call their functions (POST /v1/snapshots/NAME/calls/FN with "
+                    "{\"args\": [...]}), /healthz, /readyz, Prometheus /metrics and an OpenAPI description at "
+                    "/openapi.json. Without --guest the example guests are built and served under their names. "
+                    "SIGTERM or Ctrl-C stops accepting, lets calls in flight finish within --grace seconds, "
+                    "and exits.")
+    sv.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1; others need --token or --insecure)")
+    sv.add_argument("--port", type=int, default=8470, help="port (default 8470; 0 picks a free one)")
+    sv.add_argument("--snapshot-dir", help="where snapshots built from ELF files are stored "
+                                           "(default ~/.cache/hlpool/snapshots)")
+    sv.add_argument("--guest", action="append", default=[], metavar="NAME=PATH",
+                    help="serve this guest ELF or .hlsnap as NAME (repeatable; default: the example guests)")
+    sv.add_argument("--token", default=os.environ.get("HLPOOL_TOKEN"),
+                    help="require 'Authorization: Bearer TOKEN' on every route but /healthz "
+                         "(default $HLPOOL_TOKEN; prefer it: other users can see command lines)")
+    sv.add_argument("--insecure", action="store_true",
+                    help="allow listening on a non-loopback address without a token")
+    sv.add_argument("--max-body", type=parse_size, default=8 << 20, help="request body limit (default 8M)")
+    sv.add_argument("--call-timeout", type=float, default=10.0,
+                    help="seconds a call may run: the default and the maximum a request may ask for (default 10)")
+    sv.add_argument("--grace", type=float, default=10.0,
+                    help="seconds calls in flight get to finish on shutdown (default 10)")
+    sv.add_argument("--max-pending", type=int, default=1024,
+                    help="calls queued or running before the server answers 429 overloaded (default 1024)")
+    sv.add_argument("--access-log", action="store_true", help="log every request")
+    sv.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser(
+        "call", help="call a guest function on a running hlpool server",
+        description="Call FN of the snapshot SNAPSHOT on an `hlpool serve` server and print the result as JSON. "
+                    "Arguments are JSON values (a bare word is a string; {\"base64\": ...} is bytes). "
+                    "Errors print 'hlpool: error: CODE: MESSAGE' and exit with status 1.")
+    c.add_argument("snapshot", metavar="SNAPSHOT", help="snapshot name (see GET /v1/snapshots)")
+    c.add_argument("function", metavar="FN", help="exported function name")
+    c.add_argument("args", metavar="ARGS_JSON", nargs="*", help="arguments as JSON")
+    c.add_argument("--url", default=os.environ.get("HLPOOL_URL", "http://127.0.0.1:8470"),
+                   help="server URL (default $HLPOOL_URL or http://127.0.0.1:8470)")
+    c.add_argument("--token", default=os.environ.get("HLPOOL_TOKEN"), help="bearer token (default $HLPOOL_TOKEN)")
+    c.add_argument("--timeout", type=float, help="seconds the call may run (default: the server's maximum)")
+    c.set_defaults(func=cmd_call)
     return parser
 
 

@@ -22,10 +22,15 @@ import socket
 import sys
 import traceback
 
+from typing import TYPE_CHECKING
+
 import msgspec
 
 from . import ipc
 from .errors import HlpoolError
+
+if TYPE_CHECKING:
+    from .worker import WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +38,7 @@ log = logging.getLogger(__name__)
 class Spawner:
     """Supervisor-side handle on the spawner process."""
 
-    def __init__(self, config: "WorkerConfig") -> None:  # noqa: F821 (worker imported lazily)
+    def __init__(self, config: "WorkerConfig") -> None:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:  # the spawner

@@ -1,0 +1,195 @@
+"""A small client of ``hlpool serve`` (standard library only: urllib).
+
+    >>> from hlpool.client import Client
+    >>> c = Client("http://127.0.0.1:8470")
+    >>> c.call("add", "add", 2, 40)
+    42
+
+Values go as JSON, bytes as ``{"base64": ...}`` both ways (the client converts).
+Error responses raise a :class:`RemoteError`; for the error codes that have
+a matching hlpool exception the class derives from it too, so
+``except hlpool.GuestFault`` works across the network (``RemoteGuestFault``
+carries ``vector``, ``rip``... from the response's details).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from . import errors
+from .errors import HlpoolError
+
+DEFAULT_URL = "http://127.0.0.1:8470"
+
+
+class RemoteError(HlpoolError):
+    """The server answered with an error: ``code`` (stable), ``status`` (HTTP), ``message``, ``details``."""
+
+    def __init__(self, message: str, *, code: str = "internal", status: int = 500,
+                 details: dict | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        self.message = message
+        self.details = details or {}
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class ServerUnreachable(HlpoolError):
+    """No HTTP answer from the server (connection refused, DNS, timeout)."""
+
+
+def _remote(base: type[HlpoolError]) -> type[RemoteError]:
+    return type(f"Remote{base.__name__}", (RemoteError, base), {"__module__": __name__})
+
+
+RemoteCallError = _remote(errors.CallError)
+RemotePayloadTooLargeError = _remote(errors.PayloadTooLargeError)
+RemoteGuestError = _remote(errors.GuestError)
+RemoteGuestFault = _remote(errors.GuestFault)
+RemoteGuestTimeout = _remote(errors.GuestTimeout)
+RemoteHostFunctionError = _remote(errors.HostFunctionError)
+RemoteWorkerCrashed = _remote(errors.WorkerCrashed)
+RemotePoolOverloadedError = _remote(errors.PoolOverloadedError)
+RemotePoolClosedError = _remote(errors.PoolClosedError)
+RemoteSnapshotError = _remote(errors.SnapshotError)
+
+ERROR_CLASSES: dict[str, type[RemoteError]] = {
+    "bad_request": RemoteCallError,
+    "unknown_function": RemoteCallError,
+    "payload_too_large": RemotePayloadTooLargeError,
+    "guest_error": RemoteGuestError,
+    "guest_fault": RemoteGuestFault,
+    "timeout": RemoteGuestTimeout,
+    "host_function_error": RemoteHostFunctionError,
+    "worker_crashed": RemoteWorkerCrashed,
+    "overloaded": RemotePoolOverloadedError,
+    "shutting_down": RemotePoolClosedError,
+    "snapshot_error": RemoteSnapshotError,
+    "unknown_snapshot": RemoteSnapshotError,
+}
+
+
+def error_from_response(status: int, body: bytes) -> RemoteError:
+    try:
+        error = json.loads(body)["error"]
+        code, message = str(error["code"]), str(error["message"])
+        details = error.get("details") if isinstance(error.get("details"), dict) else None
+    except (ValueError, KeyError, TypeError):
+        text = body.decode("utf-8", "replace").strip().splitlines()
+        return RemoteError(text[0][:200] if text else f"HTTP {status}", code=f"http_{status}", status=status)
+    exc = ERROR_CLASSES.get(code, RemoteError)(message, code=code, status=status, details=details)
+    if isinstance(exc, errors.GuestFault) and details:
+        for key in ("vector", "vector_name", "error_code", "rip", "address"):
+            setattr(exc, key, details.get(key))
+    return exc
+
+
+def to_json(value: Any) -> Any:
+    """Python value -> JSON value (bytes become {"base64": ...})."""
+    from .jsonvalues import to_json as _to_json
+
+    return _to_json(value)
+
+
+def from_json(value: Any) -> Any:
+    """JSON value -> Python value ({"base64": ...} becomes bytes)."""
+    from .jsonvalues import from_json as _from_json
+
+    return _from_json(value)
+
+
+class Client:
+    """Talks to one server. ``token``: the bearer token if the server needs one (default ``$HLPOOL_TOKEN``).
+    ``http_timeout``: seconds to wait for an answer (a call waits its own timeout plus this)."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, *, http_timeout: float = 30.0) -> None:
+        self.url = (url or os.environ.get("HLPOOL_URL") or DEFAULT_URL).rstrip("/")
+        self.token = token if token is not None else os.environ.get("HLPOOL_TOKEN") or None
+        self.http_timeout = http_timeout
+
+    # ---- the API ----------------------------------------------------------------
+
+    def call(self, snapshot: str, fn: str, *args: Any, timeout: float | None = None) -> Any:
+        """``fn(*args)`` in a sandbox of ``snapshot`` on the server; returns the result."""
+        body: dict[str, Any] = {"args": [to_json(a) for a in args]}
+        if timeout is not None:
+            body["timeout"] = timeout
+        path = f"/v1/snapshots/{_quote(snapshot)}/calls/{_quote(fn)}"
+        answer = self.request("POST", path, body, timeout=self.http_timeout + (timeout or 0))
+        return from_json(answer["result"])
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/snapshots")["snapshots"]
+
+    def snapshot(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/snapshots/{_quote(name)}")
+
+    def register(self, name: str, path: str | os.PathLike) -> dict[str, Any]:
+        """Serve the guest ELF or .hlsnap at ``path`` (a file on the server's host) as ``name``."""
+        return self.request("POST", "/v1/snapshots", {"name": name, "path": os.fspath(path)})
+
+    def upload(self, name: str, elf: bytes | str | os.PathLike) -> dict[str, Any]:
+        """Upload a guest ELF (bytes, or a local file) and serve it as ``name``."""
+        if isinstance(elf, bytes):
+            data = elf
+        else:
+            with open(elf, "rb") as f:
+                data = f.read()
+        return self.request("POST", f"/v1/snapshots?name={_quote(name)}", data=data,
+                            content_type="application/octet-stream")
+
+    def health(self) -> dict[str, Any]:
+        return self.request("GET", "/healthz")
+
+    def ready(self) -> bool:
+        try:
+            return bool(self.request("GET", "/readyz").get("ready"))
+        except RemoteError:
+            return False
+
+    def metrics(self) -> str:
+        return self.request("GET", "/metrics", raw=True).decode()
+
+    # ---- HTTP ---------------------------------------------------------------------
+
+    def request(self, method: str, path: str, body: Any = None, *, data: bytes | None = None,
+                content_type: str = "application/json", timeout: float | None = None, raw: bool = False) -> Any:
+        if body is not None:
+            data = json.dumps(body).encode()
+        headers = {"Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = content_type
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.http_timeout) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                raise error_from_response(exc.code, exc.read()) from None
+        except urllib.error.URLError as exc:
+            reason = getattr(exc.reason, "strerror", None) or str(exc.reason)
+            raise ServerUnreachable(f"cannot reach the hlpool server at {self.url}: {reason} "
+                                    f"(is `hlpool serve` running? set --url or HLPOOL_URL)") from None
+        except (OSError, ValueError) as exc:  # timeouts, resets, malformed URLs
+            raise ServerUnreachable(f"no answer from the hlpool server at {self.url}: {exc}") from None
+        if raw:
+            return payload
+        try:
+            return json.loads(payload)
+        except ValueError:
+            raise RemoteError(f"the server sent something that is not JSON ({len(payload)} bytes)",
+                              code="bad_response", status=200) from None
+
+
+def _quote(part: str) -> str:
+    return urllib.parse.quote(part, safe="")
