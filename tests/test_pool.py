@@ -274,3 +274,14 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_long_calls_spread_over_idle_workers(kvm, example, tmp_path, no_leaks):
+    with Pool(workers=2, snapshot_dir=tmp_path) as p:
+        sha = p.snapshot(example("sha256"))
+        p.submit(sha, "digest_rounds", (b"x", 200_000)).result()  # teaches the pool these calls are slow
+        futures = [p.submit(sha, "digest_rounds", (b"x", 200_000)) for _ in range(2)]
+        time.sleep(0.05)
+        assert sorted(s["in_flight"] + s["queued"] for s in p.stats()) == [1, 1]
+        for f in futures:
+            f.result(timeout=60)
