@@ -144,9 +144,11 @@ def read_bytes(uintptr_t addr, size_t size):
     return (<char *>addr)[:size]
 
 
-def zero_bytes(uintptr_t addr, size_t size):
-    """Zero ``size`` bytes at ``addr``."""
-    memset(<void *>addr, 0, size)
+def zero_bytes(uintptr_t addr, Py_ssize_t size):
+    """Zero ``size`` bytes at ``addr`` (inside a writable mapping the caller owns)."""
+    if size < 0:
+        raise ValueError("negative size")
+    memset(<void *>addr, 0, <size_t>size)
 
 
 def pages_equal(uintptr_t a, uintptr_t b):
