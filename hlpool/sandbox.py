@@ -282,6 +282,10 @@ class Sandbox:
             raise GuestProtocolError(f"malformed list of exports: {exc}") from None
         if not isinstance(exports, list) or not all(isinstance(e, str) for e in exports):
             raise GuestProtocolError("malformed list of exports")
+        if len(exports) > abi.HL_EXPORTS_MAX or len(set(exports)) != len(exports) or not all(
+                0 < len(e) <= abi.HL_NAME_MAX and e.isprintable() for e in exports):
+            raise GuestProtocolError(f"invalid list of exports (at most {abi.HL_EXPORTS_MAX} unique printable "
+                                     f"names of 1-{abi.HL_NAME_MAX} characters)")
         rc = aux0 - (1 << 64) if aux0 >= 1 << 63 else aux0
         self._finish_pending_io()
         return exports, rc

@@ -406,3 +406,31 @@ def test_failing_hl_main(kvm, tmp_path):
     elf = build_guest([src], tmp_path / "hanging.elf")
     with pytest.raises(hlpool.GuestImageError, match="deadline"):
         Snapshot.from_elf(elf, timeout=0.5)
+
+
+FORGED_INIT = r"""
+#include <hlpool.h>
+#include <string.h>
+#include "%s/hlpool/sdk/runtime/runtime.h"
+int hl_main(void) {
+    /* a msgpack array with one 100-character name, written by hand */
+    static unsigned char payload[2 + 1 + 100];
+    payload[0] = 0x91; payload[1] = 0xd9; payload[2] = 100;
+    memset(payload + 3, 'a', 100);
+    hl__out_record_bytes(HL_MSG_INIT, payload, sizeof payload, 0);
+    hl__signal(HL_EV_INIT_DONE);
+    return 0;
+}
+"""
+
+
+def test_forged_export_list_is_rejected(kvm, tmp_path):
+    from pathlib import Path
+
+    from hlpool.guest_build import build_guest
+
+    src = tmp_path / "forged.c"
+    src.write_text(FORGED_INIT % Path(__file__).resolve().parent.parent)
+    elf = build_guest([src], tmp_path / "forged.elf")
+    with pytest.raises(hlpool.GuestImageError, match="invalid list of exports"):
+        Snapshot.from_elf(elf)
