@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import struct
+import threading
 import time
 from typing import Any, Callable, Mapping
 
@@ -110,6 +111,7 @@ class Sandbox:
         self._log = GuestLog(self.name, log_handler, max_log_bytes)
         self._exports = {n: i for i, n in enumerate(snapshot.exports or ())}
         self._pid = os.getpid()
+        self._lock = threading.RLock()  # calls, restores, snapshots and close take turns
         self.vm = self.vcpu = self.memory = None
         layout = snapshot.layout
         self.layout = layout
@@ -194,6 +196,11 @@ class Sandbox:
 
     def _call(self, name: str, payload: bytes, timeout: float | None | object, restore: bool,
               decode: bool) -> Any:
+        with self._lock:  # one vCPU: calls from several threads take turns
+            return self._call_locked(name, payload, timeout, restore, decode)
+
+    def _call_locked(self, name: str, payload: bytes, timeout: float | None | object, restore: bool,
+                     decode: bool) -> Any:
         if self.status is not SandboxStatus.READY or self._pid != _getpid():
             self._check_usable()
         index = self._exports.get(name)
@@ -209,6 +216,10 @@ class Sandbox:
 
     def restore(self) -> RestoreStats:
         """Put the sandbox back to its snapshot (memory pages the guest wrote, then registers)."""
+        with self._lock:
+            return self._restore_locked()
+
+    def _restore_locked(self) -> RestoreStats:
         self._check_open()
         stats = self.memory.restore()
         self._clear_io()
@@ -226,8 +237,9 @@ class Sandbox:
         """
         from .snapshot import capture
 
-        self._check_usable()
-        return capture(self, retain=retain)
+        with self._lock:
+            self._check_usable()
+            return capture(self, retain=retain)
 
     def map_file(self, path: str, *, guest_address: int | None = None) -> tuple[int, int]:
         """Map a host file read-only into the guest; returns (guest_address, size).
@@ -236,15 +248,17 @@ class Sandbox:
         write to it is a :class:`GuestFault`. Snapshots taken afterwards
         reference the file (path + content hash); they never copy it.
         """
-        self._check_usable()
-        return self._mapped_files.map(path, guest_address)
+        with self._lock:
+            self._check_usable()
+            return self._mapped_files.map(path, guest_address)
 
     def close(self) -> None:
         """Destroy the VM and release its memory (idempotent)."""
-        if self.status is SandboxStatus.CLOSED:
-            return
-        self.status = SandboxStatus.CLOSED
-        self._release()
+        with self._lock:
+            if self.status is SandboxStatus.CLOSED:
+                return
+            self.status = SandboxStatus.CLOSED
+            self._release()
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -253,7 +267,7 @@ class Sandbox:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "status", SandboxStatus.CLOSED) is not SandboxStatus.CLOSED:
+        if getattr(self, "status", SandboxStatus.CLOSED) is not SandboxStatus.CLOSED and hasattr(self, "_lock"):
             try:
                 self.close()
             except Exception:

@@ -434,3 +434,19 @@ def test_forged_export_list_is_rejected(kvm, tmp_path):
     elf = build_guest([src], tmp_path / "forged.elf")
     with pytest.raises(hlpool.GuestImageError, match="invalid list of exports"):
         Snapshot.from_elf(elf)
+
+
+def test_one_sandbox_shared_by_threads(snapshots):
+    import threading
+
+    results: list = []
+    with Sandbox(snapshots("echo")) as sb:
+        def worker(k: int) -> None:
+            results.extend(sb.call("echo", [k, i]) == [k, i] for i in range(200))
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(results) == 800 and all(results)
