@@ -67,6 +67,14 @@ def cmd_guest_examples(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_guest_interpreters(args: argparse.Namespace) -> int:
+    from .interpreters import build_interpreters
+
+    for language, path in build_interpreters().items():
+        print(f"{language}\t{path}")
+    return 0
+
+
 def _config(args: argparse.Namespace):
     from .layout import MemoryConfig
 
@@ -260,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_guest_build)
     e = guest.add_parser("examples", help="build the example guests and print their paths")
     e.set_defaults(func=cmd_guest_examples)
+    gi = guest.add_parser("interpreters", help="build the JavaScript (QuickJS) and Lua guests, print their paths",
+                          description="Fetch the pinned upstream sources (the PyPI sdists of quickjs and lupa, "
+                                      "sha256-checked) into the cache and build the js and lua interpreter guests.")
+    gi.set_defaults(func=cmd_guest_interpreters)
 
     snap = sub.add_parser("snapshot", help="build and inspect snapshot files").add_subparsers(
         dest="snapshot_command", required=True)
