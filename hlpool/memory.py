@@ -26,9 +26,6 @@ from .layers import Layer, Run
 from .layout import PAGE, SLOT_HOT, SLOT_IO, SLOT_MAIN, SLOT_SYSTEM, SLOT_VIF, VIF_PAGE, Area, Layout
 
 
-DIRTY_RING_ENTRIES = 1024  # 16 KiB of ring per vCPU; a full ring costs one exit
-
-
 @dataclass(frozen=True)
 class RestorePolicy:
     """How restore treats the pages a call dirtied.
@@ -41,10 +38,17 @@ class RestorePolicy:
     """
 
     keep_resident_pages: int = 1024
+    #: Entries of KVM's dirty ring per vCPU (16 bytes each; a power of two). A call that
+    #: dirties more pages takes one exit per ring-full, and pages harvested mid-call are
+    #: write-protected again, so heavy writers want a larger ring; 0 uses dirty bitmaps.
+    dirty_ring_entries: int = 4096
 
     def __post_init__(self) -> None:
         if self.keep_resident_pages < 0:
             raise ValueError("keep_resident_pages must be >= 0")
+        n = self.dirty_ring_entries
+        if n and (n < 256 or n & (n - 1) or n > 1 << 16):
+            raise ValueError("dirty_ring_entries must be 0 or a power of two in [256, 65536]")
 
 
 @dataclass
@@ -170,12 +174,12 @@ class GuestMemory:
     # ---- dirty pages and restore ------------------------------------------------------
 
     @staticmethod
-    def enable_dirty_ring(vm: Vm) -> int:
+    def enable_dirty_ring(vm: Vm, policy: RestorePolicy) -> int:
         """Turn on KVM's dirty ring for ``vm`` if KVM offers one (before any vCPU exists).
 
         Returns the number of ring entries per vCPU, or 0 (then dirty bitmaps are used).
         """
-        return vm.enable_dirty_ring(DIRTY_RING_ENTRIES)
+        return vm.enable_dirty_ring(policy.dirty_ring_entries) if policy.dirty_ring_entries else 0
 
     def attach_dirty_ring(self, ring_address: int, entries: int) -> None:
         """Use the vCPU's mapped dirty ring from now on."""

@@ -117,9 +117,10 @@ class Sandbox:
         self.layout = layout
         try:
             self.vm = Vm()
-            GuestMemory.enable_dirty_ring(self.vm)
-            self.memory = GuestMemory(self.vm, layout, snapshot.runs, snapshot.layers,
-                                      restore_policy or RestorePolicy(), private_copy=private_memory)
+            policy = restore_policy or RestorePolicy()
+            GuestMemory.enable_dirty_ring(self.vm, policy)
+            self.memory = GuestMemory(self.vm, layout, snapshot.runs, snapshot.layers, policy,
+                                      private_copy=private_memory)
             self._mapped_files = snapshot.attach_files(self)
             self.vcpu = Vcpu(self.vm)
             if self.vcpu.dirty_ring:

@@ -30,6 +30,12 @@ def test_echo_returns_every_value_type(echo, value):
     assert echo.call("echo", value) == value
 
 
+def test_nesting_limit_is_the_same_on_both_sides(echo):
+    assert echo.call("echo", _nested(32)) == _nested(32)
+    with pytest.raises(CallError, match="nested deeper"):
+        echo.call("echo", _nested(33))
+
+
 def test_echo_nan_and_tuple(echo):
     assert math.isnan(echo.call("echo", math.nan))
     assert echo.call("echo", (1, "a")) == [1, "a"]  # tuples travel as lists

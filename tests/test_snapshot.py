@@ -249,11 +249,13 @@ writes = st.lists(st.tuples(st.integers(0, 3000 * PAGE // 8 - 1), st.integers(-(
                   min_size=1, max_size=60)
 
 
-@pytest.mark.parametrize("keep", [0, 8, 100_000], ids=["drop-all", "mixed", "copy-all"])
+@pytest.mark.parametrize("keep, ring", [(0, 4096), (8, 256), (100_000, 0)],
+                         ids=["drop-all", "mixed-small-ring", "copy-all-bitmaps"])
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pattern=writes)
-def test_restore_is_exact(snapshots, touch_reference, keep, pattern):
-    with Sandbox(snapshots("touch"), restore_policy=RestorePolicy(keep_resident_pages=keep)) as sb:
+def test_restore_is_exact(snapshots, touch_reference, keep, ring, pattern):
+    policy = RestorePolicy(keep_resident_pages=keep, dirty_ring_entries=ring)
+    with Sandbox(snapshots("touch"), restore_policy=policy) as sb:
         offsets = [w * 8 for w, _ in pattern]
         values = [v for _, v in pattern]
         sb.call("write", offsets, values)  # restored automatically
@@ -265,6 +267,15 @@ def test_restore_is_exact(snapshots, touch_reference, keep, pattern):
         assert stats.copied + stats.dropped == stats.dirty
         assert main_memory(sb) == touch_reference
         assert sb.call("touch", 3) == 6  # pages read 0 (nothing survived), then 1, 2, 3 written
+
+
+def test_restore_is_exact_across_dirty_ring_full_exits(snapshots, touch_reference):
+    with Sandbox(snapshots("touch"), restore_policy=RestorePolicy(dirty_ring_entries=512)) as sb:
+        assert sb.vm.dirty_ring_entries == 512
+        assert sb.call("touch", 2000, 7) == sum(7 + i for i in range(2000))  # several ring-full exits
+        assert sb.last_restore.dirty >= 2000
+        assert main_memory(sb) == touch_reference
+        assert sb.call("touch", 2000, 7) == sum(7 + i for i in range(2000))  # nothing survived
 
 
 def test_restore_cost_follows_dirty_pages_not_memory(snapshots):

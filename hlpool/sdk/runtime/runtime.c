@@ -419,7 +419,9 @@ static void run_call(void) {
 
     const uint8_t *p = (const uint8_t *)in + HL_MSG_HEADER_SIZE, *end = p + in->length;
     hl_value arglist;
-    if (hl__mp_decode(&p, end, &arglist, 0) != 0 || arglist.type != HL_TYPE_LIST)
+    /* depth -1: the argument array itself does not count, so each argument may nest
+     * HL_MAX_DEPTH levels, as the host allows. */
+    if (hl__mp_decode(&p, end, &arglist, -1) != 0 || arglist.type != HL_TYPE_LIST)
         hl__fail(HL_MSG_CALL_ERROR, "malformed call arguments");
     hl_args args = {(int)arglist.count, end, NULL};
     args.values = hl__arena_alloc((arglist.count + 1) * sizeof(hl_value));
