@@ -355,6 +355,12 @@ class Service:
         entry = SnapshotEntry(name=name, handle=handle, source=source, info=describe_path(handle.path))
         return entry
 
+    def add_script(self, name: str, language: str, source: str) -> SnapshotEntry:
+        """Load a JS/Lua script as a layer on its interpreter's base snapshot (blocking: boots a VM)."""
+        handle = self.pool.script(language, source)
+        return SnapshotEntry(name=name, handle=handle, source=f"{language} script ({len(source)} characters)",
+                             info=describe_path(handle.path))
+
     def load(self, guests: Mapping[str, str]) -> None:
         for name, path in guests.items():
             entry = self.add(name, path)
@@ -463,22 +469,34 @@ class Service:
                                                  "`hlpool guest build`)")
         else:
             body = await self._read_json(request)
-            if not isinstance(body, dict) or not isinstance(body.get("name"), str) \
-                    or not isinstance(body.get("path"), str):
-                raise ApiError("bad_request", 'expected {"name": "...", "path": "/absolute/path.elf or .hlsnap"} '
+            script = isinstance(body, dict) and "language" in body
+            wanted = {"name", "language", "source"} if script else {"name", "path"}
+            if not isinstance(body, dict) or not all(isinstance(body.get(k), str) for k in wanted):
+                raise ApiError("bad_request", 'expected {"name": "...", "path": "/absolute/path.elf or .hlsnap"}, '
+                                              '{"name": "...", "language": "js" or "lua", "source": "..."} '
                                               "or an ELF upload with Content-Type: application/octet-stream")
-            unknown = sorted(set(body) - {"name", "path"})
+            unknown = sorted(set(body) - wanted)
             if unknown:
-                raise ApiError("bad_request", f"unknown field(s) {', '.join(unknown)}; expected name and path")
-            name, source = body["name"], body["path"]
-            if not os.path.isabs(source):
-                raise ApiError("bad_request", f"path must be absolute (a file on the server host), got {source!r}")
+                raise ApiError("bad_request", f"unknown field(s) {', '.join(unknown)}; expected "
+                                              f"{', '.join(sorted(wanted))}")
+            name = body["name"]
+            if script:
+                language, source = body["language"], body["source"]
+                if language not in ("js", "lua"):
+                    raise ApiError("bad_request", f"unknown script language {language!r}; use js or lua")
+            else:
+                source = body["path"]
+                if not os.path.isabs(source):
+                    raise ApiError("bad_request", f"path must be absolute (a file on the server host), "
+                                                  f"got {source!r}")
         self._check_new_name(name)
         self._pending_names.add(name)
         loop = asyncio.get_running_loop()
         try:
             if upload:
                 entry = await loop.run_in_executor(None, self._upload, name, data)
+            elif script:
+                entry = await loop.run_in_executor(None, self.add_script, name, language, source)
             else:
                 entry = await loop.run_in_executor(None, self.add, name, source)
         except (HlpoolError, OSError) as exc:
@@ -502,7 +520,8 @@ class Service:
             raise ApiError("shutting_down", "the server is shutting down")
         name, fn = request.match_info["name"], request.match_info["function"]
         entry = self._entry(name)
-        if fn not in entry.handle.exports:
+        script = getattr(entry.handle, "language", None) is not None
+        if fn not in entry.handle.exports and not script:  # a script's functions are its own to check
             raise ApiError("unknown_function", f"snapshot {name!r} has no function {fn!r}; it exports "
                                                f"{', '.join(entry.handle.exports)}")
         args, timeout = parse_call_body(await self._read_json(request), self.config.call_timeout)
@@ -532,7 +551,10 @@ class Service:
             self._expired.discard(waiting)
             self.in_flight -= 1
             self.metrics.calls_in_flight.dec()
-            self.metrics.observe_call(name, fn, outcome, time.perf_counter() - start)
+            # A script's function names come from requests: label only those that answered, so a
+            # client cannot grow the metrics without bound with made-up names.
+            label = fn if not script or outcome == "ok" else "<other>"
+            self.metrics.observe_call(name, label, outcome, time.perf_counter() - start)
         from .jsonvalues import to_json as _to_json
 
         return json_response({"result": _to_json(result)})
@@ -661,7 +683,8 @@ def openapi_document(config: ServerConfig | None = None) -> dict[str, Any]:
                                                          "properties": {"snapshots": {"type": "array",
                                                                                       "items": ref("Snapshot")}}}),
                                       **error_responses(*auth_errors)}},
-                "post": {"summary": "Register a guest: a path on the server host, or an uploaded ELF",
+                "post": {"summary": "Register a guest (a path on the server host, or an uploaded ELF) or a "
+                                    "JavaScript/Lua script",
                          "operationId": "registerSnapshot",
                          "parameters": [{"name": "name", "in": "query", "required": False,
                                          "description": "the snapshot's name (uploads only)",
@@ -704,11 +727,18 @@ def openapi_document(config: ServerConfig | None = None) -> dict[str, Any]:
                                 "description": f"seconds; the server's maximum ({config.call_timeout:g} s) is the "
                                                f"default and caps it"}}},
                 "CallResult": {"type": "object", "required": ["result"], "properties": {"result": ref("Value")}},
-                "RegisterRequest": {"type": "object", "required": ["name", "path"], "additionalProperties": False,
-                                    "properties": {"name": {"type": "string", "pattern": NAME_PATTERN.pattern},
-                                                   "path": {"type": "string",
-                                                            "description": "absolute path of a guest ELF or "
-                                                                           ".hlsnap file on the server host"}}},
+                "RegisterRequest": {"oneOf": [
+                    {"type": "object", "required": ["name", "path"], "additionalProperties": False,
+                     "properties": {"name": {"type": "string", "pattern": NAME_PATTERN.pattern},
+                                    "path": {"type": "string",
+                                             "description": "absolute path of a guest ELF or .hlsnap file on "
+                                                            "the server host"}}},
+                    {"type": "object", "required": ["name", "language", "source"], "additionalProperties": False,
+                     "description": "a script, loaded once as a layer on its interpreter's base snapshot; call "
+                                    "its functions by name",
+                     "properties": {"name": {"type": "string", "pattern": NAME_PATTERN.pattern},
+                                    "language": {"type": "string", "enum": ["js", "lua"]},
+                                    "source": {"type": "string"}}}]},
                 "Snapshot": {"type": "object", "required": ["name", "id", "path", "exports"], "properties": {
                     "name": {"type": "string"}, "id": {"type": "string"}, "sha256": {"type": "string"},
                     "source": {"type": "string"}, "path": {"type": "string"},

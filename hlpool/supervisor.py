@@ -25,7 +25,7 @@ import select
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -60,6 +60,7 @@ class SnapshotHandle:
     exports: tuple[str, ...]
     sha256: str
     input_capacity: int
+    language: str | None = None  # "js" or "lua" for a script made by Pool.script()
 
     @property
     def id(self) -> str:
@@ -219,6 +220,37 @@ class Pool:
             self._handles[key] = handle
             return handle
 
+    def script(self, language: str, source: str, *, timeout: float | None | object = ...) -> SnapshotHandle:
+        """A handle for a JavaScript (``"js"``) or Lua (``"lua"``) script.
+
+        The script is loaded once into a sandbox of the interpreter's base
+        snapshot and captured as a layer on it (only the pages the script
+        changed), stored in the snapshot store; every call then starts from
+        that layer. Submit calls by the script's function names:
+        ``pool.submit(handle, "handler", (event,))``. Errors in the script
+        (syntax, an exception while loading) raise :class:`GuestError` here.
+        """
+        from . import interpreters
+
+        if language not in interpreters.LANGUAGES:
+            raise CallError(f"unknown script language {language!r}; use one of {', '.join(interpreters.LANGUAGES)}")
+        if not isinstance(source, str):
+            raise CallError("a script's source must be a str")
+        key = ("script", language, hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest())
+        with self._handle_lock:
+            handle = self._handles.get(key)
+            if handle is not None:
+                return handle
+            base = interpreters.persisted_base_snapshot(language, self.snapshot_dir,
+                                                        config=interpreters.DEFAULT_CONFIG)
+            load_timeout = self.call_timeout if timeout is ... else timeout
+            child = interpreters.load_script(base, source, host_functions=self.host_functions,
+                                             timeout=load_timeout or interpreters.DEFAULT_LOAD_TIMEOUT)
+            persisted = self._persist_in_store(child)
+            handle = replace(self._handle_for(persisted.path, persisted), language=language)
+            self._handles[key] = handle
+            return handle
+
     def _from_elf(self, path: str) -> SnapshotHandle:
         digest = hashlib.sha256()
         with open(path, "rb") as f:
@@ -264,9 +296,11 @@ class Pool:
         if self._broken:
             raise PoolClosedError(f"the pool is broken: {self._broken}")
         handle = self.snapshot(snapshot)
+        args = tuple(args) if not isinstance(args, tuple) else args
+        if handle.language is not None and fn not in handle.exports:
+            fn, args = "call", (fn, list(args))  # a script's own function: the interpreter's call(name, args)
         if fn not in handle.exports:
             raise CallError(f"unknown function {fn!r}; the snapshot exports {sorted(handle.exports)}")
-        args = tuple(args) if not isinstance(args, tuple) else args
         try:
             payload = codec.encode_args(args)
         except codec.ValueTypeError as exc:

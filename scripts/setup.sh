@@ -41,4 +41,6 @@ fi
 
 echo "setup: building the example guests"
 .venv/bin/hlpool guest examples >/dev/null
+echo "setup: building the interpreter guests (QuickJS and Lua, from pinned PyPI sdists)"
+.venv/bin/hlpool guest interpreters >/dev/null
 echo "setup: done"

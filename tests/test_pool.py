@@ -285,3 +285,23 @@ def test_long_calls_spread_over_idle_workers(kvm, example, tmp_path, no_leaks):
         assert sorted(s["in_flight"] + s["queued"] for s in p.stats()) == [1, 1]
         for f in futures:
             f.result(timeout=60)
+
+
+def test_scripts_as_layered_snapshots(kvm, tmp_path, no_leaks):
+    with Pool(workers=2, snapshot_dir=tmp_path, host_functions={"twice": lambda x: 2 * x}) as p:
+        js = p.script("js", "let calls = 0; function handler(e) { calls++; return {n: e.n + calls, "
+                            "via: host.call('twice', e.n)}; }")
+        assert js.language == "js" and p.script("js", "let calls = 0; function handler(e) { calls++; return "
+                                                      "{n: e.n + calls, via: host.call('twice', e.n)}; }") == js
+        # every call starts from the layer: the counter never gets past 1
+        assert [p.submit(js, "handler", ({"n": 10},)).result() for _ in range(3)] == [{"n": 11, "via": 20}] * 3
+        lua = p.script("lua", "function add(a, b) return a + b end")
+        assert list(p.map(lua, "add", [(1, 2), (3, 4)])) == [3, 7]
+        with pytest.raises(hlpool.GuestError, match="no function named"):
+            p.submit(js, "missing").result()
+        with pytest.raises(hlpool.GuestError, match="SyntaxError"):
+            p.script("js", "function (")
+        with pytest.raises(CallError, match="unknown script language"):
+            p.script("cobol", "")
+        layers = Snapshot.open(js.path).layers
+        assert len(layers) == 2 and layers[1].size < layers[0].size / 4  # only what the script changed

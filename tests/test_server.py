@@ -393,6 +393,25 @@ def test_register_by_path_and_by_upload(server, small_guest, tmp_path):
     assert client.call("twice-client", "twice", 50) == 100
 
 
+def test_scripts_over_http(server):
+    source = "function handler(e) { return {greeting: 'hi ' + e.name, n: e.n * 2}; }"
+    status, body, _ = server.post("/v1/snapshots", {"name": "hello-js", "language": "js", "source": source})
+    assert status == 201, body
+    assert body["source"].startswith("js script") and len(body["layers"]) == 2  # a layer on the base
+    assert server.call("hello-js", "handler", {"name": "you", "n": 21}) == (
+        200, {"result": {"greeting": "hi you", "n": 42}})
+    status, body = server.call("hello-js", "nope")
+    assert status == 422 and body["error"]["code"] == "guest_error"
+    status, body, _ = server.post("/v1/snapshots", {"name": "add-lua", "language": "lua",
+                                                    "source": "function add(a, b) return a + b end"})
+    assert status == 201, body
+    assert server.call("add-lua", "add", 40, 2) == (200, {"result": 42})
+    status, body, _ = server.post("/v1/snapshots", {"name": "broken", "language": "js", "source": "function ("})
+    assert status == 422 and body["error"]["code"] == "snapshot_error" and "SyntaxError" in body["error"]["message"]
+    status, body, _ = server.post("/v1/snapshots", {"name": "x", "language": "cobol", "source": ""})
+    assert status == 400 and "unknown script language" in body["error"]["message"]
+
+
 def test_register_errors(server, small_guest, tmp_path):
     def upload(name: str, data: bytes):
         return http("POST", server.url + f"/v1/snapshots?name={name}", data=data,
