@@ -15,9 +15,20 @@ demo: setup
 test: setup
 	.venv/bin/python -m pytest -q
 
+# make bench: every benchmark in full mode (several minutes), then the plots;
+# make bench QUICK=1: every benchmark in --quick mode (each under a minute).
+# Results: bench/results/*.json and *.png (see bench/README.md).
+BENCH_FLAGS = $(if $(QUICK),--quick,)
 bench: setup
-	.venv/bin/python bench/latency.py
-	.venv/bin/python bench/native_speed.py
+	.venv/bin/python -c 'import wasmtime, matplotlib' 2>/dev/null || .venv/bin/python -m pip install -q 'wasmtime>=20' 'matplotlib>=3.7'
+	.venv/bin/python bench/floor.py $(BENCH_FLAGS)
+	.venv/bin/python bench/latency.py $(BENCH_FLAGS)
+	.venv/bin/python bench/creation.py $(BENCH_FLAGS)
+	.venv/bin/python bench/restore.py $(BENCH_FLAGS)
+	.venv/bin/python bench/throughput.py $(BENCH_FLAGS)
+	.venv/bin/python bench/density.py $(BENCH_FLAGS)
+	.venv/bin/python bench/native_speed.py $(BENCH_FLAGS)
+	.venv/bin/python bench/plot.py
 
 clean:
 	rm -rf build .venv hlpool/*.so hlpool/_mapping.c hlpool/_vcpu_run.c *.egg-info

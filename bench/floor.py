@@ -21,16 +21,25 @@ hlpool call. Measured modes:
   reloaded each time as hlpool does at the start of every call;
 - ``ioctl_regs`` (for comparison): KVM_SET_SREGS + KVM_SET_REGS + KVM_RUN.
 
-Run as a script for a table: ``python bench/floor.py [--iterations N]``.
+The density benchmark (bench/density.py) also uses it as the memory floor:
+with a :class:`FloorImage` the VM gets a second memory slot holding a guest
+image (the pages of a snapshot's image area, mapped MAP_PRIVATE from the
+snapshot file, or copied into private anonymous memory), and
+:meth:`FloorVm.touch` runs ``touch_loop``: read one byte of every image page,
+then increment one byte in each of ``write_pages`` pages, then ``out``.
+
+Run as a script for a table: ``python bench/floor.py [--quick] [--iterations N]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import struct
 import sys
 import time
+from dataclasses import dataclass
 
 from hlpool import _mapping, _vcpu_run
 from hlpool.boot import initial_sregs
@@ -60,6 +69,52 @@ GUEST_CODE = bytes.fromhex("e610ebfc")  # loop: out %al,$0x10 ; jmp loop
 #   movabs $n,%rcx ; 1: dec %rcx ; jnz 1b ; 2: out %al,$0x10 ; jmp 2b
 SPIN_OFFSET = 0x100
 SPIN_COUNT_OFFSET = SPIN_OFFSET + 2  # the imm64 of the movabs
+
+
+# Memory-touching loop, at CODE_GPA + TOUCH_OFFSET (rsi = image, rcx = pages to read,
+# rdi = first page to write, rdx = pages to write; rcx, rdx >= 1):
+#   1: mov (%rsi),%al ; add $4096,%rsi ; dec %rcx ; jnz 1b
+#   2: incb (%rdi)    ; add $4096,%rdi ; dec %rdx ; jnz 2b
+#   3: out %al,$0x10  ; jmp 3b
+TOUCH_OFFSET = 0x200
+TOUCH_CODE = bytes.fromhex("8a06" "4881c600100000" "48ffc9" "75f2"
+                           "fe07" "4881c700100000" "48ffca" "75f2"
+                           "e610ebfc")
+IMAGE_GPA = 0x400000    # the optional image slot: right after the 4 MiB low slot, 2 MiB aligned
+SLOT_LOW, SLOT_IMAGE = 0, 1
+
+
+@dataclass(frozen=True)
+class FloorImage:
+    """Guest pages for a floor VM's image slot.
+
+    ``runs``: (first_page, count, fd, file_offset) covering ``pages`` pages;
+    fd -1 means zero pages. ``private_copy``: copy the file bytes into
+    private anonymous memory instead of mapping the file MAP_PRIVATE.
+    ``write_pages``: pages :meth:`FloorVm.touch` writes (at the start of the
+    image's last 1 MiB, where a guest's .data is).
+    """
+
+    pages: int
+    runs: tuple[tuple[int, int, int, int], ...]
+    private_copy: bool = False
+    write_pages: int = 8
+
+    @classmethod
+    def from_snapshot(cls, snapshot, private_copy: bool = False, write_pages: int = 8) -> "FloorImage":
+        """The image area of an hlpool snapshot (the main slot's first pages), from its layer files."""
+        pages = snapshot.layout.image.size // PAGE
+        runs = []
+        for run in snapshot.runs["main"]:
+            if run.first_page >= pages:
+                break
+            count = min(run.count, pages - run.first_page)
+            if run.layer < 0:
+                runs.append((run.first_page, count, -1, 0))
+            else:
+                layer = snapshot.layers[run.layer]
+                runs.append((run.first_page, count, layer.fd, layer.file_offset(run.offset)))
+        return cls(pages, tuple(runs), private_copy, write_pages)
 
 
 def _spin_code(n: int) -> bytes:
@@ -95,12 +150,18 @@ def _gdt_page() -> bytes:
 
 
 class FloorVm:
-    """A minimal native-running VM whose every KVM_RUN is one ``out`` to port 0x10."""
+    """A minimal native-running VM whose every KVM_RUN is one ``out`` to port 0x10.
 
-    def __init__(self) -> None:
+    With ``image`` it also has an image slot at :data:`IMAGE_GPA` (see :class:`FloorImage`).
+    """
+
+    def __init__(self, image: FloorImage | None = None) -> None:
         self.vm: Vm | None = None
         self.vcpu: Vcpu | None = None
         self.host = 0
+        self.image = image
+        self.image_host = 0
+        self.image_size = image.pages * PAGE if image else 0
         self.timings: dict[str, int] = {}
         try:
             self._build()
@@ -115,14 +176,19 @@ class FloorVm:
         # Memory: one anonymous slot; every slot must exist before the vCPU (PVM.md).
         self.host = _mapping.reserve(MEM_SIZE)
         _mapping.map_anonymous_fixed(self.host, MEM_SIZE)
-        tables = _mapping.build_page_tables(
-            [(CODE_GPA, PAGE, _mapping.MAP_EXEC), (STACK_GPA, PAGE, _mapping.MAP_WRITE)],
-            PT_GPA, MAX_PT_PAGES)
+        mappings = [(CODE_GPA, PAGE, _mapping.MAP_EXEC), (STACK_GPA, PAGE, _mapping.MAP_WRITE)]
+        if self.image is not None:
+            mappings.append((IMAGE_GPA, self.image_size, _mapping.MAP_WRITE))
+        tables = _mapping.build_page_tables(mappings, PT_GPA, MAX_PT_PAGES)
         _mapping.write_bytes(self.host + PT_GPA, tables)
         _mapping.write_bytes(self.host + GDT_GPA, _gdt_page())
         _mapping.write_bytes(self.host + CODE_GPA, GUEST_CODE)
         _mapping.write_bytes(self.host + CODE_GPA + SPIN_OFFSET, _spin_code(0))
-        self.vm.set_memory_slot(MemorySlot(0, 0, MEM_SIZE, self.host))
+        _mapping.write_bytes(self.host + CODE_GPA + TOUCH_OFFSET, TOUCH_CODE)
+        self.vm.set_memory_slot(MemorySlot(SLOT_LOW, 0, MEM_SIZE, self.host))
+        if self.image is not None:
+            self.image_host = self._map_image(self.image)
+            self.vm.set_memory_slot(MemorySlot(SLOT_IMAGE, IMAGE_GPA, self.image_size, self.image_host))
         t2 = time.perf_counter_ns()
         # vCPU: 64-bit mode straight from the host.
         self.vcpu = vcpu = Vcpu(self.vm)
@@ -154,8 +220,51 @@ class FloorVm:
         self.timings = {"create_vm_ns": t1 - t0, "memory_slot_ns": t2 - t1, "vcpu_setup_ns": t3 - t2,
                         "first_run_ns": t4 - t3}
 
+    def _map_image(self, image: FloorImage) -> int:
+        host = _mapping.reserve(self.image_size)
+        try:
+            for first, count, fd, offset in image.runs:
+                addr = host + first * PAGE
+                if fd < 0:
+                    _mapping.map_anonymous_fixed(addr, count * PAGE)
+                elif image.private_copy:
+                    _mapping.map_anonymous_fixed(addr, count * PAGE)
+                    _mapping.write_bytes(addr, os.pread(fd, count * PAGE, offset))
+                else:
+                    _mapping.map_file_fixed(addr, count * PAGE, fd, offset)
+        except BaseException:
+            _mapping.unmap(host, self.image_size)
+            raise
+        return host
+
     def run_once(self) -> int:
         return _vcpu_run.run(self.fd, self.run_address)
+
+    def touch(self, read_pages: int | None = None, write_pages: int | None = None) -> int:
+        """Read one byte of each of the image's first ``read_pages`` pages (default: all), write
+        ``write_pages`` (default: the image's) pages, exit; returns the ns spent in KVM_RUN.
+
+        Leaves the vCPU back at the ``out`` loop of :meth:`measure`."""
+        if self.image is None:
+            raise RuntimeError("touch() needs a FloorVm built with an image")
+        pages = self.image.pages
+        read_pages = pages if read_pages is None else read_pages
+        write_pages = self.image.write_pages if write_pages is None else write_pages
+        if not (1 <= read_pages <= pages and 1 <= write_pages <= pages):
+            raise ValueError("touch() reads and writes at least one page, at most the image")
+        first_write = max(0, pages - 256) if pages - 256 >= write_pages else pages - write_pages
+        regs = abi.KvmRegs.from_buffer_copy(self.regs_bytes)
+        regs.rip = CODE_GPA + TOUCH_OFFSET
+        regs.rsi, regs.rcx = IMAGE_GPA, read_pages
+        regs.rdi, regs.rdx = IMAGE_GPA + first_write * PAGE, write_pages
+        self.vcpu.set_regs(regs)
+        t0 = time.perf_counter_ns()
+        reason = self.run_once()
+        elapsed = time.perf_counter_ns() - t0
+        self.check_exit(reason)
+        self.vcpu.set_regs(self.regs)
+        self.check_exit(self.run_once())
+        return elapsed
 
     def check_exit(self, reason: int) -> None:
         """Raise unless the last exit was the guest's 1-byte ``out`` to port 0x10."""
@@ -241,6 +350,9 @@ class FloorVm:
         if self.host:
             _mapping.unmap(self.host, MEM_SIZE)
             self.host = 0
+        if self.image_host:
+            _mapping.unmap(self.image_host, self.image_size)
+            self.image_host = 0
 
     def __enter__(self) -> "FloorVm":
         return self
@@ -305,10 +417,15 @@ def measure_vm_creation(n: int) -> dict[str, list[int]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iterations", type=int, default=20000)
-    parser.add_argument("--vms", type=int, default=50, help="VMs to create for the creation timing")
+    parser.add_argument("--quick", action="store_true", help="2000 iterations, 20 VMs (a few seconds)")
+    parser.add_argument("--iterations", type=int, default=None, help="round trips per mode (default 20000)")
+    parser.add_argument("--vms", type=int, default=None, help="VMs to create for the creation timing (default 50)")
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results/floor.json")
     args = parser.parse_args(argv)
+    if args.iterations is None:
+        args.iterations = 2000 if args.quick else 20000
+    if args.vms is None:
+        args.vms = 20 if args.quick else 50
     with FloorVm() as vm:
         spin = vm.spin_ns_per_iteration()
     status(f"floor VM: dec/jnz loop {spin:.2f} ns/iteration ({'native' if spin < 20 else 'EMULATED?'})")
@@ -329,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table("Minimal VM creation and teardown, us", ["phase", "p50", "p90", "p99", "mean", "min"], rows)
     if not args.no_write:
         path = write_results("floor", {
+            "quick": bool(args.quick),
             "iterations": args.iterations,
             "spin_ns_per_iteration": spin,
             "floor": {m: {"label": MODE_LABELS[m], "latency": percentiles(floors[m])} for m in MODES},

@@ -1,12 +1,18 @@
-"""Pool throughput and latency, next to Sandbox.call in one process and the bare KVM floor.
+"""Pool throughput (calls/s) for 1..W workers, next to Sandbox.call in one process and the bare KVM floor.
 
-    python bench/throughput.py [--quick] [--workers 2] [--calls N]
+    python bench/throughput.py [--quick] [--workers W] [--calls N]
 
 In one run: the bare KVM_RUN + out floor (bench/floor.py), Sandbox.call("noop")
-in this process, and for 1..W workers: Pool.submit(...).result() latency one
-call at a time (p50/p99), and throughput with many calls outstanding
-(calls/s), for noop() and sha256 of 4 KiB. Prints a table and writes
-bench/results/throughput.json.
+in this process, and one :class:`hlpool.Pool` per size 1..W (default W = the
+CPU count), all alive at once and measured in interleaved rounds (each round
+visits every pool and function), for ``noop()`` and ``sha256`` of 4 KiB:
+
+- latency: ``Pool.submit(...).result()`` one call at a time (p50/p99);
+- throughput: calls/s with up to ``WINDOW`` calls outstanding (the median of
+  the rounds' rates; the pooled rate, all calls / all time, is in the JSON).
+
+Prints a table and writes bench/results/throughput.json (``data.workers[W][function]``
+holds ``latency`` and ``calls_per_s``; bench/plot.py draws calls/s vs workers).
 """
 
 from __future__ import annotations
@@ -14,36 +20,51 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+try:
+    from . import floor as floor_mod
+    from .common import Progress, percentiles, print_table, status, write_results
+except ImportError:  # run as a script, or imported with bench/ on sys.path
+    import floor as floor_mod  # type: ignore[no-redef]
+    from common import Progress, percentiles, print_table, status, write_results  # type: ignore[no-redef]
 
-from common import percentiles, print_table, status, write_results  # noqa: E402
+WINDOW = 64
+DEFAULT_CALLS = 3000
+QUICK_CALLS = 400
+DEFAULT_ROUNDS = 5
+QUICK_ROUNDS = 2
+FUNCTIONS = ("noop", "sha256(4 KiB)")
 
 
 def latency(fn, n: int) -> list[int]:
     samples = []
+    clock = time.perf_counter_ns
     for _ in range(n):
-        t0 = time.perf_counter_ns()
+        t0 = clock()
         fn()
-        samples.append(time.perf_counter_ns() - t0)
+        samples.append(clock() - t0)
     return samples
 
 
-def throughput(pool, handle, function: str, args: tuple, total: int, window: int) -> float:
-    """Calls per second with up to ``window`` calls outstanding."""
-    import threading
-
+def throughput(pool, handle, function: str, args: tuple, total: int, window: int,
+               bar: Progress | None = None) -> tuple[float, float]:
+    """(calls per second, seconds) for ``total`` calls with up to ``window`` outstanding."""
     slots = threading.Semaphore(window)
     done = threading.Event()
     remaining = [total]
+    errors: list[BaseException] = []
     lock = threading.Lock()
 
     def finished(future: concurrent.futures.Future) -> None:
-        future.result()
+        exc = future.exception()
+        if exc is not None:
+            errors.append(exc)
         slots.release()
         with lock:
             remaining[0] -= 1
@@ -54,72 +75,140 @@ def throughput(pool, handle, function: str, args: tuple, total: int, window: int
     for _ in range(total):
         slots.acquire()
         pool.submit(handle, function, args).add_done_callback(finished)
+        if bar is not None:
+            bar.update()
     done.wait()
-    return total / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} calls failed; first: {errors[0]!r}")
+    return total / elapsed, elapsed
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(calls: int, max_workers: int, rounds: int) -> dict[str, Any]:
+    import hashlib
+
     import hlpool
-    from floor import measure_floor
     from hlpool.examples import example_path
 
-    n = args.calls
-    rows = []
-    results: dict[str, Any] = {"calls": n, "workers": {}}
-    status("floor ...")
-    floor = percentiles(measure_floor(n))
-    rows.append(["bare KVM_RUN + out (floor)", "-", f"{floor['p50_us']:.1f}", f"{floor['p99_us']:.1f}", "-", "1.00"])
-    results["floor"] = floor
-
-    status("Sandbox.call in this process ...")
-    snap = hlpool.Snapshot.from_elf(example_path("echo"))
-    with hlpool.Sandbox(snap) as sb:
-        for _ in range(200):
-            sb.call("noop")
-        local = percentiles(latency(lambda: sb.call("noop"), n))
-        start = time.perf_counter()
-        for _ in range(n):
-            sb.call("noop")
-        local_rate = n / (time.perf_counter() - start)
-    rows.append(["Sandbox.call(noop), 1 process", "-", f"{local['p50_us']:.1f}", f"{local['p99_us']:.1f}",
-                 f"{local_rate:,.0f}", f"{local['p50_us'] / floor['p50_us']:.2f}"])
-    results["sandbox_call"] = {"latency": local, "calls_per_s": local_rate}
-
     data = os.urandom(4096)
-    with tempfile.TemporaryDirectory() as store:
-        for workers in range(1, args.workers + 1):
-            status(f"pool with {workers} worker(s) ...")
-            with hlpool.Pool(workers=workers, snapshot_dir=store) as pool:
+    digest = hashlib.sha256(data).hexdigest()
+    results: dict[str, Any] = {"calls": calls, "rounds": rounds, "window": WINDOW, "max_workers": max_workers,
+                               "functions": list(FUNCTIONS), "workers": {}}
+    with tempfile.TemporaryDirectory(prefix="hlpool-bench-throughput-") as store:
+        # Pools first, while this process has no VMs (each forks its spawner at creation).
+        pools = {}
+        try:
+            for w in range(1, max_workers + 1):
+                status(f"starting a pool with {w} worker(s) ...")
+                pools[w] = hlpool.Pool(workers=w, snapshot_dir=store)
+            status("floor ...")
+            floor = percentiles(floor_mod.measure_floor(calls))
+            results["floor"] = {"latency": floor, "calls_per_s_at_p50": 1e6 / floor["p50_us"]}
+
+            status("Sandbox.call in this process ...")
+            snap = hlpool.Snapshot.from_elf(example_path("echo"))
+            with hlpool.Sandbox(snap) as sb:
+                for _ in range(200):
+                    sb.call("noop")
+                local = percentiles(latency(lambda: sb.call("noop"), calls))
+                start = time.perf_counter()
+                for _ in range(calls):
+                    sb.call("noop")
+                local_rate = calls / (time.perf_counter() - start)
+            results["sandbox_call"] = {"latency": local, "calls_per_s": local_rate}
+
+            handles = {}
+            for w, pool in pools.items():
                 echo = pool.snapshot(example_path("echo"))
                 sha = pool.snapshot(example_path("sha256"))
-                for _ in range(200):
-                    pool.submit(echo, "noop").result()
-                    pool.submit(sha, "sha256", (data,)).result()
+                if pool.submit(sha, "sha256", (data,)).result() not in (digest, bytes.fromhex(digest)):
+                    raise RuntimeError("sha256 guest returned a wrong digest")
+                handles[w] = {"noop": (echo, "noop", ()), "sha256(4 KiB)": (sha, "sha256", (data,))}
+                # Warm every worker: enough concurrent calls that each one gets some.
+                for label, (h, fn, fargs) in handles[w].items():
+                    throughput(pool, h, fn, fargs, 200 * w, WINDOW)
+
+            lat: dict[tuple[int, str], list[int]] = {(w, f): [] for w in pools for f in FUNCTIONS}
+            rates: dict[tuple[int, str], list[float]] = {(w, f): [] for w in pools for f in FUNCTIONS}
+            spent: dict[tuple[int, str], list[float]] = {(w, f): [] for w in pools for f in FUNCTIONS}
+            per_round_lat = max(1, calls // rounds)
+            per_round_tp = max(WINDOW, 2 * calls // rounds)
+            total = rounds * len(pools) * len(FUNCTIONS) * (per_round_lat + per_round_tp)
+            with Progress(total, "throughput") as bar:
+                for r in range(rounds):
+                    order = list(pools) if r % 2 == 0 else list(pools)[::-1]
+                    for w in order:
+                        pool = pools[w]
+                        for label in FUNCTIONS:
+                            h, fn, fargs = handles[w][label]
+                            lat[(w, label)].extend(
+                                latency(lambda: pool.submit(h, fn, fargs).result(), per_round_lat))
+                            bar.update(per_round_lat)
+                            rate, secs = throughput(pool, h, fn, fargs, per_round_tp, WINDOW, bar)
+                            rates[(w, label)].append(rate)
+                            spent[(w, label)].append(secs)
+            for w, pool in pools.items():
                 entry: dict[str, Any] = {}
-                for label, handle, fn, fargs in (("noop", echo, "noop", ()), ("sha256(4 KiB)", sha, "sha256", (data,))):
-                    lat = percentiles(latency(lambda: pool.submit(handle, fn, fargs).result(), n))
-                    rate = throughput(pool, handle, fn, fargs, n * 2, window=64)
-                    entry[label] = {"latency": lat, "calls_per_s": rate}
-                    rows.append([f"Pool.submit({label})", workers, f"{lat['p50_us']:.1f}", f"{lat['p99_us']:.1f}",
-                                 f"{rate:,.0f}", f"{lat['p50_us'] / floor['p50_us']:.2f}"])
+                for label in FUNCTIONS:
+                    key = (w, label)
+                    entry[label] = {
+                        "latency": percentiles(lat[key]),
+                        "calls_per_s": statistics.median(rates[key]),
+                        "calls_per_s_rounds": rates[key],
+                        "calls_per_s_pooled": per_round_tp * len(spent[key]) / sum(spent[key]),
+                    }
                 entry["stats"] = pool.stats()
-                results["workers"][workers] = entry
-    print_table(f"Pool throughput and latency ({n} calls per latency row; throughput with 64 outstanding)",
-                ["what", "workers", "p50 us", "p99 us", "calls/s", "p50 x floor"], rows)
+                results["workers"][str(w)] = entry
+        finally:
+            for pool in pools.values():
+                pool.shutdown()
+    base = results["workers"]["1"]
+    for w, entry in results["workers"].items():
+        for label in FUNCTIONS:
+            entry[label]["speedup_vs_1_worker"] = entry[label]["calls_per_s"] / base[label]["calls_per_s"]
     return results
+
+
+def print_report(results: dict[str, Any]) -> None:
+    floor = results["floor"]["latency"]
+    local = results["sandbox_call"]
+    rows = [["bare KVM_RUN + out (floor)", "-", floor["p50_us"], floor["p99_us"],
+             results["floor"]["calls_per_s_at_p50"], "-", 1.0],
+            ["Sandbox.call(noop), 1 process", "-", local["latency"]["p50_us"], local["latency"]["p99_us"],
+             local["calls_per_s"], "-", local["latency"]["p50_us"] / floor["p50_us"]]]
+    for label in results["functions"]:
+        for w, entry in results["workers"].items():
+            e = entry[label]
+            rows.append([f"Pool.submit({label})", w, e["latency"]["p50_us"], e["latency"]["p99_us"],
+                         e["calls_per_s"], e["speedup_vs_1_worker"], e["latency"]["p50_us"] / floor["p50_us"]])
+    print_table(f"Pool throughput and latency ({results['calls']} calls per latency row, "
+                f"{results['rounds']} interleaved rounds; throughput with {results['window']} outstanding; "
+                f"{os.cpu_count()} CPUs)",
+                ["what", "workers", "p50 us", "p99 us", "calls/s", "x 1 worker", "p50 x floor"], rows)
+    print("floor calls/s = 1e6 / p50 (one exit at a time); calls/s = median over rounds.")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls (under a minute)")
-    parser.add_argument("--workers", type=int, default=2, help="largest pool size (default 2)")
-    parser.add_argument("--calls", type=int, default=None, help="calls per measurement")
+    parser.add_argument("--workers", type=int, default=None, help="largest pool size (default: CPU count)")
+    parser.add_argument("--calls", type=int, default=None, help=f"calls per latency row (default {DEFAULT_CALLS})")
+    parser.add_argument("--rounds", type=int, default=None, help=f"interleaved rounds (default {DEFAULT_ROUNDS})")
+    parser.add_argument("--no-write", action="store_true", help="do not write bench/results/throughput.json")
     args = parser.parse_args(argv)
-    if args.calls is None:
-        args.calls = 500 if args.quick else 3000
-    results = run(args)
-    path = write_results("throughput", results)
-    print(f"\nwrote {path}")
+    calls = args.calls or (QUICK_CALLS if args.quick else DEFAULT_CALLS)
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
+    max_workers = args.workers or max(1, os.cpu_count() or 1)
+    if calls < 1 or rounds < 1 or max_workers < 1:
+        parser.error("--calls, --rounds and --workers must be >= 1")
+    t0 = time.monotonic()
+    results = run(calls, max_workers, rounds)
+    results["quick"] = bool(args.quick)
+    results["elapsed_s"] = time.monotonic() - t0
+    print_report(results)
+    if not args.no_write:
+        path = write_results("throughput", results)
+        print(f"\nwrote {path}")
     return 0
 
 
