@@ -40,6 +40,17 @@ PTE_DIRTY = 1 << 6
 PTE_LARGE = 1 << 7
 PTE_NX = 1 << 63
 
+
+# The same bits as C constants, so the page-table builder does no Python arithmetic.
+cdef enum:
+    C_PRESENT = 1 << 0
+    C_WRITE = 1 << 1
+    C_USER = 1 << 2
+    C_ACCESSED = 1 << 5
+    C_DIRTY = 1 << 6
+    C_LARGE = 1 << 7
+cdef uint64_t C_NX = (<uint64_t>1) << 63
+
 # Mapping permission flags understood by build_page_tables.
 MAP_WRITE = 1
 MAP_EXEC = 2
@@ -210,22 +221,22 @@ cdef class _TableBuilder:
     cdef int child(self, int table, int index) except -1:
         cdef uint64_t *e = self.entry(table, index)
         cdef int t
-        if e[0] & PTE_PRESENT:
-            if e[0] & PTE_LARGE:
+        if e[0] & C_PRESENT:
+            if e[0] & C_LARGE:
                 raise ValueError("overlapping mappings in page tables")
             return <int>(((e[0] & 0x000FFFFFFFFFF000) - self.base) >> PAGE_SHIFT)
         t = self.new_table()
         e = self.entry(table, index)  # data may have moved
-        e[0] = (self.base + (<uint64_t>t << PAGE_SHIFT)) | PTE_PRESENT | PTE_WRITE | PTE_USER | PTE_ACCESSED
+        e[0] = (self.base + (<uint64_t>t << PAGE_SHIFT)) | C_PRESENT | C_WRITE | C_USER | C_ACCESSED
         return t
 
 
 cdef uint64_t _leaf_flags(int perms):
-    cdef uint64_t f = PTE_PRESENT | PTE_USER | PTE_ACCESSED | PTE_DIRTY
-    if perms & MAP_WRITE:
-        f |= PTE_WRITE
-    if not (perms & MAP_EXEC):
-        f |= PTE_NX
+    cdef uint64_t f = C_PRESENT | C_USER | C_ACCESSED | C_DIRTY
+    if perms & 1:  # MAP_WRITE
+        f |= C_WRITE
+    if not (perms & 2):  # MAP_EXEC
+        f |= C_NX
     return f
 
 
@@ -256,7 +267,7 @@ def build_page_tables(list mappings, uint64_t base, int max_pages=4096):
             pdpt = tb.child(0, (addr >> 39) & 511)
             pd = tb.child(pdpt, (addr >> 30) & 511)
             if addr % LARGE == 0 and end - addr >= LARGE:
-                tb.entry(pd, (addr >> 21) & 511)[0] = addr | _leaf_flags(perms) | PTE_LARGE
+                tb.entry(pd, (addr >> 21) & 511)[0] = addr | _leaf_flags(perms) | C_LARGE
                 addr += LARGE
                 continue
             pt = tb.child(pd, (addr >> 21) & 511)
