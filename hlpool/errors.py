@@ -58,10 +58,6 @@ class SnapshotTooLargeError(SnapshotError):
     """The snapshot describes more memory than the configured limits allow."""
 
 
-class SnapshotCompatibilityError(SnapshotError):
-    """The snapshot was taken on a host whose CPU state cannot be restored here."""
-
-
 # ---- calls -----------------------------------------------------------------------
 
 

@@ -167,10 +167,6 @@ class GuestMemory:
     def write(self, guest_address: int, data: bytes) -> None:
         _mapping.write_bytes(self.host_address(guest_address, len(data)), data)
 
-    def zero(self, guest_address: int, size: int) -> None:
-        if size:
-            _mapping.zero_bytes(self.host_address(guest_address, size), size)
-
     # ---- dirty pages and restore ------------------------------------------------------
 
     @staticmethod

@@ -130,8 +130,6 @@ class Sandbox:
         except BaseException:
             self._release()
             raise
-        self._in = self.memory.view(layout.input)
-        self._reply = self.memory.view(layout.reply)
         self._out = self.memory.view(layout.out)
         self._call_page = self.memory.view(layout.call)
         self._logbuf = self.memory.view(layout.log)
@@ -139,6 +137,8 @@ class Sandbox:
         self._in_size = layout.input.size
         self._in_capacity = layout.input.size - abi.HL_MSG_HEADER_SIZE
         self._reply_addr = self.memory.host_address(layout.reply.start, layout.reply.size)
+        self._reply_size = layout.reply.size
+        self._reply_capacity = layout.reply.size - abi.HL_MSG_HEADER_SIZE
         self._in_used = 0
         self._reply_used = 0
         self._reload_registers = False
@@ -281,7 +281,7 @@ class Sandbox:
 
     def _boot(self, timeout: float | None) -> tuple[list[str], int]:
         """Run a boot snapshot until hl_main finishes; returns (exports, hl_main's return value)."""
-        self._write_record(self._in, 0, b"", 0, time.time_ns())
+        _mapping.write_record(self._in_addr, self._in_size, _MAGIC, 0, b"", 0, time.time_ns())
         deadline = _deadline(timeout)
         if deadline:
             _vcpu_run.arm_deadline(deadline)
@@ -371,9 +371,10 @@ class Sandbox:
             self._drain_log()
         elif code == abi.HL_EV_RANDOM:
             kind, _payload, want = self._read_out()
-            if kind != abi.HL_MSG_RANDOM or want > len(self._reply) - abi.HL_MSG_HEADER_SIZE:
+            if kind != abi.HL_MSG_RANDOM or want > self._reply_capacity:
                 raise GuestProtocolError(f"malformed randomness request ({want} bytes)")
-            self._write_record(self._reply, abi.HL_MSG_RANDOM, os.urandom(want), 0, 0)
+            _mapping.write_record(self._reply_addr, self._reply_size, _MAGIC, abi.HL_MSG_RANDOM, os.urandom(want),
+                                  0, 0)
             self._reply_used = max(self._reply_used, abi.HL_MSG_HEADER_SIZE + want)
         elif code == abi.HL_EV_FAULT:
             self._drain_log()
@@ -416,22 +417,13 @@ class Sandbox:
             data = codec.encode_value(result, f"result of host function {fname!r}")
         except codec.ValueTypeError as exc:
             raise HostFunctionError(str(exc)) from None
-        if len(data) > len(self._reply) - abi.HL_MSG_HEADER_SIZE:
+        if len(data) > self._reply_capacity:
             raise HostFunctionError(f"result of host function {fname!r} is {len(data)} bytes, more than "
-                                    f"the {len(self._reply) - abi.HL_MSG_HEADER_SIZE}-byte reply buffer")
-        self._write_record(self._reply, abi.HL_MSG_REPLY_OK, data, 0, 0)
+                                    f"the {self._reply_capacity}-byte reply buffer")
+        _mapping.write_record(self._reply_addr, self._reply_size, _MAGIC, abi.HL_MSG_REPLY_OK, data, 0, 0)
         self._reply_used = max(self._reply_used, abi.HL_MSG_HEADER_SIZE + len(data))
 
     # ---- records -----------------------------------------------------------------------
-
-    @staticmethod
-    def _write_record(view: memoryview, kind: int, payload: bytes, aux0: int, aux1: int) -> None:
-        capacity = len(view) - abi.HL_MSG_HEADER_SIZE
-        if len(payload) > capacity:
-            raise PayloadTooLargeError(f"encoded arguments are {len(payload)} bytes; the input buffer "
-                                       f"holds {capacity} (raise MemoryConfig.in_size)")
-        _HDR.pack_into(view, 0, abi.HL_MSG_MAGIC, kind, len(payload), aux0, aux1, 0, 0, 0)
-        view[abi.HL_MSG_HEADER_SIZE:abi.HL_MSG_HEADER_SIZE + len(payload)] = payload
 
     def _read_out(self) -> tuple[int, memoryview, int]:
         """The record the guest wrote (header on the call page): (kind, payload, aux0).

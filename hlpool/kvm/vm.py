@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 
@@ -61,12 +60,6 @@ class Vm:
                            f"{slot.size} bytes): {exc.strerror}") from None
         self.slots[slot.slot] = slot
 
-    def remove_memory_slot(self, slot_id: int) -> None:
-        slot = self.slots.pop(slot_id)
-        region = abi.KvmUserspaceMemoryRegion(slot=slot.slot, guest_phys_addr=slot.guest_address,
-                                              memory_size=0, userspace_addr=slot.host_address)
-        abi.ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region)
-
     def enable_dirty_ring(self, entries: int) -> int:
         """Enable KVM's per-vCPU dirty ring of ``entries`` entries (before vCPUs are created).
 
@@ -84,12 +77,6 @@ class Vm:
             return 0
         self.dirty_ring_entries = entries
         return entries
-
-    def get_dirty_log(self, slot_id: int, bitmap: ctypes.Array) -> None:
-        """Fill ``bitmap`` (one bit per page of the slot) with the pages the guest
-        wrote since the last call, and write-protect them again."""
-        log = abi.KvmDirtyLog(slot=slot_id, dirty_bitmap=ctypes.addressof(bitmap))
-        abi.ioctl(self.fd, abi.KVM_GET_DIRTY_LOG, log)
 
     def close(self) -> None:
         if self.fd >= 0:
