@@ -6,9 +6,9 @@ from setuptools import Extension, setup
 extensions = [
     Extension("hlpool._mapping", ["hlpool/_mapping.pyx"], extra_compile_args=["-O2"]),
     Extension(
-        "hlpool._vcpu_run",
-        ["hlpool/_vcpu_run.pyx"],
-        include_dirs=["hlpool"],
+        "hlpool.kvm._vcpu_run",
+        ["hlpool/kvm/_vcpu_run.pyx"],
+        include_dirs=["hlpool/kvm"],
         extra_compile_args=["-O2"],
         libraries=["rt"],
     ),

@@ -108,7 +108,7 @@ def _hl_vm_vcpu() -> tuple[int, int]:
 
 def _open(path: str, cold: bool) -> int:
     import hlpool
-    from hlpool import snapfile
+    from hlpool.snapshot import snapfile
 
     if cold:
         with snapfile._verified_lock:
@@ -158,9 +158,9 @@ BREAKDOWN = (
 def creation_breakdown(snapshot: Any, iterations: int) -> dict[str, Any]:
     """Time the parts of ``Sandbox(snapshot)`` by temporarily wrapping what it calls."""
     import hlpool
-    from hlpool import sandbox as sandbox_mod
     from hlpool.kvm import vcpu as vcpu_mod
     from hlpool.kvm import vm as vm_mod
+    from hlpool.machine import machine as sandbox_mod
 
     clock = time.perf_counter_ns
     acc: dict[str, int] = {}
@@ -233,7 +233,7 @@ def creation_breakdown(snapshot: Any, iterations: int) -> dict[str, Any]:
 
 def run_benchmark(iterations: int) -> dict[str, Any]:
     import hlpool
-    from hlpool.examples import example_path
+    from hlpool.guest.examples import example_path
     from hlpool.kvm import abi
     from hlpool.kvm.system import system
 

@@ -216,7 +216,7 @@ def expected_work(table: array, data: array, i: int, stride: int = 1, write_page
 
 def build_large_guest(table_mib: int = TABLE_MIB, data_mib: int = DATA_MIB) -> tuple[Path, array, array]:
     """Generate and build the guest (cached in ~/.cache/hlpool/bench); returns (elf, table, data)."""
-    from hlpool.guest_build import build_guest, cache_dir, sdk_fingerprint
+    from hlpool.guest.build import build_guest, cache_dir, sdk_fingerprint
 
     table, data = guest_data(table_mib, data_mib)
     key = hashlib.sha256(f"{GENERATOR_VERSION}:{table_mib}:{data_mib}:{WRITE_PAGES}:{SEED}:"

@@ -41,9 +41,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from hlpool import _mapping, _vcpu_run
-from hlpool.boot import initial_sregs
-from hlpool.kvm import abi
+from hlpool import _mapping
+from hlpool.guest.boot import initial_sregs
+from hlpool.kvm import _vcpu_run, abi
 from hlpool.kvm.pvm import enable_native_execution
 from hlpool.kvm.vcpu import Vcpu
 from hlpool.kvm.vm import MemorySlot, Vm

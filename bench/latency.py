@@ -290,7 +290,7 @@ def _instrumented_pass(case: Case, n: int) -> None:
 
 def run_benchmark(iterations: int, warmup: int, with_pool: bool = True, with_wasm: bool = True) -> dict[str, Any]:
     import hlpool
-    from hlpool.examples import example_path
+    from hlpool.guest.examples import example_path
 
     notes: list[str] = []
     tmp = tempfile.mkdtemp(prefix="hlpool-bench-latency-")

@@ -1,6 +1,6 @@
 """Does guest code run at native speed? The same compute kernel on the host and in a sandbox.
 
-``hlpool/guests/compute_loop.h`` is compiled into a small host C program with
+``hlpool/guest/programs/compute_loop.h`` is compiled into a small host C program with
 ``gcc -O2`` (the example guests are built with -O2 too); the program times
 ``compute_loop(iterations)`` with clock_gettime and prints the result and
 the elapsed ns. The same kernel runs in the ``fib`` example guest as
@@ -66,7 +66,7 @@ int main(int argc, char **argv) {
 def guests_dir() -> Path:
     import hlpool
 
-    return Path(hlpool.__file__).resolve().parent / "guests"
+    return Path(hlpool.__file__).resolve().parent / "guest" / "programs"
 
 
 def build_host_program(workdir: Path, cc: str = "gcc") -> tuple[Path, list[str]]:
@@ -90,7 +90,7 @@ def run_host(exe: Path, iterations: int) -> tuple[int, int]:
 
 def run_benchmark(iterations: int, repeats: int) -> dict[str, Any]:
     import hlpool
-    from hlpool.examples import example_path
+    from hlpool.guest.examples import example_path
 
     with tempfile.TemporaryDirectory(prefix="hlpool-native-speed-") as tmp:
         exe, cmd = build_host_program(Path(tmp))

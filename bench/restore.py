@@ -155,7 +155,7 @@ def _interleaved(cases: list[Case], n: int, reps: int, step, label: str) -> None
 
 def run_benchmark(quick: bool, ns: tuple[int, ...] = NS, breakdown: bool = True) -> dict[str, Any]:
     import hlpool
-    from hlpool.examples import example_path
+    from hlpool.guest.examples import example_path
 
     elf = example_path("touch")
     tmp = tempfile.mkdtemp(prefix="hlpool-bench-restore-")

@@ -88,7 +88,7 @@ def run(calls: int, max_workers: int, rounds: int) -> dict[str, Any]:
     import hashlib
 
     import hlpool
-    from hlpool.examples import example_path
+    from hlpool.guest.examples import example_path
 
     data = os.urandom(4096)
     digest = hashlib.sha256(data).hexdigest()

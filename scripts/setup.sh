@@ -30,7 +30,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.hlpool-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
-   || [ -n "$(find hlpool -name '*.pyx' -newer "$stamp" -print -quit)" ]; then
+   || [ -n "$(find hlpool -name '*.px[di]' -newer "$stamp" -print -quit)" ]; then
     echo "setup: installing hlpool into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e '.[test]'

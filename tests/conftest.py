@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def example():
     """example("echo") -> path of the built example guest."""
-    from hlpool.examples import example_path
+    from hlpool.guest.examples import example_path
 
     return lambda name: str(example_path(name))
 
@@ -52,7 +52,7 @@ def example():
 @pytest.fixture(scope="session")
 def test_guest(tmp_path_factory):
     """test_guest("hostile") -> path of tests/guests/hostile.c built as a guest (cached per session)."""
-    from hlpool.guest_build import build_guest
+    from hlpool.guest.build import build_guest
 
     built: dict[str, str] = {}
     out_dir = tmp_path_factory.mktemp("test-guests")

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hlpool.elf import GuestImage, load_guest_image, parse_guest_image
 from hlpool.errors import GuestImageError
-from hlpool.layout import IMAGE_BASE, MIB, PAGE, page_up
+from hlpool.guest.elf import GuestImage, load_guest_image, parse_guest_image
+from hlpool.guest.layout import IMAGE_BASE, MIB, PAGE, page_up
 
 MAX_SIZE = 512 * MIB
 FUZZ_MAX_SIZE = 16 * MIB  # keeps accepted mutants small
@@ -183,7 +183,7 @@ def check_image_invariants(image: GuestImage, max_size: int) -> None:
 
 @pytest.fixture(scope="module")
 def elf_path() -> Path:
-    from hlpool.examples import example_path
+    from hlpool.guest.examples import example_path
 
     return Path(example_path("echo"))
 

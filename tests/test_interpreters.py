@@ -14,10 +14,9 @@ import time
 
 import pytest
 
-from hlpool import (CallError, GuestBuildError, GuestError, GuestTimeout, HostFunctionError, Sandbox,
-                    Snapshot)
-from hlpool import interpreters
-from hlpool.interpreters import base_snapshot, load_script
+from hlpool import CallError, GuestBuildError, GuestError, GuestTimeout, HostFunctionError, Sandbox, Snapshot
+from hlpool.guest import interpreters
+from hlpool.guest.interpreters import base_snapshot, load_script
 
 pytestmark = pytest.mark.kvm
 
@@ -134,7 +133,7 @@ def test_pinned_sources_and_built_guests(built):
 
 
 def test_cli_builds_and_prints_the_interpreters(built, capsys):
-    from hlpool.cli import main
+    from hlpool.cli.main import main
 
     assert main(["guest", "interpreters"]) == 0
     out = capsys.readouterr().out

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from hlpool.errors import CallError
-from hlpool.jsonvalues import from_json, to_json
+from hlpool.service.jsonvalues import from_json, to_json
 
 
 @pytest.mark.parametrize("value", [None, True, 1, -2.5, "s", b"\x00\xff", [1, [b"x"]], {"a": {"b": b""}}])

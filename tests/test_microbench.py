@@ -14,8 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from hlpool import _mapping, boot, pagetables
-from hlpool.layout import MIB, PAGE_TABLES, Layout, MemoryConfig
+from hlpool import _mapping
+from hlpool.guest import boot, pagetables
+from hlpool.guest.layout import MIB, PAGE_TABLES, Layout, MemoryConfig
 
 PAGE = 4096
 

@@ -12,11 +12,36 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hlpool import _mapping, boot, pagetables
-from hlpool.layout import (BOOT_INFO, FILES_TABLE, GDT_PAGE, GIB, IMAGE_BASE, KIB, MIB, PAGE_TABLES, VIF_PAGE,
-                           Layout, MemoryConfig)
-from hlpool.pagetables import (ADDRESS_MASK, LARGE_PAGE_SIZE, MAP_EXEC, MAP_WRITE, PAGE_SIZE, PTE_ACCESSED,
-                               PTE_DIRTY, PTE_LARGE, PTE_NX, PTE_PRESENT, PTE_USER, PTE_WRITE, walk)
+from hlpool import _mapping
+from hlpool.guest import boot, pagetables
+from hlpool.guest.layout import (
+    BOOT_INFO,
+    FILES_TABLE,
+    GDT_PAGE,
+    GIB,
+    IMAGE_BASE,
+    KIB,
+    MIB,
+    PAGE_TABLES,
+    VIF_PAGE,
+    Layout,
+    MemoryConfig,
+)
+from hlpool.guest.pagetables import (
+    ADDRESS_MASK,
+    LARGE_PAGE_SIZE,
+    MAP_EXEC,
+    MAP_WRITE,
+    PAGE_SIZE,
+    PTE_ACCESSED,
+    PTE_DIRTY,
+    PTE_LARGE,
+    PTE_NX,
+    PTE_PRESENT,
+    PTE_USER,
+    PTE_WRITE,
+    walk,
+)
 
 PAGE = PAGE_SIZE
 LARGE = LARGE_PAGE_SIZE
@@ -456,8 +481,8 @@ def test_boot_layout_tables(config_name):
 
 
 def test_boot_layout_with_a_real_image():
-    from hlpool.elf import load_guest_image
-    from hlpool.examples import example_path
+    from hlpool.guest.elf import load_guest_image
+    from hlpool.guest.examples import example_path
 
     image = load_guest_image(example_path("echo"), IMAGE_BASE, MemoryConfig().max_image_size)
     layout = Layout(MemoryConfig(), image.size)

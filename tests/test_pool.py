@@ -14,9 +14,19 @@ import time
 import pytest
 
 import hlpool
-from hlpool import (CallError, GuestFault, GuestTimeout, HostFunctionError, PayloadTooLargeError, Pool,
-                    PoolClosedError, PoolOverloadedError, Snapshot, WorkerCrashed)
-from hlpool.supervisor import RemoteTraceback
+from hlpool import (
+    CallError,
+    GuestFault,
+    GuestTimeout,
+    HostFunctionError,
+    PayloadTooLargeError,
+    Pool,
+    PoolClosedError,
+    PoolOverloadedError,
+    Snapshot,
+    WorkerCrashed,
+)
+from hlpool.pool.supervisor import RemoteTraceback
 
 pytestmark = pytest.mark.kvm
 
@@ -292,7 +302,7 @@ def test_long_calls_spread_over_idle_workers(kvm, example, tmp_path, no_leaks):
 @pytest.fixture(scope="session")
 def interpreter_bases(kvm):
     """Build the interpreters and their per-process base snapshots (a cache, not a leak)."""
-    from hlpool import interpreters
+    from hlpool.guest import interpreters
     from hlpool.kvm.system import system
 
     system()

@@ -9,8 +9,19 @@ import time
 import pytest
 
 import hlpool
-from hlpool import (CallError, GuestError, GuestFault, GuestProtocolError, GuestTimeout, HostFunctionError,
-                    MemoryConfig, PayloadTooLargeError, Sandbox, SandboxClosedError, Snapshot)
+from hlpool import (
+    CallError,
+    GuestError,
+    GuestFault,
+    GuestProtocolError,
+    GuestTimeout,
+    HostFunctionError,
+    MemoryConfig,
+    PayloadTooLargeError,
+    Sandbox,
+    SandboxClosedError,
+    Snapshot,
+)
 
 pytestmark = pytest.mark.kvm
 
@@ -396,7 +407,7 @@ def test_from_elf_rejects_a_non_guest(kvm, tmp_path):
 
 
 def test_failing_hl_main(kvm, tmp_path):
-    from hlpool.guest_build import build_guest
+    from hlpool.guest.build import build_guest
 
     src = tmp_path / "failing.c"
     src.write_text('#include <hlpool.h>\nint hl_main(void) { hl_log("giving up"); return 3; }\n')
@@ -417,7 +428,7 @@ def test_failing_hl_main(kvm, tmp_path):
 FORGED_INIT = r"""
 #include <hlpool.h>
 #include <string.h>
-#include "%s/hlpool/sdk/runtime/runtime.h"
+#include "%s/hlpool/guest/sdk/runtime/runtime.h"
 int hl_main(void) {
     /* a msgpack array with one 100-character name, written by hand */
     static unsigned char payload[2 + 1 + 100];
@@ -433,7 +444,7 @@ int hl_main(void) {
 def test_forged_export_list_is_rejected(kvm, tmp_path):
     from pathlib import Path
 
-    from hlpool.guest_build import build_guest
+    from hlpool.guest.build import build_guest
 
     src = tmp_path / "forged.c"
     src.write_text(FORGED_INIT % Path(__file__).resolve().parent.parent)

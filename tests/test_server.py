@@ -9,7 +9,6 @@ from its "listening on" log line.
 from __future__ import annotations
 
 import base64
-from http.client import HTTPConnection
 import json
 import os
 import re
@@ -21,13 +20,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
 
 import hlpool
-from hlpool.examples import EXAMPLES
-from hlpool.client import Client, RemoteError, ServerUnreachable
+from hlpool.guest.examples import EXAMPLES
+from hlpool.service.client import Client, RemoteError, ServerUnreachable
 
 pytestmark = pytest.mark.kvm
 
@@ -238,7 +238,7 @@ int hl_main(void) { hl_export("twice", twice); return 0; }
 
 @pytest.fixture(scope="module")
 def small_guest(tmp_path_factory) -> Path:
-    from hlpool.guest_build import build_guest
+    from hlpool.guest.build import build_guest
 
     d = tmp_path_factory.mktemp("small-guest")
     (d / "twice.c").write_text(GUEST_SOURCE)
@@ -438,7 +438,7 @@ def test_register_errors(server, small_guest, tmp_path):
 
 
 def test_openapi_matches_the_routes(server):
-    from hlpool.server import ERROR_STATUS, ServerConfig, Service, routes
+    from hlpool.service.server import ERROR_STATUS, ServerConfig, Service, routes
 
     status, doc, _ = server.get("/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.1")
@@ -618,7 +618,7 @@ def test_refuses_a_port_in_use(server, tmp_path):
 
 def test_error_mapping():
     from hlpool import errors
-    from hlpool.server import ERROR_STATUS, api_error
+    from hlpool.service.server import ERROR_STATUS, api_error
 
     cases = {
         errors.PayloadTooLargeError("x"): ("payload_too_large", 413),

@@ -13,10 +13,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hlpool import (GuestFault, RestorePolicy, Sandbox, Snapshot, SnapshotError, SnapshotFormatError,
-                    SnapshotIntegrityError, SnapshotParentError, SnapshotTooLargeError, SnapshotVersionError)
-from hlpool import snapfile
-from hlpool.layout import PAGE
+from hlpool import (
+    GuestFault,
+    RestorePolicy,
+    Sandbox,
+    Snapshot,
+    SnapshotError,
+    SnapshotFormatError,
+    SnapshotIntegrityError,
+    SnapshotParentError,
+    SnapshotTooLargeError,
+    SnapshotVersionError,
+)
+from hlpool.guest.layout import PAGE
+from hlpool.snapshot import snapfile
 
 pytestmark = pytest.mark.kvm
 

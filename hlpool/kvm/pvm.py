@@ -11,21 +11,20 @@ guest setup runs on both.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
-from . import abi
+from hlpool.kvm import abi
 
 if TYPE_CHECKING:
-    from .system import Kvm
-    from .vcpu import Vcpu
+    from hlpool.kvm.system import Kvm
+    from hlpool.kvm.vcpu import Vcpu
 
 log = logging.getLogger(__name__)
 
 
 def detect_flavour(kvm: "Kvm") -> str:
     """``"pvm"`` if a throw-away vCPU reads the PVM signature MSR, else ``"hardware"``."""
-    import os
-
     vm_fd = kvm.create_vm_fd()
     try:
         vcpu_fd = abi.ioctl(vm_fd, abi.KVM_CREATE_VCPU, 0)

@@ -9,8 +9,9 @@ import threading
 from dataclasses import dataclass
 from functools import cached_property
 
-from ..errors import KvmError, KvmUnavailableError
-from . import abi
+from hlpool.errors import KvmError, KvmUnavailableError
+from hlpool.kvm import abi
+from hlpool.kvm.pvm import detect_flavour
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,6 @@ class Kvm:
 
     @cached_property
     def info(self) -> KvmInfo:
-        from .pvm import detect_flavour
-
         info = KvmInfo(
             api_version=abi.KVM_API_VERSION,
             flavour=detect_flavour(self),

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .. import _mapping, _vcpu_run
-from ..errors import KvmError
-from . import abi
-from .vm import Vm
+from hlpool import _mapping
+from hlpool.errors import KvmError
+from hlpool.kvm import _vcpu_run, abi
+from hlpool.kvm.vm import Vm
 
 # MSRs that make up a guest's CPU state beyond regs/sregs; the runtime writes
 # the syscall ones during boot. Saved in snapshots and restored after faults.

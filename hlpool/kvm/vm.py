@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..errors import KvmError
-from . import abi
-from .system import Kvm, system
+from hlpool.errors import KvmError
+from hlpool.kvm import abi
+from hlpool.kvm.system import Kvm, system
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "../../hlpool/sdk/runtime/runtime.h"
+#include "../../hlpool/guest/sdk/runtime/runtime.h"
 
 static struct hl_msg_header *out(void) { return hl__out_header(); }
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .errors import GuestFault
-from .layout import PAGE, Layout
+from hlpool.errors import GuestFault
+from hlpool.guest.layout import PAGE, Layout
 
 VECTOR_NAMES = {
     0: "#DE divide error",

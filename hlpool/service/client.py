@@ -21,8 +21,8 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from . import errors
-from .errors import HlpoolError
+from hlpool import errors
+from hlpool.errors import HlpoolError
 
 DEFAULT_URL = "http://127.0.0.1:8470"
 
@@ -94,14 +94,14 @@ def error_from_response(status: int, body: bytes) -> RemoteError:
 
 def to_json(value: Any) -> Any:
     """Python value -> JSON value (bytes become {"base64": ...})."""
-    from .jsonvalues import to_json as _to_json
+    from hlpool.service.jsonvalues import to_json as _to_json
 
     return _to_json(value)
 
 
 def from_json(value: Any) -> Any:
     """JSON value -> Python value ({"base64": ...} becomes bytes)."""
-    from .jsonvalues import from_json as _from_json
+    from hlpool.service.jsonvalues import from_json as _from_json
 
     return _from_json(value)
 

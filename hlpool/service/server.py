@@ -54,11 +54,23 @@ from typing import Any, Mapping
 
 from aiohttp import web
 
-from . import __version__
-from .errors import (CallError, GuestError, GuestFault, GuestImageError, GuestTimeout, HlpoolError,
-                     HostFunctionError, KvmError, PayloadTooLargeError, PoolClosedError, PoolOverloadedError,
-                     SnapshotError, WorkerCrashed)
-from .metrics import Metrics
+from hlpool.errors import (
+    CallError,
+    GuestError,
+    GuestFault,
+    GuestImageError,
+    GuestTimeout,
+    HlpoolError,
+    HostFunctionError,
+    KvmError,
+    PayloadTooLargeError,
+    PoolClosedError,
+    PoolOverloadedError,
+    SnapshotError,
+    WorkerCrashed,
+)
+from hlpool.service.metrics import Metrics
+from hlpool.version import __version__
 
 log = logging.getLogger("hlpool.server")
 
@@ -262,7 +274,7 @@ def registration_error(exc: BaseException) -> ApiError:
 
 def parse_call_body(body: Any, max_timeout: float) -> tuple[list, float]:
     """``{"args": [...], "timeout": s}`` -> (arguments with bytes decoded, timeout in seconds)."""
-    from .jsonvalues import from_json as _from_json
+    from hlpool.service.jsonvalues import from_json as _from_json
 
     if body is None:
         body = {}
@@ -314,8 +326,8 @@ class SnapshotEntry:
 
 def describe_path(path: str) -> dict[str, Any]:
     """describe_snapshot() of the file at ``path``; the file's mappings are released right after."""
-    from .cli import describe_snapshot
-    from .snapshot import Snapshot
+    from hlpool.cli.main import describe_snapshot
+    from hlpool.snapshot.snapshot import Snapshot
 
     snap = Snapshot.open(path)
     try:
@@ -555,7 +567,7 @@ class Service:
             # client cannot grow the metrics without bound with made-up names.
             label = fn if not script or outcome == "ok" else "<other>"
             self.metrics.observe_call(name, label, outcome, time.perf_counter() - start)
-        from .jsonvalues import to_json as _to_json
+        from hlpool.service.jsonvalues import to_json as _to_json
 
         return json_response({"result": _to_json(result)})
 
@@ -773,7 +785,7 @@ class _Stop(BaseException):
 
 def serve(config: ServerConfig) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit status."""
-    from .supervisor import Pool
+    from hlpool.pool.supervisor import Pool
 
     check_config(config)
     _check_port_free(config.host, config.port)
@@ -786,7 +798,7 @@ def serve(config: ServerConfig) -> int:
     if config.guests:
         guests = dict(config.guests)
     else:
-        from .examples import EXAMPLES, example_path
+        from hlpool.guest.examples import EXAMPLES, example_path
 
         guests = {name: str(example_path(name)) for name in EXAMPLES}
     # The pool forks its spawner now, before the event loop, its signal handling and any thread exist.

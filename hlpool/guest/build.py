@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from .abi import SDK_DIR
-from .errors import GuestBuildError
+from hlpool.errors import GuestBuildError
+from hlpool.guest.abi import SDK_DIR
 
 MUSL_DIR = Path(os.environ.get("HLPOOL_MUSL_DIR", "/usr/lib/x86_64-linux-musl"))
 MUSL_INCLUDE = Path(os.environ.get("HLPOOL_MUSL_INCLUDE", "/usr/include/x86_64-linux-musl"))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import posix_ipc
 
-from .errors import HlpoolError
+from hlpool.errors import HlpoolError
 
 PREFIX = "hlpool-"
 HEADER = struct.Struct("<16Q")  # 128 bytes

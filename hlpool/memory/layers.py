@@ -17,9 +17,9 @@ import threading
 import weakref
 from dataclasses import dataclass
 
-from . import _mapping
-from .errors import SnapshotError
-from .layout import PAGE
+from hlpool import _mapping
+from hlpool.errors import SnapshotError
+from hlpool.guest.layout import PAGE
 
 F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
 F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 1, 2, 4, 8

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from .abi import HL_MAX_DEPTH
+from hlpool.guest.abi import HL_MAX_DEPTH
 
 INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
 

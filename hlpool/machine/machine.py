@@ -1,10 +1,17 @@
-"""A sandbox: one KVM VM with one vCPU, created from a snapshot, answering calls.
+"""A machine: one KVM VM with one vCPU running a guest from a snapshot's memory.
 
 A call: encode the arguments into IN, load the snapshot's registers through
 sync regs, KVM_RUN until the guest signals its result (serving host calls,
 log flushes and randomness requests on the way), decode the result, then
-put the dirty pages back. Every error leaves the sandbox back at its
+put the dirty pages back. Every error leaves the machine back at its
 snapshot, ready for the next call.
+
+This is the mechanism under :class:`hlpool.Sandbox`. It reads the fields of the
+snapshot it is made from (layout, runs, layers, vCPU state, exports, mapped
+files) but does not import :mod:`hlpool.snapshot`, which sits above it: the
+snapshot layer boots guests and captures state through this class's public
+methods (:meth:`Machine.run_init`, :meth:`Machine.save_vcpu_state`,
+:meth:`Machine.dirty_pages`, :attr:`Machine.mapped_files`).
 """
 
 from __future__ import annotations
@@ -16,18 +23,33 @@ import os
 import struct
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from . import _mapping, _vcpu_run, abi, codec, entry_stub, faults
-from .errors import (CallError, GuestError, GuestFault, GuestProtocolError, GuestTimeout, HlpoolError,
-                     HostFunctionError, PayloadTooLargeError, SandboxBrokenError, SandboxClosedError)
-from .guest_log import GuestLog, LogHandler
-from .kvm import abi as kvm_abi
-from .kvm import pvm
-from .kvm.vcpu import Vcpu
-from .kvm.vm import Vm
-from .layout import VIF_PAGE
-from .memory import GuestMemory, RestorePolicy, RestoreStats
+from hlpool import _mapping
+from hlpool.errors import (
+    CallError,
+    GuestError,
+    GuestFault,
+    GuestProtocolError,
+    GuestTimeout,
+    HlpoolError,
+    HostFunctionError,
+    PayloadTooLargeError,
+    SandboxBrokenError,
+    SandboxClosedError,
+)
+from hlpool.guest import abi, codec, entry_stub, faults
+from hlpool.guest.layout import VIF_PAGE
+from hlpool.guest.log import GuestLog, LogHandler
+from hlpool.kvm import _vcpu_run, pvm
+from hlpool.kvm import abi as kvm_abi
+from hlpool.kvm.vcpu import Vcpu
+from hlpool.kvm.vm import Vm
+from hlpool.memory.guest_memory import GuestMemory, RestorePolicy, RestoreStats
+from hlpool.memory.mapped_files import MappedFile, SandboxFiles, check_unchanged
+
+if TYPE_CHECKING:
+    from hlpool.snapshot.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +77,8 @@ class SandboxStatus(enum.Enum):
     CLOSED = "closed"
 
 
-class Sandbox:
-    """A micro-VM running one guest, created from a :class:`~hlpool.Snapshot`.
-
-    >>> with Sandbox.from_elf("add.elf") as sb:
-    ...     sb.call("add", 2, 3)
-    5
+class Machine:
+    """A micro-VM running one guest from a snapshot's memory (see :class:`hlpool.Sandbox`).
 
     ``host_functions`` maps names to Python callables the guest may call with
     ``hl_call_host``. ``timeout`` (seconds) is the default deadline of a call
@@ -92,11 +110,7 @@ class Sandbox:
         private_memory: bool = False,
         name: str | None = None,
     ) -> None:
-        from .snapshot import Snapshot
-
-        if not isinstance(snapshot, Snapshot):
-            raise TypeError(f"Sandbox needs a Snapshot, not {type(snapshot).__name__}")
-        snapshot.check_usable()
+        check_unchanged(snapshot.layers, snapshot.mapped_files)
         self.base_snapshot = snapshot  # what restore() returns to
         self.name = name or f"sandbox-{next(_names)}"
         self.host_functions: dict[str, HostFunction] = dict(host_functions or {})
@@ -121,7 +135,7 @@ class Sandbox:
             GuestMemory.enable_dirty_ring(self.vm, policy)
             self.memory = GuestMemory(self.vm, layout, snapshot.runs, snapshot.layers, policy,
                                       private_copy=private_memory)
-            self._mapped_files = snapshot.attach_files(self)
+            self._mapped_files = SandboxFiles(self.vm, self.memory, layout, snapshot.mapped_files)
             self.vcpu = Vcpu(self.vm)
             if self.vcpu.dirty_ring:
                 self.memory.attach_dirty_ring(self.vcpu.dirty_ring, self.vm.dirty_ring_entries)
@@ -150,19 +164,6 @@ class Sandbox:
                 regs.rip, entry_stub.fxsave_image(snapshot.vcpu.xsave)))
             regs.rip = layout.control.start
             self._entry_regs = bytes(regs)
-
-    @classmethod
-    def from_elf(cls, path: str, *, heap_size: int | None = None, stack_size: int | None = None,
-                 host_functions: Mapping[str, HostFunction] | None = None, **kwargs: Any) -> "Sandbox":
-        """Load, relocate and initialise a guest ELF, then return a sandbox at its initialised state.
-
-        Extra keyword arguments go to :class:`Sandbox` (timeout, restore_policy, ...).
-        """
-        from .snapshot import Snapshot
-
-        snapshot = Snapshot.from_elf(path, heap_size=heap_size, stack_size=stack_size,
-                                     host_functions=host_functions)
-        return cls(snapshot, host_functions=host_functions, **kwargs)
 
     # ---- public API -------------------------------------------------------------------
 
@@ -228,20 +229,6 @@ class Sandbox:
         self.last_restore = stats
         return stats
 
-    def snapshot(self, retain: Callable[["Region"], bool | None] | None = None) -> "Snapshot":
-        """Take a new snapshot of the live sandbox, layered on this sandbox's snapshot.
-
-        Pages that differ from the parent go into a new layer; the others stay
-        references to the parent's files. ``retain(region)`` may return True
-        (keep the parent's bytes for that region), False (copy the region
-        into the new layer) or None (default).
-        """
-        from .snapshot import capture
-
-        with self._lock:
-            self._check_usable()
-            return capture(self, retain=retain)
-
     def map_file(self, path: str, *, guest_address: int | None = None) -> tuple[int, int]:
         """Map a host file read-only into the guest; returns (guest_address, size).
 
@@ -261,7 +248,7 @@ class Sandbox:
             self.status = SandboxStatus.CLOSED
             self._release()
 
-    def __enter__(self) -> "Sandbox":
+    def __enter__(self) -> "Machine":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -275,11 +262,30 @@ class Sandbox:
                 pass
 
     def __repr__(self) -> str:
-        return f"<Sandbox {self.name} {self.status.value} exports={self.exports}>"
+        return f"<{type(self).__name__} {self.name} {self.status.value} exports={self.exports}>"
 
-    # ---- boot -------------------------------------------------------------------------
+    # ---- what the snapshot layer uses: boot and capture ---------------------------------
 
-    def _boot(self, timeout: float | None) -> tuple[list[str], int]:
+    @property
+    def mapped_files(self) -> tuple[MappedFile, ...]:
+        """The host files mapped into this machine now (inherited and mapped since)."""
+        return self._mapped_files.files
+
+    def save_vcpu_state(self):
+        """The vCPU's full state, after completing the guest's last `out` (see :meth:`finish_pending_io`)."""
+        self.finish_pending_io()
+        return self.vcpu.save_state()
+
+    def dirty_pages(self) -> list[int]:
+        """Main-slot pages (indices, sorted) written by the guest since the last restore."""
+        self.memory.collect_dirty()
+        return self.memory.pending_dirty_pages()
+
+    def slot_host_address(self, slot: str) -> int:
+        """Where this process sees a memory slot ("system" or "main") of the guest."""
+        return self.memory.slot_runs_host(slot).host
+
+    def run_init(self, timeout: float | None) -> tuple[list[str], int]:
         """Run a boot snapshot until hl_main finishes; returns (exports, hl_main's return value)."""
         _mapping.write_record(self._in_addr, self._in_size, _MAGIC, 0, b"", 0, time.time_ns())
         deadline = _deadline(timeout)
@@ -302,7 +308,7 @@ class Sandbox:
             raise GuestProtocolError(f"invalid list of exports (at most {abi.HL_EXPORTS_MAX} unique printable "
                                      f"names of 1-{abi.HL_NAME_MAX} characters)")
         rc = aux0 - (1 << 64) if aux0 >= 1 << 63 else aux0
-        self._finish_pending_io()
+        self.finish_pending_io()
         return exports, rc
 
     # ---- the call loop -------------------------------------------------------------------
@@ -515,7 +521,7 @@ class Sandbox:
             _mapping.zero_bytes(self._reply_addr, self._reply_used)
             self._reply_used = 0
 
-    def _finish_pending_io(self) -> None:
+    def finish_pending_io(self) -> None:
         """Complete the guest's last `out` without running it (KVM_RUN with immediate_exit).
 
         After an I/O exit KVM advances RIP only on the next KVM_RUN; a state
@@ -532,7 +538,7 @@ class Sandbox:
     def _recover(self) -> None:
         """After a failed call: back to the snapshot, or mark the sandbox broken."""
         try:
-            self._finish_pending_io()
+            self.finish_pending_io()
             self.memory.restore()
             self._clear_io()
             self.vcpu.load_state(self.base_snapshot.vcpu)
@@ -574,12 +580,3 @@ def _deadline(timeout: float | None) -> int:
     if timeout <= 0:
         raise CallError(f"timeout must be positive, got {timeout}")
     return _vcpu_run.monotonic_ns() + int(timeout * 1e9)
-
-
-def _u32_at(address: int) -> int:
-    import ctypes
-
-    return ctypes.c_uint32.from_address(address).value
-
-
-from .snapshot import Region, Snapshot  # noqa: E402  (circular: snapshot builds sandboxes)

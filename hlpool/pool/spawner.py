@@ -21,16 +21,15 @@ import signal
 import socket
 import sys
 import traceback
-
 from typing import TYPE_CHECKING
 
 import msgspec
 
-from . import ipc
-from .errors import HlpoolError
+from hlpool.errors import HlpoolError
+from hlpool.pool import channel as ipc
 
 if TYPE_CHECKING:
-    from .worker import WorkerConfig
+    from hlpool.pool.worker import WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ def _close_inherited_vm_fds(keep: int) -> None:
 def _spawner_main(sock: socket.socket, config) -> None:
     import prctl
 
-    from .worker import serve
+    from hlpool.pool.worker import serve
 
     _close_inherited_vm_fds(sock.fileno())
     prctl.set_pdeathsig(signal.SIGKILL)

@@ -21,9 +21,9 @@ import re
 import sys
 from typing import Any, Sequence
 
-from . import __version__
-from .errors import HlpoolError
-from .jsonvalues import from_json, to_json
+from hlpool.errors import HlpoolError
+from hlpool.service.jsonvalues import from_json, to_json
+from hlpool.version import __version__
 
 log = logging.getLogger("hlpool.cli")
 
@@ -51,7 +51,7 @@ def _json_arg(text: str) -> Any:
 
 
 def cmd_guest_build(args: argparse.Namespace) -> int:
-    from .guest_build import build_guest
+    from hlpool.guest.build import build_guest
 
     out = build_guest(args.sources, args.output, include_dirs=args.include, defines=args.define,
                       optimize=args.optimize, cflags=args.cflag)
@@ -60,7 +60,7 @@ def cmd_guest_build(args: argparse.Namespace) -> int:
 
 
 def cmd_guest_examples(args: argparse.Namespace) -> int:
-    from .examples import build_all
+    from hlpool.guest.examples import build_all
 
     for name, path in build_all().items():
         print(f"{name}\t{path}")
@@ -68,7 +68,7 @@ def cmd_guest_examples(args: argparse.Namespace) -> int:
 
 
 def cmd_guest_interpreters(args: argparse.Namespace) -> int:
-    from .interpreters import build_interpreters
+    from hlpool.guest.interpreters import build_interpreters
 
     for language, path in build_interpreters().items():
         print(f"{language}\t{path}")
@@ -76,7 +76,7 @@ def cmd_guest_interpreters(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace):
-    from .layout import MemoryConfig
+    from hlpool.guest.layout import MemoryConfig
 
     values = {k: getattr(args, k) for k in ("heap_size", "stack_size", "in_size", "out_size")
               if getattr(args, k, None) is not None}
@@ -84,7 +84,7 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_snapshot_build(args: argparse.Namespace) -> int:
-    from .snapshot import Snapshot
+    from hlpool.snapshot.snapshot import Snapshot
 
     snap = Snapshot.from_elf(args.guest, config=_config(args))
     persisted = snap.persist(args.output)
@@ -117,7 +117,7 @@ def describe_snapshot(snap) -> dict[str, Any]:
 
 
 def cmd_snapshot_inspect(args: argparse.Namespace) -> int:
-    from .snapshot import Snapshot
+    from hlpool.snapshot.snapshot import Snapshot
 
     snap = Snapshot.open(args.snapshot)
     info = describe_snapshot(snap)
@@ -145,7 +145,7 @@ def cmd_snapshot_inspect(args: argparse.Namespace) -> int:
 
 
 def _open_any(path: str):
-    from .snapshot import Snapshot
+    from hlpool.snapshot.snapshot import Snapshot
 
     with open(path, "rb") as f:
         head = f.read(8)
@@ -155,7 +155,7 @@ def _open_any(path: str):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .sandbox import Sandbox
+    from hlpool.sandbox import Sandbox
 
     call_args = [from_json(_json_arg(a)) for a in args.args]
     with Sandbox(_open_any(args.file), timeout=args.timeout) as sb:
@@ -168,9 +168,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import hashlib
     import time
 
-    from .examples import example_path
-    from .sandbox import Sandbox
-    from .snapshot import Snapshot
+    from hlpool.guest.examples import example_path
+    from hlpool.sandbox import Sandbox
+    from hlpool.snapshot.snapshot import Snapshot
 
     def show(label: str, fn) -> None:
         start = time.perf_counter()
@@ -215,7 +215,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .kvm.system import system
+    from hlpool.kvm.system import system
 
     info = asdict(system().info)
     info["tsc_khz"] = system().tsc_khz
@@ -224,7 +224,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import ServerConfig, parse_guest_specs, serve
+    from hlpool.service.server import ServerConfig, parse_guest_specs, serve
 
     logging.getLogger("hlpool").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:
@@ -237,7 +237,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    from .client import Client
+    from hlpool.service.client import Client
 
     call_args = [from_json(_json_arg(a)) for a in args.args]
     client = Client(args.url, token=args.token)

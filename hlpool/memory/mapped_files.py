@@ -1,4 +1,4 @@
-"""Host files mapped read-only into a sandbox (``Sandbox.map_file``).
+"""Host files mapped read-only into a guest (``Sandbox.map_file``).
 
 Each file gets its own read-only KVM memory slot in the files window, backed
 by a shared read-only view of the file (page-cache pages, never copied), and
@@ -14,13 +14,15 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import _mapping, abi
-from .errors import HlpoolError, SnapshotParentError
-from .kvm.vm import MemorySlot
-from .layout import FILES_TABLE, LARGE_PAGE, PAGE, SLOT_FIRST_FILE, align_up, page_up
+from hlpool import _mapping
+from hlpool.errors import HlpoolError, SnapshotIntegrityError, SnapshotParentError
+from hlpool.guest import abi
+from hlpool.guest.layout import FILES_TABLE, LARGE_PAGE, PAGE, SLOT_FIRST_FILE, Layout, align_up, page_up
+from hlpool.kvm.vm import MemorySlot, Vm
+from hlpool.memory.layers import Layer
 
 if TYPE_CHECKING:
-    from .sandbox import Sandbox
+    from hlpool.memory.guest_memory import GuestMemory
 
 NAME_BYTES = 48
 
@@ -65,10 +67,12 @@ class _Attached:
 
 
 class SandboxFiles:
-    """The files mapped into one sandbox."""
+    """The files mapped into one VM: their memory slots and the guest's files table."""
 
-    def __init__(self, sandbox: "Sandbox", inherited: tuple[MappedFile, ...]) -> None:
-        self._sb = sandbox
+    def __init__(self, vm: Vm, memory: "GuestMemory", layout: Layout, inherited: tuple[MappedFile, ...]) -> None:
+        self._vm = vm
+        self._memory = memory
+        self._window = layout.files
         self._attached: list[_Attached] = []
         try:
             for f in inherited:
@@ -105,13 +109,13 @@ class SandboxFiles:
             f = a.file
             if f.guest_address <= address < f.guest_address + page_up(f.size):
                 return f"in read-only mapped file {f.path}"
-        files = self._sb.layout.files
+        files = self._window
         if files.start <= address < files.end:
             return "unmapped part of the files window"
         return None
 
     def _place(self, size: int, wanted: int | None, path: str) -> int:
-        window = self._sb.layout.files
+        window = self._window
         if len(self._attached) >= abi.HL_FILES_MAX:
             raise HlpoolError(f"map_file: at most {abi.HL_FILES_MAX} files per sandbox")
         if wanted is None:
@@ -145,7 +149,7 @@ class SandboxFiles:
         slot = SLOT_FIRST_FILE + len(self._attached)
         attached = _Attached(f, fd, view, page_up(f.size), slot)
         try:
-            self._sb.vm.set_memory_slot(MemorySlot(slot, f.guest_address, page_up(f.size), view, readonly=True))
+            self._vm.set_memory_slot(MemorySlot(slot, f.guest_address, page_up(f.size), view, readonly=True))
         except BaseException:
             _mapping.unmap(view, page_up(f.size))
             os.close(fd)
@@ -160,9 +164,9 @@ class SandboxFiles:
             name = a.file.name.encode("utf-8", "replace")[:NAME_BYTES - 1]
             abi.FILE_ENTRY.pack_into(table, abi.FILES_TABLE_HEADER.size + i * abi.FILE_ENTRY.size,
                                      a.file.guest_address, a.file.size, name)
-        current = self._sb.memory.read(FILES_TABLE, len(table))
+        current = self._memory.read(FILES_TABLE, len(table))
         if current != bytes(table):
-            self._sb.memory.write(FILES_TABLE, bytes(table))
+            self._memory.write(FILES_TABLE, bytes(table))
 
     def close(self) -> None:
         for a in self._attached:
@@ -172,3 +176,24 @@ class SandboxFiles:
                 os.close(a.fd)
         self._attached.clear()
 
+
+
+def check_unchanged(layers: "tuple[Layer, ...]", files: "tuple[MappedFile, ...]") -> None:
+    """Cheap check (fstat/stat) that no snapshot file or mapped file changed since it was verified."""
+    for layer in layers:
+        if layer.path is None:
+            continue
+        try:
+            current = fingerprint(os.fstat(layer.fd))
+        except OSError as exc:
+            raise SnapshotIntegrityError(f"{layer.path}: cannot stat snapshot file: {exc.strerror}") from None
+        if current != layer.fingerprint:
+            raise SnapshotIntegrityError(f"{layer.path}: snapshot file was modified after it was verified "
+                                         "(size or mtime changed); a snapshot file must never change")
+    for f in files:
+        try:
+            st = os.stat(f.path)
+        except OSError as exc:
+            raise SnapshotParentError(f"mapped file {f.path} is gone: {exc.strerror}") from None
+        if fingerprint(st) != f.fingerprint:
+            raise SnapshotParentError(f"mapped file {f.path} changed since it was hashed")

@@ -19,11 +19,11 @@ import ctypes
 from array import array
 from dataclasses import dataclass
 
-from . import _mapping
-from .errors import GuestProtocolError
-from .kvm.vm import MemorySlot, Vm
-from .layers import Layer, Run
-from .layout import PAGE, SLOT_HOT, SLOT_IO, SLOT_MAIN, SLOT_SYSTEM, SLOT_VIF, VIF_PAGE, Area, Layout
+from hlpool import _mapping
+from hlpool.errors import GuestProtocolError
+from hlpool.guest.layout import PAGE, SLOT_HOT, SLOT_IO, SLOT_MAIN, SLOT_SYSTEM, SLOT_VIF, VIF_PAGE, Area, Layout
+from hlpool.kvm.vm import MemorySlot, Vm
+from hlpool.memory.layers import Layer, Run
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .errors import HlpoolError
+from hlpool.errors import HlpoolError
 
 PAGE = 4096
 LARGE_PAGE = 2 << 20

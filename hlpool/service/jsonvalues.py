@@ -12,7 +12,7 @@ import binascii
 import math
 from typing import Any
 
-from .errors import CallError
+from hlpool.errors import CallError
 
 _FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from .errors import GuestImageError
-from .layout import PAGE, page_up
+from hlpool.errors import GuestImageError
+from hlpool.guest.layout import PAGE, page_up
 
 PT_LOAD, PT_DYNAMIC, PT_INTERP, PT_PHDR, PT_TLS = 1, 2, 3, 6, 7
 PF_X, PF_W, PF_R = 1, 2, 4

@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import struct
 
-from . import _mapping, abi
-from .elf import GuestImage
-from .kvm import abi as kvm_abi
-from .layout import (BOOT_INFO, FILES_TABLE, GDT_PAGE, IMAGE_BASE, PAGE, PAGE_TABLES, SYSTEM_BASE,
-                     TSS_OFFSET, Layout)
+from hlpool import _mapping
+from hlpool.guest import abi
+from hlpool.guest.elf import GuestImage
+from hlpool.guest.layout import (
+    BOOT_INFO,
+    FILES_TABLE,
+    GDT_PAGE,
+    IMAGE_BASE,
+    PAGE,
+    PAGE_TABLES,
+    SYSTEM_BASE,
+    TSS_OFFSET,
+    Layout,
+)
+from hlpool.kvm import abi as kvm_abi
 
 CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_AM, CR0_PG = 1, 2, 0x10, 0x20, 0x10000, 0x40000, 0x80000000
 CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_FSGSBASE = 0x20, 0x200, 0x400, 0x10000

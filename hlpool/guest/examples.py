@@ -1,4 +1,4 @@
-"""The example guests shipped with hlpool (sources in ``hlpool/guests``), built on demand.
+"""The example guests shipped with hlpool (sources in ``hlpool/guest/programs``), built on demand.
 
 ``example_path("echo")`` returns a built ELF, compiling it into the cache
 the first time (or when its source or the SDK changed).
@@ -9,28 +9,28 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .guest_build import build_guest, cache_dir, sdk_fingerprint
+from hlpool.guest.build import build_guest, cache_dir, sdk_fingerprint
 
-GUESTS_DIR = Path(__file__).resolve().parent / "guests"
+PROGRAMS_DIR = Path(__file__).resolve().parent / "programs"
 EXAMPLES = ("echo", "add", "fib", "sha256", "hostcall", "faults", "touch")
 
 
 def example_source(name: str) -> Path:
     if name not in EXAMPLES:
         raise KeyError(f"no example guest {name!r}; available: {', '.join(EXAMPLES)}")
-    return GUESTS_DIR / f"{name}.c"
+    return PROGRAMS_DIR / f"{name}.c"
 
 
 def example_path(name: str) -> Path:
     """Path of the built example guest ``name`` (built now if needed)."""
     source = example_source(name)
     digest = hashlib.sha256(sdk_fingerprint().encode())
-    for header in sorted(GUESTS_DIR.glob("*.h")):
+    for header in sorted(PROGRAMS_DIR.glob("*.h")):
         digest.update(header.read_bytes())
     digest.update(source.read_bytes())
     out = cache_dir() / "guests" / f"{name}-{digest.hexdigest()[:12]}.elf"
     if not out.exists():
-        build_guest([source], out, include_dirs=[GUESTS_DIR])
+        build_guest([source], out, include_dirs=[PROGRAMS_DIR])
     return out
 
 

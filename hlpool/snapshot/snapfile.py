@@ -20,24 +20,34 @@ and every referenced host file (by hash).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import struct
 import threading
 import time
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import msgspec
 
-from . import __version__ as hlpool_version
-from .errors import (SnapshotError, SnapshotFormatError, SnapshotIntegrityError, SnapshotParentError,
-                     SnapshotTooLargeError, SnapshotVersionError)
-from .kvm.system import system
-from .kvm.vcpu import VcpuState
-from .layers import Layer, Run, check_runs
-from .layout import PAGE, Layout, MemoryConfig, page_up
-from .mapped_files import MappedFile, fingerprint, hash_file
+from hlpool.errors import (
+    SnapshotError,
+    SnapshotFormatError,
+    SnapshotIntegrityError,
+    SnapshotParentError,
+    SnapshotTooLargeError,
+    SnapshotVersionError,
+)
+from hlpool.guest.layout import PAGE, Layout, MemoryConfig, page_up
+from hlpool.kvm.system import system
+from hlpool.kvm.vcpu import VcpuState
+from hlpool.memory.layers import Layer, Run, check_runs
+from hlpool.memory.mapped_files import MappedFile, fingerprint, hash_file
+from hlpool.version import __version__ as hlpool_version
+
+if TYPE_CHECKING:
+    from hlpool.snapshot.snapshot import Snapshot
 
 MAGIC = b"HLSNAP\r\n"
 FORMAT_VERSION = 1
@@ -68,8 +78,6 @@ def _relative_path(target: str, directory: str) -> str:
 
 def write_snapshot(snapshot: "Snapshot", path: str) -> "Snapshot":
     """Persist ``snapshot``'s top layer to ``path``; returns the file-backed snapshot."""
-    from .snapshot import Snapshot
-
     if snapshot.exports is None:
         raise SnapshotError("a boot snapshot (before hl_main ran) cannot be persisted")
     path = os.path.abspath(path)
@@ -143,10 +151,7 @@ def write_snapshot(snapshot: "Snapshot", path: str) -> "Snapshot":
     read_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     layer = Layer(read_fd, data_size, content.digest(), path=path, data_offset=data_offset)
     _remember(path, read_fd, layer)
-    return Snapshot(layout=snapshot.layout, vcpu=snapshot.vcpu, exports=snapshot.exports,
-                    layers=parents + (layer,), runs=snapshot.runs, image_segments=snapshot.image_segments,
-                    mapped_files=snapshot.mapped_files, parent=snapshot.parent, path=path,
-                    info=dict(snapshot.info))
+    return dataclasses.replace(snapshot, layers=parents + (layer,), path=path, info=dict(snapshot.info))
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -286,11 +291,10 @@ def _parse_vcpu(raw: Any, path: str) -> VcpuState:
     return VcpuState(msrs={m[0]: m[1] for m in msrs}, **fields)
 
 
-def read_snapshot(path: str, *, max_memory: int | None = None, _expected: bytes | None = None,
-                  _depth: int = 0) -> "Snapshot":
-    """Validate and open the snapshot at ``path`` (and its parent chain)."""
-    from .snapshot import Snapshot
-
+def read_snapshot(path: str, make: "Callable[..., Snapshot]", *, max_memory: int | None = None,
+                  _expected: bytes | None = None, _depth: int = 0) -> "Snapshot":
+    """Validate and open the snapshot at ``path`` (and its parent chain); ``make`` builds the
+    value (the :class:`~hlpool.Snapshot` class or a subclass) from its fields."""
     path = os.path.abspath(path)
     if _depth > MAX_DEPTH:
         raise _fail(path, f"parent chain deeper than {MAX_DEPTH}", SnapshotParentError)
@@ -320,14 +324,14 @@ def read_snapshot(path: str, *, max_memory: int | None = None, _expected: bytes 
         runs = {slot: _parse_runs(runs_raw.get(slot), path, slot) for slot in ("system", "main")}
 
         parents_raw = _get(meta, "parents", list, path)
-        parent: Snapshot | None = None
+        parent: "Snapshot | None" = None
         if parents_raw:
             last = parents_raw[-1]
             if not (isinstance(last, dict) and isinstance(last.get("path"), str)
                     and isinstance(last.get("sha256"), bytes)):
                 raise _fail(path, "parent reference is malformed")
             parent_path = os.path.normpath(os.path.join(os.path.dirname(path), last["path"]))
-            parent = read_snapshot(parent_path, max_memory=max_memory, _expected=last["sha256"],
+            parent = read_snapshot(parent_path, make, max_memory=max_memory, _expected=last["sha256"],
                                    _depth=_depth + 1)
             if len(parent.layers) != len(parents_raw) or any(
                     not isinstance(p, dict) or p.get("sha256") != pl.sha256
@@ -351,9 +355,9 @@ def read_snapshot(path: str, *, max_memory: int | None = None, _expected: bytes 
                 raise _fail(path, "mapped file entry is malformed")
             files.append(_verify_mapped_file(path, f, layout))
         info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
-        return Snapshot(layout=layout, vcpu=vcpu, exports=tuple(exports), layers=layers, runs=runs,
-                        image_segments=tuple(tuple(s) for s in segments), mapped_files=tuple(files),
-                        parent=parent, path=path, info=info)
+        return make(layout=layout, vcpu=vcpu, exports=tuple(exports), layers=layers, runs=runs,
+                    image_segments=tuple(tuple(s) for s in segments), mapped_files=tuple(files),
+                    parent=parent, path=path, info=info)
     except BaseException:
         layer.close()
         raise
@@ -377,27 +381,3 @@ def _verify_mapped_file(snapshot_path: str, f: dict, layout: Layout) -> MappedFi
         os.close(fd)
     return MappedFile(path=file_path, guest_address=f["guest_address"], size=f["size"], sha256=f["sha256"],
                       fingerprint=fingerprint(st))
-
-
-def check_files_unchanged(snapshot: "Snapshot") -> None:
-    """Cheap check (stat) that no file behind ``snapshot`` changed since it was verified."""
-    for layer in snapshot.layers:
-        if layer.path is None:
-            continue
-        try:
-            current = fingerprint(os.fstat(layer.fd))
-        except OSError as exc:
-            raise SnapshotIntegrityError(f"{layer.path}: cannot stat snapshot file: {exc.strerror}") from None
-        if current != layer.fingerprint:
-            raise SnapshotIntegrityError(f"{layer.path}: snapshot file was modified after it was verified "
-                                         "(size or mtime changed); a snapshot file must never change")
-    for f in snapshot.mapped_files:
-        try:
-            st = os.stat(f.path)
-        except OSError as exc:
-            raise SnapshotParentError(f"mapped file {f.path} is gone: {exc.strerror}") from None
-        if fingerprint(st) != f.fingerprint:
-            raise SnapshotParentError(f"mapped file {f.path} changed since it was hashed")
-
-
-from .snapshot import Snapshot  # noqa: E402

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import struct
 
-from .layout import PAGE
+from hlpool.guest.layout import PAGE
 
 RESUME_OFFSET = 0x80   # qword: the snapshot's RIP
 IMAGE_OFFSET = 0x100   # 512-byte FXSAVE image (16-byte aligned)

@@ -5,8 +5,8 @@ time (never committed): the sdist of ``quickjs`` carries QuickJS in
 ``upstream-quickjs/``, the sdist of ``lupa`` carries Lua 5.4 in
 ``third-party/lua54/`` (both MIT). Versions and sdist hashes are pinned in
 :data:`SOURCES`; every fetch is checked against the hash. The glue that turns
-an interpreter into an hlpool guest is in ``hlpool/guests/js`` and
-``hlpool/guests/lua``.
+an interpreter into an hlpool guest is in ``hlpool/guest/programs/js`` and
+``hlpool/guest/programs/lua``.
 
 Both guests export the same three functions:
 
@@ -90,17 +90,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .errors import GuestBuildError, HlpoolError
-from .guest_build import build_guest, cache_dir, sdk_fingerprint
-from .layout import MIB, MemoryConfig
+from hlpool.errors import GuestBuildError, HlpoolError
+from hlpool.guest.build import build_guest, cache_dir, sdk_fingerprint
+from hlpool.guest.layout import MIB, MemoryConfig
 
 if TYPE_CHECKING:  # the KVM layer is not imported just to build guests
-    from .sandbox import HostFunction
-    from .snapshot import Snapshot
+    from hlpool.sandbox import HostFunction
+    from hlpool.snapshot.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
-GUESTS_DIR = Path(__file__).resolve().parent / "guests"
+PROGRAMS_DIR = Path(__file__).resolve().parent / "programs"
 LANGUAGES = ("js", "lua")
 PYPI_URL = os.environ.get("HLPOOL_PYPI_URL", "https://pypi.org").rstrip("/")
 DOWNLOAD_TIMEOUT = 120.0
@@ -320,7 +320,7 @@ BUILD_FLAGS: dict[str, dict[str, Any]] = {
 
 
 def _build_recipe(language: str, src: Path) -> dict[str, Any]:
-    glue_dir = GUESTS_DIR / language
+    glue_dir = PROGRAMS_DIR / language
     flags = BUILD_FLAGS[language]
     if language == "js":
         version = (src / "VERSION").read_text().strip()
@@ -330,7 +330,7 @@ def _build_recipe(language: str, src: Path) -> dict[str, Any]:
         sources = [glue_dir / "lua_guest.c", *(src / s for s in LUA_SOURCES)]
         defines = list(flags["defines"])
     # interp_util.h (shared by both glues) lives with the JS glue.
-    return {"sources": sources, "include_dirs": [glue_dir, GUESTS_DIR / "js", src], "defines": defines,
+    return {"sources": sources, "include_dirs": [glue_dir, PROGRAMS_DIR / "js", src], "defines": defines,
             "optimize": flags["optimize"], "cflags": list(flags["cflags"])}
 
 
@@ -344,7 +344,7 @@ def _build_key(language: str) -> str:
     digest = hashlib.sha256(sdk_fingerprint().encode())
     digest.update(spec.sha256.encode())
     digest.update(repr(_patches(language)).encode())
-    for path in sorted((GUESTS_DIR / language).iterdir()) + [GUESTS_DIR / "js" / "interp_util.h"]:
+    for path in sorted((PROGRAMS_DIR / language).iterdir()) + [PROGRAMS_DIR / "js" / "interp_util.h"]:
         if path.suffix in (".c", ".h"):
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
@@ -382,7 +382,7 @@ def build_interpreters() -> dict[str, Path]:
     """Build both interpreter guests (in parallel); returns language -> path."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .guest_build import runtime_objects
+    from hlpool.guest.build import runtime_objects
 
     runtime_objects()  # once, before the two builds would both compile it
     with ThreadPoolExecutor(max_workers=len(LANGUAGES)) as pool:
@@ -414,7 +414,7 @@ def base_snapshot(language: str, *, config: MemoryConfig | None = None,
     into the persisted base (``base_snapshot("js").persist(path)``, or
     :func:`persisted_base_snapshot`).
     """
-    from .snapshot import Snapshot
+    from hlpool.snapshot.snapshot import Snapshot
 
     _check_language(language)
     config = config or DEFAULT_CONFIG
@@ -438,8 +438,8 @@ def persisted_base_snapshot(language: str, directory: str | os.PathLike | None =
     persisted, and every process that opens it shares its pages."""
     import fcntl
 
-    from .errors import SnapshotError
-    from .snapshot import Snapshot
+    from hlpool.errors import SnapshotError
+    from hlpool.snapshot.snapshot import Snapshot
 
     _check_language(language)
     config = config or DEFAULT_CONFIG
@@ -472,8 +472,8 @@ def load_script(base: "Snapshot", source: str, *, host_functions: "Mapping[str, 
     the interpreter's message; ``host_functions`` are those the script may call
     while it loads; ``timeout`` bounds the load (:class:`GuestTimeout`).
     """
-    from .sandbox import Sandbox
-    from .snapshot import Snapshot
+    from hlpool.sandbox import Sandbox
+    from hlpool.snapshot.snapshot import Snapshot
 
     if not isinstance(base, Snapshot):
         raise TypeError(f"load_script needs a Snapshot, not {type(base).__name__}")
@@ -504,7 +504,7 @@ def script_snapshot(language: str, source: str, *, directory: str | os.PathLike 
     path = Path(directory) / f"script-{name}.hlsnap"
     if path.exists():
         try:
-            from .snapshot import Snapshot
+            from hlpool.snapshot.snapshot import Snapshot
 
             return Snapshot.open(path)
         except HlpoolError:

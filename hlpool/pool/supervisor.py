@@ -1,0 +1,670 @@
+"""The supervisor: :class:`Pool`, a ``concurrent.futures``-style pool of sandbox workers.
+
+The process that creates a Pool is the supervisor. It builds and persists
+snapshots (a guest ELF is relocated and initialised here, once, and stored in
+the snapshot store under its content hash), forks worker processes through
+the spawner, routes calls to workers (preferring one with a warm VM for the
+snapshot), and resolves futures. One thread per worker moves calls through
+that worker's shared-memory channel (:mod:`hlpool.ipc`) and watches the
+worker's pidfd: if the worker dies, its in-flight calls fail with
+:class:`WorkerCrashed`, a replacement is started, and queued calls go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import concurrent.futures
+import hashlib
+import itertools
+import logging
+import os
+import resource
+import select
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import msgspec
+import posix_ipc
+
+from hlpool import errors
+from hlpool.errors import (
+    CallError,
+    HlpoolError,
+    PayloadTooLargeError,
+    PoolClosedError,
+    PoolOverloadedError,
+    SnapshotError,
+    WorkerCrashed,
+)
+from hlpool.guest import codec
+from hlpool.guest.build import cache_dir, sdk_fingerprint
+from hlpool.guest.layout import MemoryConfig
+from hlpool.memory.guest_memory import RestorePolicy
+from hlpool.pool import channel as ipc
+from hlpool.pool.spawner import Spawner
+from hlpool.pool.worker import WorkerConfig
+from hlpool.sandbox import HostFunction
+from hlpool.snapshot.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CALL_TIMEOUT = 10.0
+WATCHDOG_GRACE = 5.0  # a worker silent this long past a call's deadline is killed
+PIPELINE_DEPTH = 2  # calls queued inside a worker's channel
+COLD_START_COST = 0.003  # seconds to make a sandbox in a worker that has none for the snapshot (measured ~2.5 ms)
+DEFAULT_CALL_COST = 0.001  # assumed duration of a call until one of its snapshot was measured
+
+
+@dataclass(frozen=True)
+class SnapshotHandle:
+    """A snapshot known to a pool: pass it to :meth:`Pool.submit`."""
+
+    path: str
+    exports: tuple[str, ...]
+    sha256: str
+    input_capacity: int
+    language: str | None = None  # "js" or "lua" for a script made by Pool.script()
+
+    @property
+    def id(self) -> str:
+        return self.sha256[:16]
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker (the cause of the re-raised error)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f"\n\"\"\"\n{self.text}\"\"\""
+
+
+@dataclass
+class _Call:
+    future: concurrent.futures.Future
+    handle: SnapshotHandle
+    function: str
+    payload: bytes
+    timeout_ns: int
+    request_id: int
+    started: float = 0.0
+
+
+@dataclass
+class _Worker:
+    index: int
+    channel: ipc.Channel | None = None
+    pid: int = 0
+    pidfd: int = -1
+    queue: collections.deque = field(default_factory=collections.deque)
+    inflight: collections.deque = field(default_factory=collections.deque)
+    warm: "collections.OrderedDict[str, None]" = field(default_factory=collections.OrderedDict)
+    sent: int = 0
+    received: int = 0
+    calls: int = 0
+    errors: int = 0
+    crashes: int = 0
+    sandboxes: int = 0
+    alive: bool = False
+    thread: threading.Thread | None = None
+    wakeup: threading.Condition | None = None  # shares the pool's lock
+
+    @property
+    def load(self) -> int:
+        return len(self.queue) + len(self.inflight)
+
+
+class Pool:
+    """A pool of worker processes running calls in sandboxes.
+
+    >>> with Pool(workers=2) as pool:
+    ...     snap = pool.snapshot("add.elf")
+    ...     pool.submit(snap, "add", (2, 3)).result()
+    5
+
+    ``snapshot_dir``: where snapshots built from ELF files are stored (default
+    ``~/.cache/hlpool/snapshots``). ``host_functions``: Python callables the
+    guests may call; they run in the workers, which inherit them. ``max_pending``:
+    calls submitted but not finished; beyond it ``submit`` blocks (or raises
+    :class:`PoolOverloadedError` with ``block=False``). ``call_timeout``: default
+    deadline of a call in seconds (None: none). ``memory``: the MemoryConfig used
+    for snapshots built from ELF files. ``max_sandboxes_per_worker``: warm VMs a
+    worker keeps (least recently used evicted).
+    """
+
+    def __init__(
+        self,
+        workers: int = 2,
+        *,
+        snapshot_dir: str | os.PathLike | None = None,
+        host_functions: Mapping[str, HostFunction] | None = None,
+        max_pending: int = 1024,
+        call_timeout: float | None = DEFAULT_CALL_TIMEOUT,
+        block: bool = True,
+        memory: MemoryConfig | None = None,
+        max_sandboxes_per_worker: int = 32,
+        restore_policy: RestorePolicy | None = None,
+        strict_cpu_reset: bool = False,
+        max_payload: int = 1 << 20,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        if max_pending < 1:
+            raise ValueError("max_pending must be >= 1")
+        self.memory_config = memory or MemoryConfig()
+        self.call_timeout = call_timeout
+        self.block = block
+        self.host_functions = dict(host_functions or {})
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else cache_dir() / "snapshots"
+        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        self._max_payload = max_payload
+        self._pending = threading.BoundedSemaphore(max_pending)
+        self._max_pending = max_pending
+        # One re-entrant lock guards every worker's queue, in-flight list and channel writes
+        # (re-entrant: a future's done-callback may submit again while it is held).
+        self._lock = threading.RLock()
+        self._closed = False
+        self._broken: str | None = None
+        self._ids = itertools.count(1)
+        self._handles: dict[tuple, SnapshotHandle] = {}
+        self._call_cost: dict[str, float] = {}  # snapshot path -> moving average of call seconds
+        self._handle_lock = threading.Lock()
+        self.restarts = 0
+        ipc.remove_stale_names()
+        _raise_fd_limit(64 + workers * (4 * max_sandboxes_per_worker + 16))
+        self._worker_config = WorkerConfig(
+            host_functions=self.host_functions, max_sandboxes=max_sandboxes_per_worker,
+            restore_policy=restore_policy or RestorePolicy(), strict_cpu_reset=strict_cpu_reset)
+        self._max_warm = max_sandboxes_per_worker
+        self._spawner = Spawner(self._worker_config)
+        self._workers = [_Worker(index=i, wakeup=threading.Condition(self._lock)) for i in range(workers)]
+        try:
+            for w in self._workers:
+                self._start_worker(w)
+        except BaseException:
+            self._spawner.close()
+            raise
+        for w in self._workers:
+            w.thread = threading.Thread(target=self._run_worker, args=(w,), name=f"hlpool-pool-{w.index}",
+                                        daemon=True)
+            w.thread.start()
+        self._finalizer = weakref.finalize(self, _emergency_stop, self._spawner)
+        atexit.register(self._finalizer)
+
+    # ---- snapshots ---------------------------------------------------------------------
+
+    def snapshot(self, source: "str | os.PathLike | Snapshot | SnapshotHandle") -> SnapshotHandle:
+        """A handle for ``source``: a guest ELF (built, initialised and stored once per content
+        hash and memory settings), a ``.hlsnap`` file, or a :class:`Snapshot`."""
+        if isinstance(source, SnapshotHandle):
+            return source
+        if isinstance(source, Snapshot):
+            if source.path is None:
+                source = self._persist_in_store(source)
+            return self._handle_for(source.path, source)
+        path = os.path.abspath(os.fspath(source))
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise SnapshotError(f"{path}: {exc.strerror}") from None
+        key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._handle_lock:
+            handle = self._handles.get(key)
+            if handle is not None:
+                return handle
+            with open(path, "rb") as f:
+                is_snapshot = f.read(6) == b"HLSNAP"
+            if is_snapshot:
+                handle = self._handle_for(path, Snapshot.open(path))
+            else:
+                handle = self._from_elf(path)
+            self._handles[key] = handle
+            return handle
+
+    def script(self, language: str, source: str, *, timeout: float | None | object = ...) -> SnapshotHandle:
+        """A handle for a JavaScript (``"js"``) or Lua (``"lua"``) script.
+
+        The script is loaded once into a sandbox of the interpreter's base
+        snapshot and captured as a layer on it (only the pages the script
+        changed), stored in the snapshot store; every call then starts from
+        that layer. Submit calls by the script's function names:
+        ``pool.submit(handle, "handler", (event,))``. Errors in the script
+        (syntax, an exception while loading) raise :class:`GuestError` here.
+        """
+        from hlpool.guest import interpreters
+
+        if language not in interpreters.LANGUAGES:
+            raise CallError(f"unknown script language {language!r}; use one of {', '.join(interpreters.LANGUAGES)}")
+        if not isinstance(source, str):
+            raise CallError("a script's source must be a str")
+        key = ("script", language, hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest())
+        with self._handle_lock:
+            handle = self._handles.get(key)
+            if handle is not None:
+                return handle
+            base = interpreters.persisted_base_snapshot(language, self.snapshot_dir,
+                                                        config=interpreters.DEFAULT_CONFIG)
+            load_timeout = self.call_timeout if timeout is ... else timeout
+            child = interpreters.load_script(base, source, host_functions=self.host_functions,
+                                             timeout=load_timeout or interpreters.DEFAULT_LOAD_TIMEOUT)
+            persisted = self._persist_in_store(child)
+            handle = replace(self._handle_for(persisted.path, persisted), language=language)
+            self._handles[key] = handle
+            return handle
+
+    def _from_elf(self, path: str) -> SnapshotHandle:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(msgspec.msgpack.encode(self.memory_config.to_dict()))
+        digest.update(sdk_fingerprint().encode())
+        stored = self.snapshot_dir / f"{digest.hexdigest()[:32]}.hlsnap"
+        if stored.exists():
+            try:
+                return self._handle_for(str(stored), Snapshot.open(stored))
+            except SnapshotError as exc:
+                log.warning("rebuilding stored snapshot %s: %s", stored, exc)
+                stored.unlink()
+        snap = Snapshot.from_elf(path, config=self.memory_config, host_functions=self.host_functions)
+        persisted = snap.persist(stored)
+        log.info("stored snapshot of %s as %s", path, stored)
+        return self._handle_for(str(stored), persisted)
+
+    def _persist_in_store(self, snap: Snapshot) -> Snapshot:
+        if snap.parent is not None and snap.parent.path is None:
+            self._persist_in_store(snap.parent)
+        if snap.path is not None:
+            return snap
+        name = hashlib.sha256(snap.layers[-1].sha256 + snap.vcpu.regs).hexdigest()[:32]
+        return snap.persist(self.snapshot_dir / f"{name}.hlsnap")
+
+    def _handle_for(self, path: str, snap: Snapshot) -> SnapshotHandle:
+        return SnapshotHandle(path=path, exports=tuple(snap.exports or ()), sha256=snap.layers[-1].sha256.hex(),
+                              input_capacity=snap.layout.input.size - 64)
+
+    # ---- submitting ----------------------------------------------------------------------
+
+    def submit(self, snapshot: Any, fn: str, args: Iterable[Any] = (), *,
+               timeout: float | None | object = ...) -> concurrent.futures.Future:
+        """Schedule ``fn(*args)`` in a sandbox of ``snapshot``; returns a Future.
+
+        Errors in the arguments (unknown function, unencodable values, payload
+        too large) raise here; errors of the call are set on the future.
+        """
+        if self._closed:
+            raise PoolClosedError("the pool is shut down")
+        if self._broken:
+            raise PoolClosedError(f"the pool is broken: {self._broken}")
+        handle = self.snapshot(snapshot)
+        args = tuple(args) if not isinstance(args, tuple) else args
+        if handle.language is not None and fn not in handle.exports:
+            fn, args = "call", (fn, list(args))  # a script's own function: the interpreter's call(name, args)
+        if fn not in handle.exports:
+            raise CallError(f"unknown function {fn!r}; the snapshot exports {sorted(handle.exports)}")
+        try:
+            payload = codec.encode_args(args)
+        except codec.ValueTypeError as exc:
+            raise CallError(f"{fn}: {exc}") from None
+        limit = min(handle.input_capacity, self._max_payload)
+        if len(payload) > limit:
+            raise PayloadTooLargeError(f"{fn}: encoded arguments are {len(payload)} bytes, more than {limit}")
+        timeout = self.call_timeout if timeout is ... else timeout
+        if timeout is not None and timeout <= 0:
+            raise CallError(f"timeout must be positive, got {timeout}")
+        if not self._pending.acquire(blocking=self.block):
+            raise PoolOverloadedError(f"{self._max_pending} calls are pending")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        call = _Call(future, handle, fn, payload, int(timeout * 1e9) if timeout else 0, next(self._ids))
+        future.add_done_callback(self._release_pending)
+        with self._lock:
+            if self._closed or self._broken:
+                future.cancel()  # releases the pending slot
+                raise PoolClosedError("the pool is shut down")
+            worker = self._route(handle)
+            if worker.alive and not worker.queue and len(worker.inflight) < PIPELINE_DEPTH:
+                self._dispatch_locked(worker, call)  # straight into the channel: no thread hop
+            else:
+                worker.queue.append(call)
+            worker.wakeup.notify()
+        return future
+
+    def map(self, snapshot: Any, fn: str, iterable: Iterable[Iterable[Any]], *,
+            timeout: float | None | object = ...) -> Iterator[Any]:
+        """Like ``Executor.map``: ``fn(*args)`` for each ``args`` of ``iterable``, results in order."""
+        futures = [self.submit(snapshot, fn, args, timeout=timeout) for args in iterable]
+
+        def results() -> Iterator[Any]:
+            try:
+                for f in futures:
+                    yield f.result()
+            finally:
+                for f in futures:
+                    f.cancel()
+
+        return results()
+
+    async def call(self, snapshot: Any, fn: str, *args: Any, timeout: float | None | object = ...) -> Any:
+        """``await pool.call(snap, "fn", 1, 2)``: submit without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        if self.block:
+            future = await loop.run_in_executor(None, lambda: self.submit(snapshot, fn, args, timeout=timeout))
+        else:
+            future = self.submit(snapshot, fn, args, timeout=timeout)
+        return await asyncio.wrap_future(future)
+
+    def _release_pending(self, _future: concurrent.futures.Future) -> None:
+        self._pending.release()
+
+    def _route(self, handle: SnapshotHandle) -> _Worker:
+        """The worker expected to finish the call first: queued work (calls x their measured
+        duration) plus the cost of a cold start where the worker has no warm VM for the snapshot."""
+        per_call = self._call_cost.get(handle.path, DEFAULT_CALL_COST)
+        best, best_cost = None, None
+        for w in self._workers:
+            cost = w.load * per_call + (0.0 if handle.path in w.warm else COLD_START_COST)
+            if not w.alive:
+                cost += 1000.0
+            if best_cost is None or cost < best_cost:
+                best, best_cost = w, cost
+        assert best is not None
+        if handle.path in best.warm:
+            best.warm.move_to_end(handle.path)
+        else:
+            best.warm[handle.path] = None
+            while len(best.warm) > self._max_warm:
+                best.warm.popitem(last=False)
+        return best
+
+    # ---- workers -----------------------------------------------------------------------------
+
+    def _start_worker(self, w: _Worker) -> None:
+        channel = ipc.Channel.create(PIPELINE_DEPTH, self._max_payload + ipc.MAX_PATH + ipc.MAX_NAME)
+        try:
+            pid = self._spawner.spawn(w.index, channel.names)
+        except BaseException:
+            channel.unlink()
+            channel.close()
+            raise
+        channel.unlink()  # both sides hold it now; no name may outlive a killed process
+        w.channel, w.pid, w.pidfd = channel, pid, os.pidfd_open(pid)
+        w.sent = w.received = 0
+        w.sandboxes = 0
+        w.warm.clear()
+        w.alive = True
+        log.debug("worker %d started (pid %d)", w.index, pid)
+
+    def _dispatch_locked(self, w: _Worker, call: _Call) -> None:
+        """Write a call into the worker's channel (the caller holds the pool's lock)."""
+        if not call.future.set_running_or_notify_cancel():
+            return  # cancelled while queued
+        call.started = time.monotonic()
+        try:
+            w.channel.write_request(w.sent, call.request_id, call.handle.path.encode(), call.function.encode(),
+                                    call.payload, call.timeout_ns)
+        except ValueError as exc:
+            call.future.set_exception(PayloadTooLargeError(str(exc)))
+            return
+        w.sent += 1
+        w.inflight.append(call)
+        w.channel.requests.release()
+
+    def _run_worker(self, w: _Worker) -> None:
+        """Move queued calls into one worker's channel, resolve their futures, replace the worker if it dies."""
+        while True:
+            with self._lock:
+                while not w.queue and not w.inflight and not self._closed and not self._broken:
+                    w.wakeup.wait(0.25)
+                    if not self._worker_alive(w):
+                        break
+                if (self._closed or self._broken) and not w.queue and not w.inflight:
+                    break
+                while w.queue and w.alive and len(w.inflight) < PIPELINE_DEPTH:
+                    self._dispatch_locked(w, w.queue.popleft())
+                busy = bool(w.inflight)
+            if busy:
+                self._collect(w)
+            elif not self._worker_alive(w):
+                self._replace(w, None)
+        self._stop_worker(w)
+
+    def _collect(self, w: _Worker) -> None:
+        """Wait briefly for the next response of ``w`` and resolve its future (outside the lock)."""
+        try:
+            w.channel.responses.acquire(0.05)
+        except posix_ipc.BusyError:
+            if not self._worker_alive(w):
+                self._replace(w, "died")
+                return
+            with self._lock:
+                call = w.inflight[0] if w.inflight else None
+            limit = call.timeout_ns / 1e9 if call is not None and call.timeout_ns else None
+            if limit is not None and time.monotonic() - call.started > limit + WATCHDOG_GRACE:
+                log.error("worker %d (pid %d) is stuck past a call's deadline; killing it", w.index, w.pid)
+                self._kill(w)
+                self._replace(w, "was killed: stuck past a call's deadline")
+            return
+        with self._lock:
+            call = w.inflight.popleft()
+            status, request_id, data, sandboxes = w.channel.read_response(w.received)
+            w.received += 1
+            w.sandboxes = sandboxes
+            w.calls += 1
+            if status != ipc.STATUS_OK:
+                w.errors += 1
+        if request_id != call.request_id:
+            call.future.set_exception(WorkerCrashed(f"worker {w.index} answered out of order"))
+            self._kill(w)
+            self._replace(w, "answered out of order")
+            return
+        elapsed = time.monotonic() - call.started
+        previous = self._call_cost.get(call.handle.path)
+        self._call_cost[call.handle.path] = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
+        if status == ipc.STATUS_OK:
+            try:
+                value = codec.decode_value(data)
+            except ValueError as exc:
+                call.future.set_exception(errors.GuestProtocolError(f"{call.function}: guest returned a "
+                                                                    f"malformed result: {exc}"))
+                return
+            call.future.set_result(value)
+        else:
+            call.future.set_exception(_rebuild_error(data))
+
+    def _worker_alive(self, w: _Worker) -> bool:
+        if not w.alive:
+            return False
+        ready, _, _ = select.select([w.pidfd], [], [], 0)
+        return not ready
+
+    def _kill(self, w: _Worker) -> None:
+        try:
+            os.kill(w.pid, 9)
+        except ProcessLookupError:
+            pass
+
+    def _replace(self, w: _Worker, reason: str | None) -> None:
+        """The worker died: fail its in-flight calls, start a replacement, keep its queue."""
+        with self._lock:
+            w.alive = False
+            w.crashes += 1
+            lost = list(w.inflight)
+            w.inflight.clear()
+            self._close_channel(w)
+        message = f"worker {w.index} (pid {w.pid}) {reason or 'died'} while running the call"
+        for call in lost:
+            call.future.set_exception(WorkerCrashed(message))
+        if self._closed and not w.queue:
+            log.info("worker %d (pid %d) %s while the pool shuts down", w.index, w.pid, reason or "died")
+            return
+        log.warning("worker %d (pid %d) %s; starting a replacement", w.index, w.pid, reason or "died")
+        for attempt in range(5):
+            try:
+                with self._lock:
+                    self._start_worker(w)
+                self.restarts += 1
+                return
+            except HlpoolError as exc:
+                log.error("cannot restart worker %d: %s", w.index, exc)
+                if not self._spawner.alive():
+                    break
+                time.sleep(0.1 * (attempt + 1))
+        self._mark_broken(f"worker {w.index} cannot be restarted")
+
+    def _mark_broken(self, reason: str) -> None:
+        with self._lock:
+            self._broken = reason
+            stranded = [c for w in self._workers for c in w.queue]
+            for w in self._workers:
+                w.queue.clear()
+                w.wakeup.notify()
+        for call in stranded:
+            if call.future.set_running_or_notify_cancel():
+                call.future.set_exception(WorkerCrashed(f"the pool is broken: {reason}"))
+
+    def _close_channel(self, w: _Worker) -> None:
+        if w.channel is not None:
+            w.channel.close()
+            w.channel = None
+        if w.pidfd >= 0:
+            os.close(w.pidfd)
+            w.pidfd = -1
+
+    def _stop_worker(self, w: _Worker) -> None:
+        """Ask the worker to exit, wait briefly, then make sure it is gone."""
+        if w.alive and w.channel is not None:
+            try:
+                w.channel.write_stop(w.sent)
+                w.channel.requests.release()
+                select.select([w.pidfd], [], [], 2.0)
+            except (OSError, posix_ipc.Error):
+                pass
+            if self._worker_alive(w):
+                self._kill(w)
+                select.select([w.pidfd], [], [], 2.0)
+        w.alive = False
+        self._close_channel(w)
+
+    # ---- shutting down -------------------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting calls; finish (or with ``cancel_futures``, cancel) queued ones; stop workers."""
+        with self._lock:
+            already = self._closed
+            self._closed = True
+            cancelled = []
+            if cancel_futures:
+                for w in self._workers:
+                    cancelled.extend(w.queue)
+                    w.queue.clear()
+            for w in self._workers:
+                w.wakeup.notify()
+        for call in cancelled:
+            call.future.cancel()
+        if already and not wait:
+            return
+        if wait:
+            for w in self._workers:
+                if w.thread is not None:
+                    w.thread.join()
+            self._spawner_close()
+        else:
+            threading.Thread(target=self._finish_shutdown, name="hlpool-pool-shutdown", daemon=True).start()
+
+    def _finish_shutdown(self) -> None:
+        for w in self._workers:
+            if w.thread is not None:
+                w.thread.join()
+        self._spawner_close()
+
+    def _spawner_close(self) -> None:
+        if self._finalizer.alive:
+            self._finalizer.detach()
+            atexit.unregister(self._finalizer)
+            self._spawner.close()
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown(wait=True)
+
+    # ---- introspection -----------------------------------------------------------------------
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Per worker: index, pid, alive, calls, errors, crashes, VMs held, queued, in flight, RSS/PSS."""
+        out = []
+        for w in self._workers:
+            entry = {"index": w.index, "pid": w.pid, "alive": w.alive, "calls": w.calls, "errors": w.errors,
+                     "crashes": w.crashes, "vms": w.sandboxes, "queued": len(w.queue),
+                     "in_flight": len(w.inflight)}
+            entry.update(_memory_of(w.pid) if w.alive else {"rss_kib": 0, "pss_kib": 0})
+            out.append(entry)
+        return out
+
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
+
+
+def _memory_of(pid: int) -> dict[str, int]:
+    values = {"rss_kib": 0, "pss_kib": 0}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Rss", "Pss"):
+                    values[f"{key.lower()}_kib"] = int(rest.split()[0])
+    except OSError:
+        pass
+    return values
+
+
+_ERROR_TYPES = {name: obj for name, obj in vars(errors).items()
+                if isinstance(obj, type) and issubclass(obj, HlpoolError)}
+
+
+def _rebuild_error(blob: bytes) -> BaseException:
+    """Turn a worker's error description back into the matching hlpool exception."""
+    try:
+        info = msgspec.msgpack.decode(blob)
+        kind = _ERROR_TYPES.get(info.get("type"), HlpoolError)
+        message = str(info.get("message", ""))
+        if kind is errors.GuestFault and isinstance(info.get("fault"), dict):
+            exc: BaseException = errors.GuestFault(message, **{k: v for k, v in info["fault"].items()
+                                                               if k in ("vector", "vector_name", "error_code",
+                                                                        "rip", "address")})
+        elif kind is HlpoolError and info.get("type") not in _ERROR_TYPES:
+            exc = HlpoolError(f"{info.get('type')}: {message}")
+        else:
+            exc = kind(message)
+        cause = info.get("cause")
+        exc.__cause__ = RemoteTraceback(cause["traceback"] if isinstance(cause, dict) else info.get("traceback", ""))
+        return exc
+    except Exception as exc:  # a corrupt blob must still fail the call clearly
+        return WorkerCrashed(f"worker sent an unreadable error report: {exc}")
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+        except (ValueError, OSError):
+            log.warning("cannot raise RLIMIT_NOFILE to %d (hard limit %d)", wanted, hard)
+
+
+def _emergency_stop(spawner: Spawner) -> None:
+    """At interpreter exit (or if the Pool is garbage collected): stop the spawner and all workers."""
+    try:
+        spawner.close(timeout=1.0)
+    except Exception:
+        pass

@@ -1,0 +1,161 @@
+"""A pool worker: a forked process that owns KVM VMs and runs calls from its channel.
+
+Workers are forked by the spawner (see :mod:`hlpool.spawner`) before any KVM
+state exists in it. Each worker: dies with its parent (``PR_SET_PDEATHSIG``),
+is named ``hlpool-worker-N``, sets ``no_new_privs``, keeps a warm sandbox per
+snapshot it serves (least recently used evicted beyond a bound), and puts the
+sandbox back to its snapshot after every call (the sandbox does that itself).
+
+Arguments arrive MessagePack-encoded and results leave encoded: a worker
+never decodes values, so nothing a guest writes is interpreted here.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import msgspec
+
+from hlpool.errors import GuestFault, HlpoolError, SandboxBrokenError
+from hlpool.memory.guest_memory import RestorePolicy
+from hlpool.pool import channel as ipc
+from hlpool.sandbox import HostFunction, Sandbox
+from hlpool.snapshot.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerConfig:
+    """What every worker of a pool is configured with (inherited over fork)."""
+
+    host_functions: Mapping[str, HostFunction] = field(default_factory=dict)
+    max_sandboxes: int = 32
+    restore_policy: RestorePolicy = field(default_factory=RestorePolicy)
+    strict_cpu_reset: bool = False
+    max_log_bytes: int = 1 << 20
+
+
+class SandboxCache:
+    """Warm sandboxes by snapshot path, least recently used evicted.
+
+    Kept open to a later step: a warm VM could be switched between snapshots
+    that share a base by remapping only where their layers differ; the cache
+    is the place that decision would be made.
+    """
+
+    def __init__(self, config: WorkerConfig, name: str) -> None:
+        self.config = config
+        self.name = name
+        self._sandboxes: collections.OrderedDict[str, Sandbox] = collections.OrderedDict()
+        self._snapshots: dict[str, Snapshot] = {}
+
+    def get(self, path: str) -> Sandbox:
+        sb = self._sandboxes.get(path)
+        if sb is not None:
+            self._sandboxes.move_to_end(path)
+            return sb
+        snapshot = self._snapshots.get(path)
+        if snapshot is None:
+            snapshot = Snapshot.open(path)
+            self._snapshots[path] = snapshot
+        while len(self._sandboxes) >= self.config.max_sandboxes:
+            old_path, old = self._sandboxes.popitem(last=False)
+            old.close()
+            self._snapshots.pop(old_path, None)
+        sb = Sandbox(snapshot, host_functions=self.config.host_functions, timeout=None,
+                     restore_policy=self.config.restore_policy, strict_cpu_reset=self.config.strict_cpu_reset,
+                     max_log_bytes=self.config.max_log_bytes, name=f"{self.name}:{os.path.basename(path)}")
+        self._sandboxes[path] = sb
+        return sb
+
+    def discard(self, path: str) -> None:
+        sb = self._sandboxes.pop(path, None)
+        if sb is not None:
+            sb.close()
+
+    def __len__(self) -> int:
+        return len(self._sandboxes)
+
+    def close(self) -> None:
+        for sb in self._sandboxes.values():
+            sb.close()
+        self._sandboxes.clear()
+        self._snapshots.clear()
+
+
+def error_blob(exc: BaseException) -> bytes:
+    """Describe an exception for the supervisor (type, message, traceback, fault details, cause)."""
+    info: dict[str, Any] = {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    }
+    if isinstance(exc, GuestFault):
+        info["fault"] = {k: getattr(exc, k) for k in ("vector", "vector_name", "error_code", "rip", "address")}
+    cause = exc.__cause__
+    if cause is not None:
+        info["cause"] = {"type": type(cause).__name__, "message": str(cause),
+                         "traceback": "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))}
+    return msgspec.msgpack.encode(info)
+
+
+def _prepare_process(index: int) -> None:
+    """Process hygiene for a fresh worker."""
+    import prctl
+
+    prctl.set_pdeathsig(signal.SIGKILL)  # die with the spawner (which dies with the supervisor)
+    if os.getppid() == 1:
+        os._exit(1)  # the parent died before PDEATHSIG was armed
+    prctl.set_name(f"hlpool-worker-{index}")
+    try:
+        prctl.set_proctitle(f"hlpool-worker-{index}")
+    except Exception:  # not all platforms allow changing argv
+        pass
+    prctl.set_no_new_privs(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's business
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def serve(index: int, channel: ipc.Channel, config: WorkerConfig) -> None:
+    """The worker's main loop: one call per request, in slot order, until told to stop."""
+    _prepare_process(index)
+    cache = SandboxCache(config, f"worker-{index}")
+    slot = 0
+    try:
+        while True:
+            channel.requests.acquire()
+            op, request_id, timeout_ns, path, function, payload = channel.read_request(slot)
+            if op == ipc.OP_STOP:
+                channel.write_response(slot, 0, ipc.STATUS_OK, b"", len(cache))
+                channel.responses.release()
+                return
+            status, data = _run_one(cache, path, function, payload, timeout_ns)
+            channel.write_response(slot, request_id, status, data, len(cache))
+            channel.responses.release()
+            slot += 1
+    finally:
+        cache.close()
+
+
+def _run_one(cache: SandboxCache, path: str, function: str, payload: memoryview,
+             timeout_ns: int) -> tuple[int, bytes]:
+    """Run one call; the deadline starts when the worker starts it (not while it was queued)."""
+    try:
+        timeout = timeout_ns / 1e9 if timeout_ns else None
+        sb = cache.get(path)
+        return ipc.STATUS_OK, sb.call_encoded(function, bytes(payload), timeout=timeout)
+    except HlpoolError as exc:
+        if isinstance(exc, SandboxBrokenError):
+            cache.discard(path)
+        return ipc.STATUS_ERROR, error_blob(exc)
+    except Exception as exc:  # a bug or an environment problem: report it, keep serving
+        log.exception("worker: unexpected error")
+        cache.discard(path)
+        return ipc.STATUS_ERROR, error_blob(exc)

@@ -1,0 +1,71 @@
+"""The public sandbox: a :class:`~hlpool.machine.machine.Machine` made from a :class:`~hlpool.Snapshot`.
+
+The machine below does the work (VM, vCPU, memory, calls, restore); this class
+adds what needs the snapshot layer: construction from a checked snapshot or an
+ELF, and snapshots of the live sandbox. It is a subclass, not a wrapper, so the
+call path has no extra hop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from hlpool.machine.machine import HostFunction, Machine, SandboxStatus
+from hlpool.snapshot.capture import capture
+from hlpool.snapshot.regions import Region
+from hlpool.snapshot.snapshot import Snapshot
+
+__all__ = ["HostFunction", "Sandbox", "SandboxStatus"]
+
+
+class Sandbox(Machine):
+    """A micro-VM running one guest, created from a :class:`~hlpool.Snapshot`.
+
+    >>> with Sandbox.from_elf("add.elf") as sb:
+    ...     sb.call("add", 2, 3)
+    5
+
+    ``host_functions`` maps names to Python callables the guest may call with
+    ``hl_call_host``. ``timeout`` (seconds) is the default deadline of a call
+    (None: no deadline). ``restore_policy`` sets how many restored pages stay
+    resident. ``log_handler`` receives each line the guest prints (default:
+    the ``hlpool.guest`` logger).
+
+    Every call starts from the snapshot: memory, general registers, segment
+    and control registers, and x87/SSE state. ``strict_cpu_reset=True`` also
+    reloads the full XSAVE area, XCR0, MSRs and debug registers after each
+    call (four more ioctls), closing the channels a guest could only open on
+    purpose with privileged instructions; see README "Isolation between calls".
+
+    ``private_memory=True`` copies the snapshot into private anonymous memory
+    instead of mapping its files (no sharing; the baseline for benchmarks).
+    Other keyword arguments: see :class:`~hlpool.machine.machine.Machine`.
+    """
+
+    def __init__(self, snapshot: Snapshot, **options: Any) -> None:
+        if not isinstance(snapshot, Snapshot):
+            raise TypeError(f"Sandbox needs a Snapshot, not {type(snapshot).__name__}")
+        super().__init__(snapshot, **options)
+
+    @classmethod
+    def from_elf(cls, path: str, *, heap_size: int | None = None, stack_size: int | None = None,
+                 host_functions: Mapping[str, HostFunction] | None = None, **kwargs: Any) -> "Sandbox":
+        """Load, relocate and initialise a guest ELF, then return a sandbox at its initialised state.
+
+        Extra keyword arguments go to :class:`Sandbox` (timeout, restore_policy, ...).
+        """
+        snapshot = Snapshot.from_elf(path, heap_size=heap_size, stack_size=stack_size,
+                                     host_functions=host_functions)
+        return cls(snapshot, host_functions=host_functions, **kwargs)
+
+    def snapshot(self, retain: Callable[[Region], bool | None] | None = None) -> Snapshot:
+        """Take a new snapshot of the live sandbox, layered on this sandbox's snapshot.
+
+        Pages that differ from the parent go into a new layer; the others stay
+        references to the parent's files. ``retain(region)`` may return True
+        (keep the parent's bytes for that region), False (copy the region
+        into the new layer) or None (default).
+        """
+        with self._lock:
+            self._check_usable()
+            return capture(self, retain=retain)

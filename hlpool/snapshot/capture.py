@@ -1,0 +1,225 @@
+"""Capture: a layered snapshot of a live machine that stores only what changed.
+
+For each run of the parent snapshot, pages the guest did not write stay
+references to the parent's layers; written pages go into one new layer unless
+they equal the parent's bytes (then a reference) or are zero (then a zero run).
+``retain(region)`` overrides that per region. Uses only the machine's public
+methods; the new snapshot is the parent with the captured fields replaced.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from hlpool import _mapping
+from hlpool.errors import SnapshotError
+from hlpool.guest.layout import FILES_TABLE, IMAGE_BASE, PAGE, SYSTEM_BASE, Area
+from hlpool.memory.layers import Layer, Run, coalesce
+from hlpool.snapshot.regions import SLOTS, Region, regions_of
+
+if TYPE_CHECKING:
+    from hlpool.machine.machine import Machine
+    from hlpool.snapshot.snapshot import Snapshot
+
+MAX_RUNS_PER_SLOT = 64  # bounds the host mappings each sandbox needs
+
+REF, ZERO, NEW = "ref", "zero", "new"
+
+
+@dataclass
+class _Piece:
+    """A page span of a snapshot being captured, before the new layer is laid out.
+
+    ``ref``: keep ``layer``/``offset`` of the parent; ``zero``: zero pages;
+    ``new``: copy ``count`` pages from host address ``source`` (0: zeros)
+    into the new layer. A ``ref`` piece's ``source`` is where its parent
+    bytes are visible in this process.
+    """
+
+    first: int
+    count: int
+    kind: str
+    layer: int = -1
+    offset: int = 0
+    source: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.first + self.count
+
+
+def capture(
+    machine: "Machine",
+    *,
+    retain: Callable[[Region], bool | None] | None = None,
+    flatten: bool = False,
+    exports: tuple[str, ...] | None = None,
+) -> "Snapshot":
+    """Snapshot a live machine (see :meth:`Sandbox.snapshot`): a child of its snapshot.
+
+    With ``flatten`` the result has a single layer holding every non-zero
+    page (used for snapshots made from an ELF).
+    """
+    parent = machine.base_snapshot
+    vcpu_state = machine.save_vcpu_state()
+    dirty = {"main": machine.dirty_pages(),
+             "system": [(FILES_TABLE - parent.layout.system.start) // PAGE]}
+    new_index = 0 if flatten else len(parent.layers)
+    regions_by_slot = _regions_by_slot(parent) if retain else {}
+    chunks: list[bytes] = []
+    layer_size = 0
+    runs: dict[str, list[Run]] = {}
+    for slot in SLOTS:
+        host = machine.slot_host_address(slot)
+        pieces: list[_Piece] = []
+        for run in parent.runs[slot]:
+            for first, count, decision in _decisions(run, regions_by_slot.get(slot, ()), retain):
+                offset = run.offset + (first - run.first_page) * PAGE if run.layer >= 0 else 0
+                span = Run(first, count, run.layer, offset)
+                pieces.extend(_classify(parent, host, span, dirty[slot], decision, flatten))
+        pieces = _bound(_merge(pieces))
+        slot_runs: list[Run] = []
+        for piece in pieces:
+            if piece.kind == NEW:
+                size = piece.count * PAGE
+                data = _mapping.read_bytes(piece.source, size) if piece.source else bytes(size)
+                chunks.append(data)
+                slot_runs.append(Run(piece.first, piece.count, new_index, layer_size))
+                layer_size += size
+            elif piece.kind == ZERO:
+                slot_runs.append(Run(piece.first, piece.count, -1, 0))
+            else:
+                slot_runs.append(Run(piece.first, piece.count, piece.layer, piece.offset))
+        runs[slot] = coalesce(slot_runs)
+    layer = Layer.from_pages(chunks, name="hlpool-snapshot")
+    layers: tuple[Layer, ...] = (layer,) if flatten else parent.layers + (layer,)
+    return dataclasses.replace(  # the parent's type and fields, with the captured state
+        parent, vcpu=vcpu_state, exports=exports if exports is not None else parent.exports,
+        layers=layers, runs=runs, mapped_files=machine.mapped_files, parent=None if flatten else parent,
+        path=None, info={**parent.info},
+    )
+
+
+def _regions_by_slot(snapshot: "Snapshot") -> dict[str, list[Region]]:
+    out: dict[str, list[Region]] = {slot: [] for slot in SLOTS}
+    for region in regions_of(snapshot):
+        for slot in SLOTS:
+            area: Area = getattr(snapshot.layout, slot)
+            if area.start <= region.guest_address < area.end:
+                out[slot].append(region)
+    return out
+
+
+def _decisions(run: Run, regions: list[Region], retain: Callable[[Region], bool | None] | None):
+    """Split ``run`` at region boundaries; ask ``retain`` about each piece."""
+    if retain is None:
+        return [(run.first_page, run.count, None)]
+    out = []
+    for region in regions:
+        base = IMAGE_BASE if region.guest_address >= IMAGE_BASE else SYSTEM_BASE
+        first = (region.guest_address - base) // PAGE
+        lo, hi = max(run.first_page, first), min(run.end_page, first + region.size // PAGE)
+        if lo < hi:
+            decision = retain(region)
+            if decision not in (True, False, None):
+                raise TypeError(f"retain() must return True, False or None, not {decision!r}")
+            out.append((lo, hi - lo, decision))
+    if sum(c for _f, c, _d in out) != run.count:
+        raise SnapshotError("internal error: regions do not tile the snapshot's runs")
+    return out
+
+
+def _classify(parent: "Snapshot", host: int, span: Run, dirty: list[int], decision: bool | None,
+              flatten: bool) -> list[_Piece]:
+    """Pieces for one span of a parent run (one backing, one retain decision)."""
+    source = parent.layers[span.layer].view() if span.layer >= 0 else 0
+    if decision is True:  # keep the parent's bytes, whatever the sandbox wrote
+        if span.layer < 0:
+            return [_Piece(span.first_page, span.count, ZERO)]
+        return [_Piece(span.first_page, span.count, REF, span.layer, span.offset, source + span.offset)]
+    copy_all = flatten or decision is False
+    out: list[_Piece] = []
+
+    def clean(first: int, count: int) -> None:
+        if count <= 0:
+            return
+        if span.layer < 0:
+            out.append(_Piece(first, count, ZERO))
+            return
+        offset = span.offset + (first - span.first_page) * PAGE
+        if copy_all:  # copy the parent's bytes, except pages that are zero
+            for start, n, is_zero in _mapping.zero_page_spans(source + offset, count):
+                if is_zero:
+                    out.append(_Piece(first + start, n, ZERO))
+                else:
+                    out.append(_Piece(first + start, n, NEW, source=source + offset + start * PAGE))
+        else:
+            out.append(_Piece(first, count, REF, span.layer, offset, source + offset))
+
+    lo = bisect.bisect_left(dirty, span.first_page)
+    hi = bisect.bisect_left(dirty, span.end_page)
+    cursor = span.first_page
+    for page in dirty[lo:hi]:
+        clean(cursor, page - cursor)
+        cursor = page + 1
+        addr = host + page * PAGE
+        if _mapping.pages_equal(addr, 0):
+            out.append(_Piece(page, 1, ZERO))
+            continue
+        if not copy_all and span.layer >= 0:
+            parent_offset = span.offset + (page - span.first_page) * PAGE
+            if _mapping.pages_equal(addr, source + parent_offset):
+                out.append(_Piece(page, 1, REF, span.layer, parent_offset, source + parent_offset))
+                continue
+        out.append(_Piece(page, 1, NEW, source=addr))
+    clean(cursor, span.end_page - cursor)
+    return out
+
+
+def _continues(a: _Piece, b: _Piece) -> bool:
+    if a.end != b.first or a.kind != b.kind:
+        return False
+    if a.kind == ZERO:
+        return True
+    if a.kind == REF:
+        return a.layer == b.layer and a.offset + a.count * PAGE == b.offset
+    return bool(a.source) and a.source + a.count * PAGE == b.source
+
+
+def _merge(pieces: list[_Piece]) -> list[_Piece]:
+    out: list[_Piece] = []
+    for p in pieces:
+        if out and _continues(out[-1], p):
+            out[-1].count += p.count
+        else:
+            out.append(p)
+    return out
+
+
+def _bound(pieces: list[_Piece]) -> list[_Piece]:
+    """At most MAX_RUNS_PER_SLOT backing changes: turn the smallest gaps between new
+    pieces into new data (copying their parent bytes), which costs file size, not memory."""
+    while _backing_changes(pieces) > MAX_RUNS_PER_SLOT:
+        gaps = [i for i in range(1, len(pieces) - 1)
+                if pieces[i].kind != NEW and pieces[i - 1].kind == NEW and pieces[i + 1].kind == NEW]
+        if not gaps:
+            gaps = [i for i, p in enumerate(pieces) if p.kind != NEW]
+        if not gaps:
+            break
+        i = min(gaps, key=lambda k: pieces[k].count)
+        gap = pieces[i]
+        pieces[i] = _Piece(gap.first, gap.count, NEW, source=0 if gap.kind == ZERO else gap.source)
+    return pieces
+
+
+def _backing_changes(pieces: list[_Piece]) -> int:
+    """Runs after layout: consecutive NEW pieces become one run in the new layer."""
+    count = 0
+    for i, p in enumerate(pieces):
+        if i == 0 or not (p.kind == NEW and pieces[i - 1].kind == NEW):
+            count += 1
+    return count
+

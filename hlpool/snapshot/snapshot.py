@@ -1,0 +1,125 @@
+"""Snapshots: the initialised state of a guest, as immutable layers.
+
+A snapshot is vCPU state + a memory layout + for each snapshot slot (system,
+main) an ordered list of runs, each backed by a layer (an immutable file, in
+memory or on disk) or by zero pages. Sandboxes map the layers MAP_PRIVATE,
+so every sandbox of a snapshot shares its pages and pays only for pages it
+writes.
+
+- :meth:`Snapshot.from_elf` loads, relocates and boots a guest, runs
+  ``hl_main`` once and captures the result as a single-layer snapshot.
+- :meth:`Sandbox.snapshot` (:func:`~hlpool.snapshot.capture.capture`) stores
+  only the pages that differ from the sandbox's snapshot in a new layer on top of it.
+- :meth:`Snapshot.persist` / :meth:`Snapshot.open` write and read snapshot
+  files (the format and both functions: :mod:`hlpool.snapshot.snapfile`).
+
+The class is a value: it sits below :class:`~hlpool.Sandbox`, and the modules
+that produce snapshots (initialise, capture, snapfile) never import it; they
+build instances through the class they are given or ``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from hlpool.guest.layout import PAGE, Layout, MemoryConfig
+from hlpool.kvm.vcpu import VcpuState
+from hlpool.machine.machine import HostFunction
+from hlpool.memory.layers import Layer, Run, check_runs
+from hlpool.memory.mapped_files import MappedFile
+from hlpool.snapshot.initialise import DEFAULT_INIT_TIMEOUT, snapshot_from_elf
+from hlpool.snapshot.regions import Region, regions_of
+from hlpool.snapshot.snapfile import read_snapshot, write_snapshot
+
+__all__ = ["Region", "Snapshot"]
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class Snapshot:
+    """The immutable, shareable state of an initialised guest.
+
+    Create with :meth:`from_elf`, :meth:`open` or :meth:`Sandbox.snapshot`;
+    run with :class:`~hlpool.Sandbox`.
+    """
+
+    layout: Layout
+    vcpu: VcpuState
+    exports: tuple[str, ...] | None
+    layers: tuple[Layer, ...]
+    runs: dict[str, list[Run]]
+    image_segments: tuple[tuple[int, int, str], ...] = ()
+    mapped_files: tuple[MappedFile, ...] = ()
+    parent: "Snapshot | None" = None
+    path: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        sizes = [layer.size for layer in self.layers]
+        check_runs(self.runs["system"], self.layout.system.size // PAGE, sizes, "system slot")
+        check_runs(self.runs["main"], self.layout.main.size // PAGE, sizes, "main slot")
+
+    # ---- creation ---------------------------------------------------------------------
+
+    @classmethod
+    def from_elf(
+        cls,
+        path: str | os.PathLike,
+        *,
+        heap_size: int | None = None,
+        stack_size: int | None = None,
+        host_functions: Mapping[str, HostFunction] | None = None,
+        config: MemoryConfig | None = None,
+        timeout: float | None = DEFAULT_INIT_TIMEOUT,
+    ) -> "Snapshot":
+        """Load and relocate a guest ELF, run its ``hl_main`` in a VM and capture the result.
+
+        ``heap_size``/``stack_size`` override ``config`` (a :class:`MemoryConfig`).
+        ``host_functions`` are available to ``hl_main``. Raises
+        :class:`GuestImageError` if the file is not a usable guest or its
+        initialisation fails (the cause is chained).
+        """
+        return snapshot_from_elf(cls, path, heap_size=heap_size, stack_size=stack_size,
+                                 host_functions=host_functions, config=config, timeout=timeout)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, max_memory: int | None = None) -> "Snapshot":
+        """Open and fully validate a snapshot file (and its parents) before anything is mapped."""
+        return read_snapshot(os.fspath(path), cls, max_memory=max_memory)
+
+    def persist(self, path: str | os.PathLike) -> "Snapshot":
+        """Write this snapshot's own layer to ``path`` (atomically, read-only) and return the
+        file-backed snapshot. Parents must be persisted first."""
+        return write_snapshot(self, os.fspath(path))
+
+    # ---- description --------------------------------------------------------------------
+
+    @property
+    def persisted(self) -> bool:
+        return self.path is not None
+
+    @property
+    def depth(self) -> int:
+        """Number of layers (1 for a snapshot made from an ELF)."""
+        return len(self.layers)
+
+    @property
+    def regions(self) -> list[Region]:
+        """The snapshot's memory, split where backing or permissions change."""
+        return regions_of(self)
+
+    def stored_bytes(self) -> int:
+        """Bytes of page data in this snapshot's own (top) layer."""
+        return self.layers[-1].size
+
+    def __repr__(self) -> str:
+        where = self.path or "memory"
+        return (f"<Snapshot {where} layers={self.depth} exports={list(self.exports or ())} "
+                f"own={self.stored_bytes()} bytes>")
+
+
