@@ -628,26 +628,15 @@ def _memory_of(pid: int) -> dict[str, int]:
     return values
 
 
-_ERROR_TYPES = {name: obj for name, obj in vars(errors).items()
-                if isinstance(obj, type) and issubclass(obj, HlpoolError)}
-
-
 def _rebuild_error(blob: bytes) -> BaseException:
-    """Turn a worker's error description back into the matching hlpool exception."""
+    """Turn a worker's error report (see :func:`hlpool.pool.worker.error_blob`) back into the
+    matching hlpool exception, with the worker's traceback as its cause."""
     try:
         info = msgspec.msgpack.decode(blob)
-        kind = _ERROR_TYPES.get(info.get("type"), HlpoolError)
-        message = str(info.get("message", ""))
-        if kind is errors.GuestFault and isinstance(info.get("fault"), dict):
-            exc: BaseException = errors.GuestFault(message, **{k: v for k, v in info["fault"].items()
-                                                               if k in ("vector", "vector_name", "error_code",
-                                                                        "rip", "address")})
-        elif kind is HlpoolError and info.get("type") not in _ERROR_TYPES:
-            exc = HlpoolError(f"{info.get('type')}: {message}")
-        else:
-            exc = kind(message)
-        cause = info.get("cause")
-        exc.__cause__ = RemoteTraceback(cause["traceback"] if isinstance(cause, dict) else info.get("traceback", ""))
+        exc = errors.from_wire(info)
+        cause = info.get("cause") if isinstance(info, dict) else None
+        trace = cause["traceback"] if isinstance(cause, dict) else info.get("traceback", "")
+        exc.__cause__ = RemoteTraceback(str(trace))
         return exc
     except Exception as exc:  # a corrupt blob must still fail the call clearly
         return WorkerCrashed(f"worker sent an unreadable error report: {exc}")

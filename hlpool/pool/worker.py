@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import msgspec
 
-from hlpool.errors import GuestFault, HlpoolError, SandboxBrokenError
+from hlpool.errors import HlpoolError, SandboxBrokenError
 from hlpool.memory.guest_memory import RestorePolicy
 from hlpool.pool import channel as ipc
 from hlpool.sandbox import HostFunction, Sandbox
@@ -91,14 +91,13 @@ class SandboxCache:
 
 
 def error_blob(exc: BaseException) -> bytes:
-    """Describe an exception for the supervisor (type, message, traceback, fault details, cause)."""
-    info: dict[str, Any] = {
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-    }
-    if isinstance(exc, GuestFault):
-        info["fault"] = {k: getattr(exc, k) for k in ("vector", "vector_name", "error_code", "rip", "address")}
+    """Describe an exception for the supervisor: its wire form (:meth:`HlpoolError.to_wire`),
+    the traceback and the cause's. A non-hlpool exception keeps its type name."""
+    if isinstance(exc, HlpoolError):
+        info: dict[str, Any] = exc.to_wire()
+    else:
+        info = {"type": type(exc).__name__, "code": HlpoolError.code, "message": str(exc)}
+    info["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     cause = exc.__cause__
     if cause is not None:
         info["cause"] = {"type": type(cause).__name__, "message": str(cause),
