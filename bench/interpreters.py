@@ -164,7 +164,7 @@ def lupa_cases() -> list[Case]:
 
 def layer_sizes(language: str, base: Any, n: int) -> dict[str, Any]:
     """Load n different scripts as layers on ``base``; their own-layer sizes and load times."""
-    from hlpool.guest.interpreters import load_script
+    from hlpool.sandbox.scripts import load_script
 
     template = {"js": "var hits = 0;\nfunction handle%(i)d(x) { hits++; return [x * %(i)d, hits, 'script %(i)d']; }\n",
                 "lua": "hits = 0\nfunction handle%(i)d(x) hits = hits + 1 return {x * %(i)d, hits, 'script %(i)d'} end\n"}
@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     iterations = args.iterations or (QUICK_ITERATIONS if args.quick else DEFAULT_ITERATIONS)
     n_scripts = args.scripts or (QUICK_SCRIPTS if args.quick else DEFAULT_SCRIPTS)
 
-    from hlpool.guest.interpreters import SOURCES, base_snapshot, build_interpreters, load_script
+    from hlpool.guest.interpreters import SOURCES, build_interpreters
+    from hlpool.sandbox.scripts import base_snapshot, load_script
 
     status("building / finding the interpreter guests ...")
     paths = build_interpreters()

@@ -16,7 +16,8 @@ import pytest
 
 from hlpool import CallError, GuestBuildError, GuestError, GuestTimeout, HostFunctionError, Sandbox, Snapshot
 from hlpool.guest import interpreters
-from hlpool.guest.interpreters import base_snapshot, load_script
+from hlpool.sandbox import scripts
+from hlpool.sandbox.scripts import base_snapshot, load_script
 
 pytestmark = pytest.mark.kvm
 
@@ -593,10 +594,10 @@ def test_scripts_call_host_functions_while_loading_and_calls(bases):
 
 
 def test_persisted_base_and_script_snapshot(kvm, built, tmp_path):
-    first = interpreters.persisted_base_snapshot("lua", tmp_path)
-    again = interpreters.persisted_base_snapshot("lua", tmp_path)
+    first = scripts.persisted_base_snapshot("lua", tmp_path)
+    again = scripts.persisted_base_snapshot("lua", tmp_path)
     assert first.path == again.path and again.info.get("interpreter") == "lua"
-    snap = interpreters.script_snapshot("lua", "function twice(x) return 2 * x end", directory=tmp_path)
+    snap = scripts.script_snapshot("lua", "function twice(x) return 2 * x end", directory=tmp_path)
     assert snap.path and snap.parent.path == first.path
     with Sandbox(Snapshot.open(snap.path)) as sb:
         assert sb.call("call", "twice", [21]) == 42

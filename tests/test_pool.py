@@ -304,10 +304,11 @@ def interpreter_bases(kvm):
     """Build the interpreters and their per-process base snapshots (a cache, not a leak)."""
     from hlpool.guest import interpreters
     from hlpool.kvm.system import system
+    from hlpool.sandbox import scripts
 
     system()
     for language in interpreters.LANGUAGES:
-        interpreters.base_snapshot(language)
+        scripts.base_snapshot(language)
 
 
 def test_scripts_as_layered_snapshots(kvm, interpreter_bases, tmp_path, no_leaks):

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from hlpool import _mapping
+from hlpool import _mapping, defaults
 from hlpool.errors import (
     CallError,
     GuestError,
@@ -55,9 +55,6 @@ log = logging.getLogger(__name__)
 
 HostFunction = Callable[..., Any]
 
-DEFAULT_TIMEOUT = 10.0
-DEFAULT_MAX_LOG_BYTES = 1 << 20
-DEFAULT_MAX_HOST_CALLS = 100_000
 
 _HDR = abi.MSG_HEADER
 _U64 = struct.Struct("<Q")
@@ -101,11 +98,11 @@ class Machine:
         snapshot: "Snapshot",
         *,
         host_functions: Mapping[str, HostFunction] | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
+        timeout: float | None = defaults.CALL_TIMEOUT,
         restore_policy: RestorePolicy | None = None,
         log_handler: LogHandler | None = None,
-        max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
-        max_host_calls: int = DEFAULT_MAX_HOST_CALLS,
+        max_log_bytes: int = defaults.MAX_LOG_BYTES,
+        max_host_calls: int = defaults.MAX_HOST_CALLS,
         strict_cpu_reset: bool = False,
         private_memory: bool = False,
         name: str | None = None,
@@ -326,9 +323,6 @@ class Machine:
         try:
             kind, payload, aux0 = self._run_until(abi.HL_EV_RESULT, deadline)
             value = self._result(kind, payload, aux0, name, decode)
-        except HlpoolError:
-            self._recover()
-            raise
         except BaseException:
             self._recover()
             raise

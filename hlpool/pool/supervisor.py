@@ -32,7 +32,8 @@ from typing import Any, Iterable, Iterator, Mapping
 import msgspec
 import posix_ipc
 
-from hlpool import errors
+from hlpool import defaults, errors
+from hlpool.defaults import SCRIPT_LANGUAGES
 from hlpool.errors import (
     CallError,
     HlpoolError,
@@ -49,12 +50,12 @@ from hlpool.memory.guest_memory import RestorePolicy
 from hlpool.pool import channel as ipc
 from hlpool.pool.spawner import Spawner
 from hlpool.pool.worker import WorkerConfig
-from hlpool.sandbox import HostFunction
+from hlpool.sandbox import HostFunction, scripts
+from hlpool.snapshot.snapfile import looks_like_snapshot
 from hlpool.snapshot.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CALL_TIMEOUT = 10.0
 WATCHDOG_GRACE = 5.0  # a worker silent this long past a call's deadline is killed
 PIPELINE_DEPTH = 2  # calls queued inside a worker's channel
 COLD_START_COST = 0.003  # seconds to make a sandbox in a worker that has none for the snapshot (measured ~2.5 ms)
@@ -146,8 +147,8 @@ class Pool:
         *,
         snapshot_dir: str | os.PathLike | None = None,
         host_functions: Mapping[str, HostFunction] | None = None,
-        max_pending: int = 1024,
-        call_timeout: float | None = DEFAULT_CALL_TIMEOUT,
+        max_pending: int = defaults.MAX_PENDING,
+        call_timeout: float | None = defaults.CALL_TIMEOUT,
         block: bool = True,
         memory: MemoryConfig | None = None,
         max_sandboxes_per_worker: int = 32,
@@ -220,9 +221,7 @@ class Pool:
             handle = self._handles.get(key)
             if handle is not None:
                 return handle
-            with open(path, "rb") as f:
-                is_snapshot = f.read(6) == b"HLSNAP"
-            if is_snapshot:
+            if looks_like_snapshot(path):
                 handle = self._handle_for(path, Snapshot.open(path))
             else:
                 handle = self._from_elf(path)
@@ -239,10 +238,8 @@ class Pool:
         ``pool.submit(handle, "handler", (event,))``. Errors in the script
         (syntax, an exception while loading) raise :class:`GuestError` here.
         """
-        from hlpool.guest import interpreters
-
-        if language not in interpreters.LANGUAGES:
-            raise CallError(f"unknown script language {language!r}; use one of {', '.join(interpreters.LANGUAGES)}")
+        if language not in SCRIPT_LANGUAGES:
+            raise CallError(f"unknown script language {language!r}; use one of {', '.join(SCRIPT_LANGUAGES)}")
         if not isinstance(source, str):
             raise CallError("a script's source must be a str")
         key = ("script", language, hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest())
@@ -250,11 +247,10 @@ class Pool:
             handle = self._handles.get(key)
             if handle is not None:
                 return handle
-            base = interpreters.persisted_base_snapshot(language, self.snapshot_dir,
-                                                        config=interpreters.DEFAULT_CONFIG)
+            base = scripts.persisted_base_snapshot(language, self.snapshot_dir)
             load_timeout = self.call_timeout if timeout is ... else timeout
-            child = interpreters.load_script(base, source, host_functions=self.host_functions,
-                                             timeout=load_timeout or interpreters.DEFAULT_LOAD_TIMEOUT)
+            child = scripts.load_script(base, source, host_functions=self.host_functions,
+                                        timeout=load_timeout or scripts.DEFAULT_LOAD_TIMEOUT)
             persisted = self._persist_in_store(child)
             handle = replace(self._handle_for(persisted.path, persisted), language=language)
             self._handles[key] = handle

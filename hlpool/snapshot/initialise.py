@@ -12,6 +12,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Callable, Mapping
 
+from hlpool.defaults import INIT_TIMEOUT
 from hlpool.errors import GuestImageError, HlpoolError
 from hlpool.guest.boot import initial_regs, initial_sregs, system_memory
 from hlpool.guest.elf import load_guest_image
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INIT_TIMEOUT = 30.0
 APIC_BASE_DEFAULT = 0xFEE00900  # enabled, BSP, at the architectural address
 
 
@@ -40,7 +40,7 @@ def snapshot_from_elf(
     stack_size: int | None = None,
     host_functions: Mapping[str, HostFunction] | None = None,
     config: MemoryConfig | None = None,
-    timeout: float | None = DEFAULT_INIT_TIMEOUT,
+    timeout: float | None = INIT_TIMEOUT,
 ) -> "Snapshot":
     """Load and relocate a guest ELF, run its ``hl_main`` in a VM and capture the result.
 

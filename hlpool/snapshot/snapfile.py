@@ -60,6 +60,15 @@ MAX_RUNS = 1 << 16
 DEFAULT_MAX_MEMORY = 256 << 30
 
 
+def looks_like_snapshot(path: str | os.PathLike) -> bool:
+    """True if the file starts with the snapshot magic (a cheap sniff; :func:`read_snapshot` validates)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
 def _fail(path: str, message: str, cls: type[SnapshotError] = SnapshotFormatError) -> SnapshotError:
     return cls(f"{path}: {message}")
 

@@ -25,12 +25,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from hlpool.defaults import INIT_TIMEOUT
 from hlpool.guest.layout import PAGE, Layout, MemoryConfig
 from hlpool.kvm.vcpu import VcpuState
 from hlpool.machine.machine import HostFunction
 from hlpool.memory.layers import Layer, Run, check_runs
 from hlpool.memory.mapped_files import MappedFile
-from hlpool.snapshot.initialise import DEFAULT_INIT_TIMEOUT, snapshot_from_elf
+from hlpool.snapshot.initialise import snapshot_from_elf
 from hlpool.snapshot.regions import Region, regions_of
 from hlpool.snapshot.snapfile import read_snapshot, write_snapshot
 
@@ -75,7 +76,7 @@ class Snapshot:
         stack_size: int | None = None,
         host_functions: Mapping[str, HostFunction] | None = None,
         config: MemoryConfig | None = None,
-        timeout: float | None = DEFAULT_INIT_TIMEOUT,
+        timeout: float | None = INIT_TIMEOUT,
     ) -> "Snapshot":
         """Load and relocate a guest ELF, run its ``hl_main`` in a VM and capture the result.
 
