@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from hlpool.errors import GuestProtocolError
 from hlpool.guest.abi import HL_MAX_DEPTH
 
 INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
@@ -74,21 +75,37 @@ def encode_value(value: Any, where: str = "value") -> bytes:
 
 
 def decode_value(data: bytes | memoryview) -> Any:
-    """Decode one value written by a guest. Raises ValueError if it is not a valid hlpool value."""
+    """Decode one value written by a guest (untrusted bytes).
+
+    Raises :class:`GuestProtocolError` for anything that is not a valid hlpool
+    value, whatever the decoder's own exception (malformed bytes, nesting that
+    would exhaust the recursion limit, extension types): no other exception type
+    escapes, so no caller's thread can be ended by what a guest writes.
+    """
     try:
         value = _decoder.decode(data)
+        _check_decoded(value, 0)
+    except GuestProtocolError:
+        raise
     except msgspec.DecodeError as exc:
-        raise ValueError(f"malformed msgpack: {exc}") from None
-    _check_decoded(value, 0)
+        raise GuestProtocolError(f"malformed msgpack: {exc}") from None
+    except RecursionError:
+        raise GuestProtocolError(f"malformed msgpack: nested deeper than {HL_MAX_DEPTH} levels") from None
+    except Exception as exc:  # any other decoder failure is still the guest's doing
+        raise GuestProtocolError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
     return value
 
 
 def _check_decoded(value: Any, depth: int) -> None:
     t = type(value)
-    if t in _SCALARS or t is int:
+    if t in _SCALARS:
+        return
+    if t is int:
+        if not INT_MIN <= value <= INT_MAX:
+            raise GuestProtocolError(f"malformed msgpack: int {value} does not fit in signed 64 bits")
         return
     if depth >= HL_MAX_DEPTH + 1:
-        raise ValueError("value nested too deeply")
+        raise GuestProtocolError(f"malformed msgpack: nested deeper than {HL_MAX_DEPTH} levels")
     if t is list:
         for item in value:
             _check_decoded(item, depth + 1)
@@ -96,7 +113,7 @@ def _check_decoded(value: Any, depth: int) -> None:
     if t is dict:
         for key, item in value.items():
             if type(key) is not str:
-                raise ValueError(f"dict key of type {type(key).__name__}")
+                raise GuestProtocolError(f"malformed msgpack: dict key of type {type(key).__name__}")
             _check_decoded(item, depth + 1)
         return
-    raise ValueError(f"value of type {t.__name__} is not an hlpool value")
+    raise GuestProtocolError(f"malformed msgpack: value of type {t.__name__} is not an hlpool value")

@@ -86,13 +86,14 @@ import tempfile
 import threading
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hlpool.defaults import SCRIPT_LANGUAGES
 from hlpool.errors import GuestBuildError
-from hlpool.guest.build import build_guest, cache_dir, sdk_fingerprint
+from hlpool.guest.build import build_guest, cache_dir, runtime_objects, sdk_fingerprint
 from hlpool.guest.layout import MIB, MemoryConfig
 
 log = logging.getLogger(__name__)
@@ -376,14 +377,7 @@ def interpreter_path(language: str) -> Path:
 
 def build_interpreters() -> dict[str, Path]:
     """Build both interpreter guests (in parallel); returns language -> path."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from hlpool.guest.build import runtime_objects
-
     runtime_objects()  # once, before the two builds would both compile it
     with ThreadPoolExecutor(max_workers=len(LANGUAGES)) as pool:
         futures = {language: pool.submit(interpreter_path, language) for language in LANGUAGES}
         return {language: future.result() for language, future in futures.items()}
-
-
-# ---- functions-as-a-service on layered snapshots ----------------------------------------------

@@ -188,7 +188,7 @@ class Machine:
         """Like :meth:`call`, with the arguments already MessagePack-encoded (an array).
 
         Returns the guest's result still encoded (untrusted bytes: decode them
-        with :func:`hlpool.codec.decode_value`). The pool's workers use this so
+        with :func:`hlpool.guest.codec.decode_value`). The pool's workers use this so
         that values are encoded and decoded once, in the supervisor.
         """
         return self._call(name, payload, timeout, restore, decode=False)
@@ -296,7 +296,7 @@ class Machine:
             self._log.end_call()
         try:
             exports = codec.decode_value(payload)
-        except ValueError as exc:
+        except GuestProtocolError as exc:
             raise GuestProtocolError(f"malformed list of exports: {exc}") from None
         if not isinstance(exports, list) or not all(isinstance(e, str) for e in exports):
             raise GuestProtocolError("malformed list of exports")
@@ -396,7 +396,7 @@ class Machine:
             raise GuestProtocolError(f"host call signalled with a record of kind {kind}")
         try:
             request = codec.decode_value(payload)
-        except ValueError as exc:
+        except GuestProtocolError as exc:
             raise GuestProtocolError(f"malformed host call: {exc}") from None
         if not (isinstance(request, list) and len(request) == 2 and isinstance(request[0], str)
                 and isinstance(request[1], list)):
@@ -446,7 +446,7 @@ class Machine:
                 return bytes(payload)  # copied: restore overwrites the guest's buffers
             try:
                 return codec.decode_value(payload)
-            except ValueError as exc:
+            except GuestProtocolError as exc:
                 raise GuestProtocolError(f"{name}: guest returned a malformed result: {exc}") from None
         message = bytes(payload).decode("utf-8", "replace")
         if kind == abi.HL_MSG_GUEST_ERROR:

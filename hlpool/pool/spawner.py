@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import sys
 import traceback
-from typing import TYPE_CHECKING
 
 import msgspec
+import prctl
 
 from hlpool.errors import HlpoolError
 from hlpool.pool import channel as ipc
-
-if TYPE_CHECKING:
-    from hlpool.pool.worker import WorkerConfig
+from hlpool.pool.worker import WorkerConfig, serve
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ log = logging.getLogger(__name__)
 class Spawner:
     """Supervisor-side handle on the spawner process."""
 
-    def __init__(self, config: "WorkerConfig") -> None:
+    def __init__(self, config: WorkerConfig) -> None:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:  # the spawner
@@ -80,8 +79,6 @@ class Spawner:
             self._sock.close()
         except OSError:
             pass
-        import select
-
         ready, _, _ = select.select([self.pidfd], [], [], timeout)
         if not ready:
             try:
@@ -119,10 +116,6 @@ def _close_inherited_vm_fds(keep: int) -> None:
 
 
 def _spawner_main(sock: socket.socket, config) -> None:
-    import prctl
-
-    from hlpool.pool.worker import serve
-
     _close_inherited_vm_fds(sock.fileno())
     prctl.set_pdeathsig(signal.SIGKILL)
     if os.getppid() == 1:

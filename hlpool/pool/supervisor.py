@@ -174,6 +174,7 @@ class Pool:
         self._lock = threading.RLock()
         self._closed = False
         self._broken: str | None = None
+        self.collector_failures = 0  # host-side errors survived by a worker's thread (see _run_worker)
         self._ids = itertools.count(1)
         self._handles: dict[tuple, SnapshotHandle] = {}
         self._call_cost: dict[str, float] = {}  # snapshot path -> moving average of call seconds
@@ -414,23 +415,40 @@ class Pool:
         w.channel.requests.release()
 
     def _run_worker(self, w: _Worker) -> None:
-        """Move queued calls into one worker's channel, resolve their futures, replace the worker if it dies."""
+        """Move queued calls into one worker's channel, resolve their futures, replace the worker if it dies.
+
+        Nothing may end this thread while the pool is open: an unexpected exception
+        (a bug; guest data only ever raises hlpool errors) fails the calls in flight
+        on this worker, replaces the worker and goes on with its queue.
+        """
         while True:
-            with self._lock:
-                while not w.queue and not w.inflight and not self._closed and not self._broken:
-                    w.wakeup.wait(0.25)
-                    if not self._worker_alive(w):
-                        break
-                if (self._closed or self._broken) and not w.queue and not w.inflight:
+            try:
+                if not self._serve_worker_once(w):
                     break
-                while w.queue and w.alive and len(w.inflight) < PIPELINE_DEPTH:
-                    self._dispatch_locked(w, w.queue.popleft())
-                busy = bool(w.inflight)
-            if busy:
-                self._collect(w)
-            elif not self._worker_alive(w):
-                self._replace(w, None)
+            except Exception as exc:
+                self.collector_failures += 1
+                log.exception("worker %d: collector failed; failing its calls in flight and replacing it", w.index)
+                self._kill(w)
+                self._replace(w, f"was replaced after a host-side error ({type(exc).__name__}: {exc})")
         self._stop_worker(w)
+
+    def _serve_worker_once(self, w: _Worker) -> bool:
+        """One round of :meth:`_run_worker`; False when the worker's thread should end."""
+        with self._lock:
+            while not w.queue and not w.inflight and not self._closed and not self._broken:
+                w.wakeup.wait(0.25)
+                if not self._worker_alive(w):
+                    break
+            if (self._closed or self._broken) and not w.queue and not w.inflight:
+                return False
+            while w.queue and w.alive and len(w.inflight) < PIPELINE_DEPTH:
+                self._dispatch_locked(w, w.queue.popleft())
+            busy = bool(w.inflight)
+        if busy:
+            self._collect(w)
+        elif not self._worker_alive(w):
+            self._replace(w, None)
+        return True
 
     def _collect(self, w: _Worker) -> None:
         """Wait briefly for the next response of ``w`` and resolve its future (outside the lock)."""
@@ -467,7 +485,7 @@ class Pool:
         if status == ipc.STATUS_OK:
             try:
                 value = codec.decode_value(data)
-            except ValueError as exc:
+            except errors.GuestProtocolError as exc:
                 call.future.set_exception(errors.GuestProtocolError(f"{call.function}: guest returned a "
                                                                     f"malformed result: {exc}"))
                 return

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import msgspec
+import prctl
 
 from hlpool.errors import HlpoolError, SandboxBrokenError
 from hlpool.memory.guest_memory import RestorePolicy
@@ -107,8 +108,6 @@ def error_blob(exc: BaseException) -> bytes:
 
 def _prepare_process(index: int) -> None:
     """Process hygiene for a fresh worker."""
-    import prctl
-
     prctl.set_pdeathsig(signal.SIGKILL)  # die with the spawner (which dies with the supervisor)
     if os.getppid() == 1:
         os._exit(1)  # the parent died before PDEATHSIG was armed
