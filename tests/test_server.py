@@ -438,7 +438,10 @@ def test_register_errors(server, small_guest, tmp_path):
 
 
 def test_openapi_matches_the_routes(server):
-    from hlpool.service.server import ERROR_STATUS, ServerConfig, Service, routes
+    from hlpool.service.api_errors import ERROR_STATUS
+    from hlpool.service.app import routes
+    from hlpool.service.config import ServerConfig
+    from hlpool.service.handlers import Service
 
     status, doc, _ = server.get("/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.1")
@@ -446,8 +449,10 @@ def test_openapi_matches_the_routes(server):
     for method, path, _handler in routes(Service(None, ServerConfig())):
         served.setdefault(path, set()).add(method.lower())
     assert {path: set(ops) for path, ops in doc["paths"].items()} == served
-    assert doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"] == \
-        sorted(ERROR_STATUS)
+    schemas = doc["components"]["schemas"]
+    error = schemas["Error"]["properties"]["error"]
+    error = schemas[error["$ref"].rsplit("/", 1)[1]] if "$ref" in error else error  # the struct's component
+    assert error["properties"]["code"]["enum"] == sorted(ERROR_STATUS)
     assert doc["paths"]["/healthz"]["get"]["security"] == []
 
 
@@ -618,7 +623,7 @@ def test_refuses_a_port_in_use(server, tmp_path):
 
 def test_error_mapping():
     from hlpool import errors
-    from hlpool.service.server import ERROR_STATUS, api_error
+    from hlpool.service.api_errors import ERROR_STATUS, api_error
 
     cases = {
         errors.PayloadTooLargeError("x"): ("payload_too_large", 413),

@@ -7,6 +7,8 @@
     hlpool run GUEST.elf|X.hlsnap FN [ARG_JSON ...]       call a guest function in this process
     hlpool demo                                           build the examples and call each one
     hlpool info                                           what this host's KVM offers
+    hlpool serve [--guest NAME=PATH ...]                  the pool as an HTTP service
+    hlpool call SNAPSHOT FN [ARG_JSON ...]                call a function on a running server
 
 Errors print one line on stderr and exit with status 1 (2 for usage errors).
 """
@@ -14,15 +16,30 @@ Errors print one line on stderr and exit with status 1 (2 for usage errors).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import re
 import sys
+import time
+from dataclasses import asdict
 from typing import Any, Sequence
 
+from hlpool import defaults
 from hlpool.errors import HlpoolError
+from hlpool.guest.build import build_guest
+from hlpool.guest.examples import EXAMPLE_HOST_FUNCTIONS, build_all, example_path
+from hlpool.guest.interpreters import build_interpreters
+from hlpool.guest.layout import MemoryConfig
+from hlpool.kvm.system import system
+from hlpool.sandbox import Sandbox
+from hlpool.service.client import Client
+from hlpool.service.config import ServerConfig
 from hlpool.service.jsonvalues import from_json, to_json
+from hlpool.service.schema import NAME_PATTERN, NAME_RULE
+from hlpool.snapshot.describe import describe_snapshot
+from hlpool.snapshot.snapshot import Snapshot
 from hlpool.version import __version__
 
 log = logging.getLogger("hlpool.cli")
@@ -40,6 +57,14 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _UNITS[unit]
 
 
+def format_size(size: int) -> str:
+    """4096 -> '4K', 16 << 20 -> '16M' (the largest unit that divides it)."""
+    for unit in ("g", "m", "k"):
+        if size and size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit.upper()}"
+    return str(size)
+
+
 def _json_arg(text: str) -> Any:
     try:
         return json.loads(text)
@@ -50,9 +75,24 @@ def _json_arg(text: str) -> Any:
 # ---- commands --------------------------------------------------------------------------
 
 
-def cmd_guest_build(args: argparse.Namespace) -> int:
-    from hlpool.guest.build import build_guest
+def parse_guest_specs(specs: list[str]) -> dict[str, str]:
+    """``--guest`` values ``["echo=/x/echo.elf", ...]`` -> {name: absolute path}; one-line errors."""
+    guests: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise HlpoolError(f"--guest {spec!r}: expected NAME=PATH")
+        if not NAME_PATTERN.match(name):
+            raise HlpoolError(f"--guest {spec!r}: the name must be {NAME_RULE}")
+        if name in guests:
+            raise HlpoolError(f"--guest {name!r} is given twice")
+        if not os.path.isfile(path):
+            raise HlpoolError(f"--guest {name}: {path} is not a file")
+        guests[name] = os.path.abspath(path)
+    return guests
 
+
+def cmd_guest_build(args: argparse.Namespace) -> int:
     out = build_guest(args.sources, args.output, include_dirs=args.include, defines=args.define,
                       optimize=args.optimize, cflags=args.cflag)
     print(out)
@@ -60,32 +100,24 @@ def cmd_guest_build(args: argparse.Namespace) -> int:
 
 
 def cmd_guest_examples(args: argparse.Namespace) -> int:
-    from hlpool.guest.examples import build_all
-
     for name, path in build_all().items():
         print(f"{name}\t{path}")
     return 0
 
 
 def cmd_guest_interpreters(args: argparse.Namespace) -> int:
-    from hlpool.guest.interpreters import build_interpreters
-
     for language, path in build_interpreters().items():
         print(f"{language}\t{path}")
     return 0
 
 
-def _config(args: argparse.Namespace):
-    from hlpool.guest.layout import MemoryConfig
-
+def _config(args: argparse.Namespace) -> MemoryConfig:
     values = {k: getattr(args, k) for k in ("heap_size", "stack_size", "in_size", "out_size")
               if getattr(args, k, None) is not None}
     return MemoryConfig(**values)
 
 
 def cmd_snapshot_build(args: argparse.Namespace) -> int:
-    from hlpool.snapshot.snapshot import Snapshot
-
     snap = Snapshot.from_elf(args.guest, config=_config(args))
     persisted = snap.persist(args.output)
     print(f"{persisted.path}: {len(persisted.exports or ())} exports, "
@@ -93,32 +125,7 @@ def cmd_snapshot_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_snapshot(snap) -> dict[str, Any]:
-    """A JSON-friendly description of a snapshot (used by `snapshot inspect` and the server)."""
-    chain = []
-    s = snap
-    while s is not None:
-        chain.append(s.path or "<memory>")
-        s = s.parent
-    return {
-        "path": snap.path,
-        "exports": list(snap.exports or ()),
-        "layers": [{"index": i, "sha256": layer.sha256.hex(), "bytes": layer.size, "file": layer.path}
-                   for i, layer in enumerate(snap.layers)],
-        "parent_chain": chain[1:],
-        "memory": {"guest_bytes": snap.layout.guest_memory_size, "heap": snap.layout.heap.size,
-                   "stack": snap.layout.stack.size, "image": snap.layout.image.size,
-                   "input": snap.layout.input.size, "output": snap.layout.out.size},
-        "regions": [{"address": hex(r.guest_address), "size": r.size, "area": r.area, "perms": r.perms,
-                     "backing": r.backing, "layer": r.layer, "file": r.path} for r in snap.regions],
-        "mapped_files": [{"path": f.path, "address": hex(f.guest_address), "size": f.size,
-                          "sha256": f.sha256.hex()} for f in snap.mapped_files],
-    }
-
-
 def cmd_snapshot_inspect(args: argparse.Namespace) -> int:
-    from hlpool.snapshot.snapshot import Snapshot
-
     snap = Snapshot.open(args.snapshot)
     info = describe_snapshot(snap)
     if args.json:
@@ -144,9 +151,7 @@ def cmd_snapshot_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_any(path: str):
-    from hlpool.snapshot.snapshot import Snapshot
-
+def _open_any(path: str) -> Snapshot:
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(b"HLSNAP"):
@@ -155,8 +160,6 @@ def _open_any(path: str):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from hlpool.sandbox import Sandbox
-
     call_args = [from_json(_json_arg(a)) for a in args.args]
     with Sandbox(_open_any(args.file), timeout=args.timeout) as sb:
         result = sb.call(args.function, *call_args)
@@ -165,13 +168,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import hashlib
-    import time
-
-    from hlpool.guest.examples import example_path
-    from hlpool.sandbox import Sandbox
-    from hlpool.snapshot.snapshot import Snapshot
-
     def show(label: str, fn) -> None:
         start = time.perf_counter()
         try:
@@ -182,11 +178,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  {label:<34} {(time.perf_counter() - start) * 1e6:9.0f} us  {outcome[:110]}")
 
     print(f"hlpool {__version__} demo: example guests in KVM sandboxes")
-    host = {"prefix": lambda: "Hello", "value": lambda i: i * i}
     for name in ("echo", "add", "fib", "sha256", "hostcall", "touch", "faults"):
         path = example_path(name)
         snap = Snapshot.from_elf(path)
-        with Sandbox(snap, host_functions=host, timeout=1.0) as sb:
+        with Sandbox(snap, host_functions=EXAMPLE_HOST_FUNCTIONS, timeout=1.0) as sb:
             print(f"{name}: {', '.join(sb.exports)}")
             if name == "echo":
                 show("echo('hi')", lambda: sb.call("echo", "hi"))
@@ -213,10 +208,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from hlpool.kvm.system import system
-
     info = asdict(system().info)
     info["tsc_khz"] = system().tsc_khz
     print(json.dumps(info, indent=2))
@@ -224,7 +215,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from hlpool.service.server import ServerConfig, parse_guest_specs, serve
+    from hlpool.service.serve import serve  # aiohttp takes ~0.2 s to import: only `hlpool serve` pays for it
 
     logging.getLogger("hlpool").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:
@@ -237,8 +228,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    from hlpool.service.client import Client
-
     call_args = [from_json(_json_arg(a)) for a in args.args]
     client = Client(args.url, token=args.token)
     result = client.call(args.snapshot, args.function, *call_args, timeout=args.timeout)
@@ -295,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("file", help="guest ELF or .hlsnap snapshot")
     r.add_argument("function", help="exported function name")
     r.add_argument("args", nargs="*", help="arguments as JSON")
-    r.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    r.add_argument("--timeout", type=float, default=defaults.CALL_TIMEOUT, help="seconds (default %(default)g)")
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("demo", help="build the example guests and call each of them")
@@ -311,10 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "/openapi.json. Without --guest the example guests are built and served under their names. "
                     "SIGTERM or Ctrl-C stops accepting, lets calls in flight finish within --grace seconds, "
                     "and exits.")
-    sv.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-    sv.add_argument("--host", default="127.0.0.1",
-                    help="address to listen on (default 127.0.0.1; others need --token or --insecure)")
-    sv.add_argument("--port", type=int, default=8470, help="port (default 8470; 0 picks a free one)")
+    sv.add_argument("--workers", type=int, default=ServerConfig.workers, help="worker processes (default %(default)s)")
+    sv.add_argument("--host", default=defaults.HOST,
+                    help="address to listen on (default %(default)s; others need --token or --insecure)")
+    sv.add_argument("--port", type=int, default=defaults.PORT, help="port (default %(default)s; 0 picks a free one)")
     sv.add_argument("--snapshot-dir", help="where snapshots built from ELF files are stored "
                                            "(default ~/.cache/hlpool/snapshots)")
     sv.add_argument("--guest", action="append", default=[], metavar="NAME=PATH",
@@ -324,13 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default $HLPOOL_TOKEN; prefer it: other users can see command lines)")
     sv.add_argument("--insecure", action="store_true",
                     help="allow listening on a non-loopback address without a token")
-    sv.add_argument("--max-body", type=parse_size, default=8 << 20, help="request body limit (default 8M)")
-    sv.add_argument("--call-timeout", type=float, default=10.0,
-                    help="seconds a call may run: the default and the maximum a request may ask for (default 10)")
-    sv.add_argument("--grace", type=float, default=10.0,
-                    help="seconds calls in flight get to finish on shutdown (default 10)")
-    sv.add_argument("--max-pending", type=int, default=1024,
-                    help="calls queued or running before the server answers 429 overloaded (default 1024)")
+    sv.add_argument("--max-body", type=parse_size, default=defaults.MAX_BODY,
+                    help=f"request body limit (default {format_size(defaults.MAX_BODY)})")
+    sv.add_argument("--call-timeout", type=float, default=defaults.CALL_TIMEOUT,
+                    help="seconds a call may run: the default and the maximum a request may ask for "
+                         "(default %(default)g)")
+    sv.add_argument("--grace", type=float, default=defaults.SHUTDOWN_GRACE,
+                    help="seconds calls in flight get to finish on shutdown (default %(default)g)")
+    sv.add_argument("--max-pending", type=int, default=defaults.MAX_PENDING,
+                    help="calls queued or running before the server answers 429 overloaded (default %(default)s)")
     sv.add_argument("--access-log", action="store_true", help="log every request")
     sv.set_defaults(func=cmd_serve)
 
@@ -342,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("snapshot", metavar="SNAPSHOT", help="snapshot name (see GET /v1/snapshots)")
     c.add_argument("function", metavar="FN", help="exported function name")
     c.add_argument("args", metavar="ARGS_JSON", nargs="*", help="arguments as JSON")
-    c.add_argument("--url", default=os.environ.get("HLPOOL_URL", "http://127.0.0.1:8470"),
-                   help="server URL (default $HLPOOL_URL or http://127.0.0.1:8470)")
+    c.add_argument("--url", default=os.environ.get("HLPOOL_URL", defaults.URL),
+                   help=f"server URL (default $HLPOOL_URL or {defaults.URL})")
     c.add_argument("--token", default=os.environ.get("HLPOOL_TOKEN"), help="bearer token (default $HLPOOL_TOKEN)")
     c.add_argument("--timeout", type=float, help="seconds the call may run (default: the server's maximum)")
     c.set_defaults(func=cmd_call)

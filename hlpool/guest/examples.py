@@ -1,7 +1,8 @@
 """The example guests shipped with hlpool (sources in ``hlpool/guest/programs``), built on demand.
 
 ``example_path("echo")`` returns a built ELF, compiling it into the cache
-the first time (or when its source or the SDK changed).
+the first time (or when its source or the SDK changed). The host functions
+the examples call are :data:`EXAMPLE_HOST_FUNCTIONS`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,22 @@ from hlpool.guest.build import build_guest, cache_dir, sdk_fingerprint
 
 PROGRAMS_DIR = Path(__file__).resolve().parent / "programs"
 EXAMPLES = ("echo", "add", "fib", "sha256", "hostcall", "faults", "touch")
+
+
+# ---- host functions the example guests call (hostcall.c) --------------------------------------
+
+
+def _prefix() -> str:
+    return "Hello"
+
+
+def _value(i: int) -> int:
+    return i * i
+
+
+#: Host functions for the example guests: ``greet`` calls ``prefix()``, ``total(n)`` calls ``value(i)``.
+#: Module-level functions (not lambdas), so a Pool can hand them to its worker processes.
+EXAMPLE_HOST_FUNCTIONS = {"prefix": _prefix, "value": _value}
 
 
 def example_source(name: str) -> Path:

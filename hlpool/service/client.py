@@ -1,7 +1,7 @@
 """A small client of ``hlpool serve`` (standard library only: urllib).
 
-    >>> from hlpool.client import Client
-    >>> c = Client("http://127.0.0.1:8470")
+    >>> from hlpool.service.client import Client
+    >>> c = Client()  # $HLPOOL_URL, else hlpool.defaults.URL
     >>> c.call("add", "add", 2, 40)
     42
 
@@ -9,7 +9,8 @@ Values go as JSON, bytes as ``{"base64": ...}`` both ways (the client converts).
 Error responses raise a :class:`RemoteError`; for the error codes that have
 a matching hlpool exception the class derives from it too, so
 ``except hlpool.GuestFault`` works across the network (``RemoteGuestFault``
-carries ``vector``, ``rip``... from the response's details).
+carries ``vector``, ``rip``... from the response's details: the error is
+rebuilt with :func:`hlpool.errors.from_wire`).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import Any, cast
 
-from hlpool import errors
+from hlpool import defaults, errors
 from hlpool.errors import HlpoolError
+from hlpool.service import jsonvalues
 
-DEFAULT_URL = "http://127.0.0.1:8470"
+DEFAULT_URL = defaults.URL
 
 
 class RemoteError(HlpoolError):
@@ -40,6 +42,12 @@ class RemoteError(HlpoolError):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"type": type(self).__name__, "code": self.code, "message": self.message}
+        if self.details:
+            wire["details"] = self.details
+        return wire
 
 
 class ServerUnreachable(HlpoolError):
@@ -78,6 +86,7 @@ ERROR_CLASSES: dict[str, type[RemoteError]] = {
 
 
 def error_from_response(status: int, body: bytes) -> RemoteError:
+    """The exception for an error response: ``{"error": {"code", "message"[, "details"]}}``."""
     try:
         error = json.loads(body)["error"]
         code, message = str(error["code"]), str(error["message"])
@@ -85,25 +94,21 @@ def error_from_response(status: int, body: bytes) -> RemoteError:
     except (ValueError, KeyError, TypeError):
         text = body.decode("utf-8", "replace").strip().splitlines()
         return RemoteError(text[0][:200] if text else f"HTTP {status}", code=f"http_{status}", status=status)
-    exc = ERROR_CLASSES.get(code, RemoteError)(message, code=code, status=status, details=details)
-    if isinstance(exc, errors.GuestFault) and details:
-        for key in ("vector", "vector_name", "error_code", "rip", "address"):
-            setattr(exc, key, details.get(key))
+    wire = {"code": code, "message": message, "details": details}
+    # from_wire gives a RemoteGuestFault its vector, rip... from the details (GuestFault.FIELDS)
+    exc = cast(RemoteError, errors.from_wire(wire, base=ERROR_CLASSES.get(code, RemoteError)))
+    exc.code, exc.status, exc.message, exc.details = code, status, message, details or {}
     return exc
 
 
 def to_json(value: Any) -> Any:
     """Python value -> JSON value (bytes become {"base64": ...})."""
-    from hlpool.service.jsonvalues import to_json as _to_json
-
-    return _to_json(value)
+    return jsonvalues.to_json(value)
 
 
 def from_json(value: Any) -> Any:
     """JSON value -> Python value ({"base64": ...} becomes bytes)."""
-    from hlpool.service.jsonvalues import from_json as _from_json
-
-    return _from_json(value)
+    return jsonvalues.from_json(value)
 
 
 class Client:

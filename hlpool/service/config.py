@@ -1,0 +1,78 @@
+"""The server's configuration (:class:`ServerConfig`) and its checks, done before any worker starts."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import math
+import socket
+from dataclasses import dataclass, field
+
+from hlpool import defaults
+from hlpool.errors import HlpoolError
+
+
+@dataclass
+class ServerConfig:
+    workers: int = 2
+    host: str = defaults.HOST
+    port: int = defaults.PORT
+    snapshot_dir: str | None = None
+    guests: dict[str, str] = field(default_factory=dict)  # empty: the example guests
+    token: str | None = None
+    insecure: bool = False
+    max_body: int = defaults.MAX_BODY
+    call_timeout: float = defaults.CALL_TIMEOUT
+    grace: float = defaults.SHUTDOWN_GRACE
+    max_pending: int = defaults.MAX_PENDING
+    access_log: bool = False
+
+
+def check_config(config: ServerConfig) -> None:
+    """Raise a one-line HlpoolError (naming the command-line option) for a value that cannot work."""
+    if config.workers < 1:
+        raise HlpoolError("--workers must be at least 1")
+    if not 0 <= config.port <= 65535:
+        raise HlpoolError(f"--port {config.port} is not a port number")
+    if not config.call_timeout > 0 or not math.isfinite(config.call_timeout):
+        raise HlpoolError("--call-timeout must be a positive number of seconds")
+    if config.grace < 0:
+        raise HlpoolError("--grace must not be negative")
+    if config.max_body < 1024:
+        raise HlpoolError("--max-body must be at least 1K")
+    if config.max_pending < 1:
+        raise HlpoolError("--max-pending must be at least 1")
+    if not config.token and not config.insecure and not is_loopback(config.host):
+        raise HlpoolError(f"refusing to listen on {config.host}, which is not a loopback address, without a "
+                          f"token: pass --token (or set HLPOOL_TOKEN), or --insecure to serve without one")
+
+
+def is_loopback(host: str) -> bool:
+    """True if every address ``host`` names is a loopback address."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail fast (before starting workers) if the address cannot be bound."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise HlpoolError(f"cannot listen on {host}:{port}: {exc}") from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+            except OSError as exc:
+                hint = " (is another server running?)" if exc.errno == errno.EADDRINUSE else ""
+                raise HlpoolError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from None

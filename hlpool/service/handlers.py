@@ -1,0 +1,216 @@
+"""The request handlers around one pool (:class:`Service`), and the calls in flight they track.
+
+A call is ``pool.submit`` (never blocking: the pool is created with
+``block=False``, a full queue is 429 ``overloaded``) awaited through
+:func:`asyncio.wrap_future`; building a snapshot boots a VM, so it runs in a
+thread. Bodies are read within ``--max-body`` and decoded with :mod:`.schema`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from functools import partial
+from typing import Any, Callable, Mapping
+
+from aiohttp import web
+
+from hlpool.errors import HlpoolError
+from hlpool.service.api_errors import ApiError, api_error, registration_error
+from hlpool.service.config import ServerConfig
+from hlpool.service.jsonvalues import to_json
+from hlpool.service.metrics import Metrics
+from hlpool.service.openapi import openapi_document
+from hlpool.service.schema import (
+    UPLOAD_TYPES,
+    CallResult,
+    Health,
+    Index,
+    Readiness,
+    RegisterScript,
+    SnapshotList,
+    decode_call,
+    decode_register,
+    encode,
+    parse_json,
+)
+from hlpool.service.snapshots import SnapshotEntry, Snapshots
+from hlpool.version import __version__
+
+log = logging.getLogger("hlpool.server")
+
+
+def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    """A JSON response from a body struct (or plain JSON values)."""
+    return web.Response(body=encode(body), status=status, headers=headers, content_type="application/json",
+                        charset="utf-8")
+
+
+class Service:
+    """The HTTP handlers around one pool (``pool`` may be None for a service that only describes itself)."""
+
+    def __init__(self, pool: Any, config: ServerConfig, metrics: Metrics | None = None) -> None:
+        self.pool = pool
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.snapshots = Snapshots(pool)
+        self.shutting_down = False
+        self.in_flight = 0  # calls received and not answered yet
+        self._waiting: set[asyncio.Future] = set()  # their pool futures, as awaited by the handlers
+        self._expired: set[asyncio.Future] = set()  # those cancelled because the grace period ran out
+        self._openapi: bytes | None = None
+        self.started = time.time()
+        if pool is not None:
+            self.metrics.attach_pool(pool.stats, lambda: pool.restarts, lambda: len(self.snapshots), self.ready)
+
+    @property
+    def entries(self) -> dict[str, SnapshotEntry]:
+        return self.snapshots.entries
+
+    def load(self, guests: Mapping[str, str]) -> None:
+        """Serve each guest ELF or .hlsnap file as its name (blocking: before the server starts)."""
+        for name, path in guests.items():
+            entry = self.snapshots.build_file(name, path)
+            self.snapshots.add(entry)
+            log.info("serving %s: %s (%s)", name, ", ".join(entry.handle.exports), entry.handle.path)
+
+    def ready(self) -> bool:
+        return not self.shutting_down and all(s["alive"] for s in self.pool.stats())
+
+    async def drain(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for the calls in flight; answer the rest 503 shutting_down."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if self._waiting:
+            log.warning("grace period over: ending %d call(s) still in flight", len(self._waiting))
+            for waiting in list(self._waiting):
+                self._expired.add(waiting)
+                waiting.cancel()  # a queued call is dropped; a running one is ended when the pool stops
+            while self.in_flight and loop.time() < deadline + 1.0:
+                await asyncio.sleep(0.01)  # let the handlers send their answers
+
+    # ---- reading requests --------------------------------------------------------
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.config.max_body
+        if request.content_length is not None and request.content_length > limit:
+            raise ApiError("payload_too_large", f"the request body is {request.content_length} bytes; the limit "
+                                                f"is {limit}")
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError("payload_too_large", f"the request body is larger than the limit of {limit} bytes") \
+                from None
+
+    async def _read_json(self, request: web.Request) -> Any:
+        return parse_json(await self._read_body(request))
+
+    def _check_running(self) -> None:
+        if self.shutting_down:
+            raise ApiError("shutting_down", "the server is shutting down")
+
+    # ---- handlers (see routes.ROUTES) ------------------------------------------------
+
+    async def index(self, request: web.Request) -> web.Response:
+        return json_response(Index(service="hlpool", version=__version__, openapi="/openapi.json",
+                                   snapshots="/v1/snapshots"))
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return json_response(Health(status="ok", version=__version__, uptime=round(time.time() - self.started, 3)))
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        stats = self.pool.stats()
+        alive = sum(1 for s in stats if s["alive"])
+        ready = not self.shutting_down and alive == len(stats)
+        body = Readiness(ready=ready, workers=len(stats), workers_alive=alive, snapshots=len(self.snapshots),
+                         shutting_down=self.shutting_down)
+        return json_response(body, status=200 if ready else 503)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        if self._openapi is None:
+            self._openapi = encode(openapi_document(self.config))
+        return web.Response(body=self._openapi, content_type="application/json", charset="utf-8")
+
+    async def list_snapshots(self, request: web.Request) -> web.Response:
+        return json_response(SnapshotList([e.describe() for e in self.snapshots.entries.values()]))
+
+    async def get_snapshot(self, request: web.Request) -> web.Response:
+        return json_response(self.snapshots.get(request.match_info["name"]).describe())
+
+    async def register(self, request: web.Request) -> web.Response:
+        self._check_running()
+        build: Callable[[], SnapshotEntry]
+        if request.content_type in UPLOAD_TYPES:
+            name = request.query.get("name")
+            if name is None:
+                raise ApiError("bad_request", "an upload needs the snapshot's name as ?name=")
+            self.snapshots.check_new_name(name)
+            data = await self._read_body(request)
+            if not data.startswith(b"\x7fELF"):
+                raise ApiError("snapshot_error", "the upload is not an ELF file (build guests with "
+                                                 "`hlpool guest build`)")
+            build = partial(self.snapshots.build_upload, name, data)
+        else:
+            body = decode_register(await self._read_json(request))
+            name = body.name
+            if isinstance(body, RegisterScript):
+                build = partial(self.snapshots.build_script, name, body.language, body.source)
+            else:
+                build = partial(self.snapshots.build_file, name, body.path)
+        with self.snapshots.reserve(name):
+            try:
+                entry = await asyncio.get_running_loop().run_in_executor(None, build)
+            except (HlpoolError, OSError) as exc:
+                self.metrics.registrations.labels("error").inc()
+                raise registration_error(exc) from None
+            self.snapshots.add(entry)
+        self.metrics.registrations.labels("ok").inc()
+        log.info("registered %s: %s (%s)", name, ", ".join(entry.handle.exports), entry.handle.path)
+        return json_response(entry.describe(), status=201, headers={"Location": f"/v1/snapshots/{name}"})
+
+    async def call(self, request: web.Request) -> web.Response:
+        self._check_running()
+        name, fn = request.match_info["name"], request.match_info["function"]
+        entry = self.snapshots.get(name)
+        script = entry.handle.language is not None
+        if fn not in entry.handle.exports and not script:  # a script's functions are its own to check
+            raise ApiError("unknown_function", f"snapshot {name!r} has no function {fn!r}; it exports "
+                                               f"{', '.join(entry.handle.exports)}")
+        args, timeout = decode_call(await self._read_json(request), self.config.call_timeout)
+        outcome = "ok"
+        start = time.perf_counter()
+        self.metrics.calls_in_flight.inc()
+        self.in_flight += 1
+        waiting = None
+        try:
+            try:
+                waiting = asyncio.wrap_future(self.pool.submit(entry.handle, fn, args, timeout=timeout))
+                self._waiting.add(waiting)
+                result = await waiting
+            except HlpoolError as exc:
+                error = api_error(exc)
+                outcome = error.code
+                raise error from None
+            except asyncio.CancelledError:
+                if waiting not in self._expired:
+                    outcome = "cancelled"  # the client went away, or the server cancels its handlers
+                    raise
+                outcome = "shutting_down"
+                raise ApiError("shutting_down", f"the server stopped before the call finished (grace period "
+                                                f"{self.config.grace:g} s)") from None
+        finally:
+            self._waiting.discard(waiting)
+            self._expired.discard(waiting)
+            self.in_flight -= 1
+            self.metrics.calls_in_flight.dec()
+            # A script's function names come from requests: label only those that answered, so a
+            # client cannot grow the metrics without bound with made-up names.
+            label = fn if not script or outcome == "ok" else "<other>"
+            self.metrics.observe_call(name, label, outcome, time.perf_counter() - start)
+        return json_response(CallResult(result=to_json(result)))

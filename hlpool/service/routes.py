@@ -1,0 +1,76 @@
+"""The route table: every route once, with its handler, bodies and error codes.
+
+:mod:`.app` serves these routes and :mod:`.openapi` describes them; neither
+lists routes of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hlpool.service.schema import (
+    REGISTER_BODIES,
+    CallRequest,
+    CallResult,
+    FunctionName,
+    Health,
+    Index,
+    Readiness,
+    SnapshotInfo,
+    SnapshotList,
+    SnapshotName,
+)
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: str  # the name of the :class:`~hlpool.service.handlers.Service` method that answers
+    operation_id: str
+    summary: str
+    response: Any  # the type of the success body (a Struct; dict or str for the free-form ones)
+    response_description: str
+    status: int = 200
+    request: tuple[type, ...] = ()  # JSON request bodies (more than one: any of them)
+    request_required: bool = True
+    upload: bool = False  # also takes a guest ELF as the body, named by ?name=
+    errors: tuple[str, ...] = ()  # the error codes it answers with (unauthorized is added unless public)
+    public: bool = False  # answered without a token
+    media_type: str = "application/json"
+    other_statuses: tuple[tuple[int, str], ...] = ()  # more statuses with the same body
+    description: str | None = None  # may name {call_timeout} and {max_body}: this server's values
+
+
+#: The types of the ``{...}`` parts of the paths.
+PATH_PARAMETERS = {"name": SnapshotName, "function": FunctionName}
+
+_CALL_ERRORS = ("bad_json", "bad_request", "unknown_snapshot", "unknown_function", "payload_too_large",
+                "guest_error", "overloaded", "guest_fault", "worker_crashed", "host_function_error",
+                "shutting_down", "timeout", "internal")
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/", "index", "index", "Service index", Index, "links"),
+    Route("GET", "/healthz", "healthz", "healthz", "Liveness: the process is up (needs no token)", Health, "up",
+          public=True),
+    Route("GET", "/readyz", "readyz", "readyz", "Readiness: every worker alive and not shutting down", Readiness,
+          "ready", other_statuses=((503, "not ready"),)),
+    Route("GET", "/metrics", "prometheus", "metrics", "Prometheus metrics", str, "Prometheus text exposition format",
+          media_type="text/plain"),
+    Route("GET", "/openapi.json", "openapi", "openapi", "This document", dict, "OpenAPI 3.1"),
+    Route("GET", "/v1/snapshots", "list_snapshots", "listSnapshots", "List the snapshots served", SnapshotList,
+          "snapshots"),
+    Route("POST", "/v1/snapshots", "register", "registerSnapshot",
+          "Register a guest (a path on the server host, or an uploaded ELF) or a JavaScript/Lua script",
+          SnapshotInfo, "registered", status=201, request=REGISTER_BODIES, upload=True,
+          errors=("bad_json", "bad_request", "snapshot_exists", "payload_too_large", "snapshot_error",
+                  "shutting_down")),
+    Route("GET", "/v1/snapshots/{name}", "get_snapshot", "getSnapshot", "Describe a snapshot", SnapshotInfo,
+          "the snapshot", errors=("unknown_snapshot",)),
+    Route("POST", "/v1/snapshots/{name}/calls/{function}", "call", "call",
+          "Call a function in a fresh sandbox of the snapshot", CallResult, "the function's result",
+          request=(CallRequest,), request_required=False, errors=_CALL_ERRORS,
+          description="A call runs at most {call_timeout:g} s here (a request may ask for less); request "
+                      "bodies are limited to {max_body} bytes."),
+)

@@ -1,0 +1,249 @@
+"""The HTTP API's request and response bodies as msgspec Structs, and request decoding with them.
+
+The structs are the one description of the bodies: a request is validated
+against its struct (:func:`decode`: a 400 ``bad_request`` naming the field),
+responses are encoded from them (:func:`encode`), and :mod:`.openapi` derives
+the document's schemas from them.
+
+JSON text is parsed with :func:`json.loads` (as the API always has: it reads
+UTF-16/32 bodies and NaN/Infinity tokens), then converted to the struct.
+Values (call arguments and results) are any JSON value; bytes travel as
+``{"base64": ...}`` (see :mod:`.jsonvalues`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from hlpool.defaults import SCRIPT_LANGUAGES
+from hlpool.errors import GuestFault, HlpoolError
+from hlpool.service.api_errors import ERROR_STATUS, ApiError
+from hlpool.service.jsonvalues import from_json
+
+#: The names snapshots are served under.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+NAME_RULE = "1-64 of A-Z a-z 0-9 _ . -"
+
+VALUE_DOC = 'A JSON value. Bytes are {"base64": "..."}; integers are 64-bit; objects have string keys.'
+
+SnapshotName = Annotated[str, Meta(pattern=NAME_PATTERN.pattern, description=f"a snapshot's name: {NAME_RULE}")]
+FunctionName = Annotated[str, Meta(description="a function the snapshot exports (a script: any of its functions)")]
+Value = Annotated[Any, Meta(description=VALUE_DOC)]
+ErrorCode = Literal[tuple(sorted(ERROR_STATUS))]  # type: ignore[valid-type]
+
+#: Media types of a guest ELF upload (POST /v1/snapshots?name=...).
+UPLOAD_TYPES = ("application/octet-stream", "application/x-elf", "application/x-executable")
+
+
+class BodyError(ValueError):
+    """A rule of a body that its field types cannot say (raised in ``__post_init__``); the text starts with
+    the field's name."""
+
+
+# ---- requests ------------------------------------------------------------------------------------
+
+
+class CallRequest(Struct, forbid_unknown_fields=True):
+    """A call's arguments and deadline (an empty body means no arguments)."""
+
+    args: Annotated[list[Value], Meta(description="the function's arguments")] = []
+    timeout: Annotated[float, Meta(gt=0, description="seconds; the server's maximum (--call-timeout) is the "
+                                                     "default and caps it")] | None = None
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and not math.isfinite(self.timeout):
+            raise BodyError("timeout must be a finite number of seconds")
+
+
+class RegisterPath(Struct, forbid_unknown_fields=True):
+    """Serve a guest ELF or .hlsnap file that is on the server host."""
+
+    name: SnapshotName
+    path: Annotated[str, Meta(description="absolute path of a guest ELF or .hlsnap file on the server host")]
+
+    def __post_init__(self) -> None:
+        if not os.path.isabs(self.path):
+            raise BodyError(f"path must be absolute (a file on the server host), got {self.path!r}")
+
+
+class RegisterScript(Struct, forbid_unknown_fields=True):
+    """A script, loaded once as a layer on its interpreter's base snapshot; call its functions by name."""
+
+    name: SnapshotName
+    language: Annotated[str, Meta(extra_json_schema={"enum": list(SCRIPT_LANGUAGES)})]
+    source: Annotated[str, Meta(description="the script's text")]
+
+    def __post_init__(self) -> None:
+        if self.language not in SCRIPT_LANGUAGES:
+            raise BodyError(f"language: unknown script language {self.language!r}; use "
+                            f"{' or '.join(SCRIPT_LANGUAGES)}")
+
+
+#: What POST /v1/snapshots accepts as JSON (a body with "language" is a script).
+REGISTER_BODIES = (RegisterPath, RegisterScript)
+REGISTER_HINT = ('expected {"name": "...", "path": "/absolute/path.elf or .hlsnap"}, {"name": "...", '
+                 f'"language": {" or ".join(map(json.dumps, SCRIPT_LANGUAGES))}, "source": "..."}} or an ELF '
+                 f"upload with Content-Type: {UPLOAD_TYPES[0]}")
+
+
+# ---- responses ------------------------------------------------------------------------------------
+
+
+class CallResult(Struct):
+    """What the function returned."""
+
+    result: Value
+
+
+class Index(Struct):
+    service: Literal["hlpool"]
+    version: str
+    openapi: str
+    snapshots: str
+
+
+class Health(Struct):
+    status: Literal["ok"]
+    version: str
+    uptime: Annotated[float, Meta(description="seconds since the server started")]
+
+
+class Readiness(Struct):
+    ready: bool
+    workers: int
+    workers_alive: int
+    snapshots: int
+    shutting_down: bool
+
+
+class SnapshotLayer(Struct):
+    index: int
+    sha256: str
+    bytes: int
+    file: str | None
+
+
+class MemorySizes(Struct):
+    guest_bytes: int
+    heap: int
+    stack: int
+    image: int
+    input: int
+    output: int
+
+
+class MemoryRegion(Struct):
+    address: Annotated[str, Meta(description="guest address, hexadecimal")]
+    size: int
+    area: str
+    perms: str
+    backing: str
+    layer: int | None
+    file: str | None
+
+
+class MappedFileInfo(Struct):
+    path: str
+    address: str
+    size: int
+    sha256: str
+
+
+class SnapshotInfo(Struct):
+    """A served snapshot (``hlpool snapshot inspect --json`` plus how the server got it)."""
+
+    name: str
+    id: str
+    sha256: str
+    source: Annotated[str, Meta(description="the file it was made from, an upload or a script")]
+    path: str | None
+    exports: list[str]
+    layers: list[SnapshotLayer]
+    parent_chain: list[str]
+    memory: MemorySizes
+    regions: list[MemoryRegion]
+    mapped_files: list[MappedFileInfo]
+    stored_bytes: int
+
+
+class SnapshotList(Struct):
+    snapshots: list[SnapshotInfo]
+
+
+class ErrorInfo(Struct, omit_defaults=True):
+    code: ErrorCode
+    message: str
+    details: Annotated[dict[str, Any], Meta(description="guest faults: " + ", ".join(GuestFault.FIELDS))] | \
+        UnsetType = UNSET
+
+
+class Error(Struct):
+    """Every error response (see ERROR_STATUS for each code's HTTP status)."""
+
+    error: ErrorInfo
+
+
+# ---- decoding and encoding ----------------------------------------------------------------------------
+
+T = TypeVar("T", bound=Struct)
+
+
+def parse_json(data: bytes) -> Any:
+    """The JSON value of a request body (None when it is empty); ``bad_json`` if it is not JSON."""
+    if not data.strip():
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ApiError("bad_json", f"the body is not valid JSON: {exc}") from None
+
+
+def decode(value: Any, cls: type[T], hint: str | None = None) -> T:
+    """``value`` (parsed JSON) as a ``cls``; a ``bad_request`` naming the field if it does not fit."""
+    try:
+        return msgspec.convert(value, cls)
+    except msgspec.ValidationError as exc:
+        raise ApiError("bad_request", explain(exc, cls, hint)) from None
+
+
+def explain(exc: msgspec.ValidationError, cls: type[Struct], hint: str | None = None) -> str:
+    """A validation error as ``"FIELD: what is wrong"`` (or the body-level problem and what is expected)."""
+    if isinstance(exc.__cause__, BodyError):
+        return str(exc)
+    text = str(exc)
+    what, sep, where = text.rpartition(" - at `$")
+    if sep:
+        return f"{where.rstrip('`').lstrip('.')}: {what[:1].lower()}{what[1:]}"
+    expected = hint or f"the fields are {', '.join(cls.__struct_fields__)}"
+    return f"the body: {text[:1].lower()}{text[1:]}; {expected}"
+
+
+def decode_call(value: Any, max_timeout: float) -> tuple[list, float]:
+    """A call body -> (arguments with bytes decoded, timeout in seconds: at most ``max_timeout``)."""
+    call = decode({} if value is None else value, CallRequest)
+    try:
+        args = from_json(call.args)
+    except HlpoolError as exc:  # a malformed {"base64": ...} or {"float": ...}
+        raise ApiError("bad_request", f"args: {exc}") from None
+    return args, max_timeout if call.timeout is None else min(call.timeout, max_timeout)
+
+
+def decode_register(value: Any) -> RegisterPath | RegisterScript:
+    """A registration body: a script if it has a ``language``, else a path."""
+    cls = RegisterScript if isinstance(value, dict) and "language" in value else RegisterPath
+    return decode(value, cls, REGISTER_HINT)
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(body: Any) -> bytes:
+    """A response body (a struct, or plain JSON values) as JSON."""
+    return _encoder.encode(body)
