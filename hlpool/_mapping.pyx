@@ -19,14 +19,24 @@ from libc.errno cimport errno
 from posix.mman cimport (mmap, munmap, madvise, MAP_PRIVATE, MAP_SHARED, MAP_ANONYMOUS,
                          MAP_FIXED, MAP_FAILED, PROT_NONE, PROT_READ, PROT_WRITE,
                          MADV_DONTNEED)
+from hlpool.kvm cimport kvm
+from hlpool.kvm.kvm cimport kvm_dirty_log, kvm_dirty_gfn
+from hlpool cimport guest_abi
+from hlpool.guest_abi cimport HL_PAGE_SIZE, hl_msg_header
 import os
 
 cdef extern from "sys/mman.h":
     int MAP_NORESERVE
 
-DEF PAGE = 4096
-DEF PAGE_SHIFT = 12
-DEF LARGE = 2 * 1024 * 1024
+# Guest memory pages are the contract's HL_PAGE_SIZE (hlpool_abi.h); the shift and
+# the 2 MiB large page are x86-64 paging constants, which no header here defines.
+cdef enum:
+    PAGE = HL_PAGE_SIZE
+    PAGE_SHIFT = 12
+    LARGE = 2 * 1024 * 1024
+
+if (1 << PAGE_SHIFT) != PAGE:
+    raise ImportError("hlpool_abi.h HL_PAGE_SIZE (%d) is not the x86-64 page size" % PAGE)
 
 PAGE_SIZE = PAGE
 LARGE_PAGE_SIZE = LARGE
@@ -129,25 +139,95 @@ def write_bytes(uintptr_t addr, const uint8_t[:] data):
 
 def write_record(uintptr_t addr, size_t capacity, uint64_t magic, uint64_t kind, const uint8_t[:] payload,
                  uint64_t aux0, uint64_t aux1):
-    """Write an hl_msg_header (64 bytes) and its payload at ``addr``.
+    """Write a ``struct hl_msg_header`` (hlpool_abi.h) and its payload at ``addr``.
 
     ``capacity`` is the size of the buffer at ``addr``; the caller checked
     the payload fits, and this checks again before copying.
     """
     cdef size_t n = payload.shape[0]
-    cdef uint64_t *h = <uint64_t *>addr
-    if n > capacity - 64:
+    cdef hl_msg_header *h = <hl_msg_header *>addr
+    if capacity < sizeof(hl_msg_header) or n > capacity - sizeof(hl_msg_header):
         raise ValueError("record does not fit its buffer")
-    h[0] = magic
-    h[1] = kind
-    h[2] = n
-    h[3] = aux0
-    h[4] = aux1
-    h[5] = 0
-    h[6] = 0
-    h[7] = 0
+    h.magic = magic
+    h.kind = kind
+    h.length = n
+    h.aux0 = aux0
+    h.aux1 = aux1
+    h.aux2 = 0
+    h.aux3 = 0
+    h.aux4 = 0
     if n:
-        memcpy(<void *>(addr + 64), &payload[0], n)
+        memcpy(<void *>(addr + sizeof(hl_msg_header)), &payload[0], n)
+
+
+def guest_header_values():
+    """The guest/host contract as the C compiler sees it in hlpool_abi.h (via hlpool/guest_abi.pxd).
+
+    Returns {"constants": {name: value}, "sizes": {struct: bytes},
+    "offsets": {"struct.field": bytes}}, for tests/test_contracts.py to compare
+    with hlpool/guest/abi.py. Not used at run time.
+    """
+    cdef guest_abi.hl_msg_header m
+    cdef guest_abi.hl_boot_info b
+    cdef guest_abi.hl_file_entry f
+    cdef uintptr_t mb = <uintptr_t>&m, bb = <uintptr_t>&b, fb = <uintptr_t>&f
+    constants = {
+        "HL_ABI_VERSION": guest_abi.HL_ABI_VERSION,
+        "HL_PAGE_SIZE": guest_abi.HL_PAGE_SIZE,
+        "HL_PORT": guest_abi.HL_PORT,
+        "HL_MSG_HEADER_SIZE": guest_abi.HL_MSG_HEADER_SIZE,
+        "HL_LOG_HEADER_SIZE": guest_abi.HL_LOG_HEADER_SIZE,
+        "HL_CALL_PAGE_INLINE": guest_abi.HL_CALL_PAGE_INLINE,
+        "HL_INLINE_MAX": guest_abi.HL_INLINE_MAX,
+        "HL_FILES_MAX": guest_abi.HL_FILES_MAX,
+        "HL_NAME_MAX": guest_abi.HL_NAME_MAX,
+        "HL_MSG_MAGIC": guest_abi.HL_MSG_MAGIC,
+        "HL_BOOT_MAGIC": guest_abi.HL_BOOT_MAGIC,
+    }
+    sizes = {
+        "hl_msg_header": sizeof(guest_abi.hl_msg_header),
+        "hl_log_header": sizeof(guest_abi.hl_log_header),
+        "hl_boot_info": sizeof(guest_abi.hl_boot_info),
+        "hl_file_entry": sizeof(guest_abi.hl_file_entry),
+        "hl_files_table": sizeof(guest_abi.hl_files_table),
+    }
+    offsets = {
+        "hl_msg_header.magic": <uintptr_t>&m.magic - mb,
+        "hl_msg_header.kind": <uintptr_t>&m.kind - mb,
+        "hl_msg_header.length": <uintptr_t>&m.length - mb,
+        "hl_msg_header.aux0": <uintptr_t>&m.aux0 - mb,
+        "hl_msg_header.aux1": <uintptr_t>&m.aux1 - mb,
+        "hl_msg_header.aux2": <uintptr_t>&m.aux2 - mb,
+        "hl_msg_header.aux3": <uintptr_t>&m.aux3 - mb,
+        "hl_msg_header.aux4": <uintptr_t>&m.aux4 - mb,
+        "hl_boot_info.magic": <uintptr_t>&b.magic - bb,
+        "hl_boot_info.abi_version": <uintptr_t>&b.abi_version - bb,
+        "hl_boot_info.image_base": <uintptr_t>&b.image_base - bb,
+        "hl_boot_info.image_size": <uintptr_t>&b.image_size - bb,
+        "hl_boot_info.phdr": <uintptr_t>&b.phdr - bb,
+        "hl_boot_info.phnum": <uintptr_t>&b.phnum - bb,
+        "hl_boot_info.phent": <uintptr_t>&b.phent - bb,
+        "hl_boot_info.heap_base": <uintptr_t>&b.heap_base - bb,
+        "hl_boot_info.heap_size": <uintptr_t>&b.heap_size - bb,
+        "hl_boot_info.stack_base": <uintptr_t>&b.stack_base - bb,
+        "hl_boot_info.stack_size": <uintptr_t>&b.stack_size - bb,
+        "hl_boot_info.in_base": <uintptr_t>&b.in_base - bb,
+        "hl_boot_info.in_size": <uintptr_t>&b.in_size - bb,
+        "hl_boot_info.reply_base": <uintptr_t>&b.reply_base - bb,
+        "hl_boot_info.reply_size": <uintptr_t>&b.reply_size - bb,
+        "hl_boot_info.out_base": <uintptr_t>&b.out_base - bb,
+        "hl_boot_info.out_size": <uintptr_t>&b.out_size - bb,
+        "hl_boot_info.log_base": <uintptr_t>&b.log_base - bb,
+        "hl_boot_info.log_size": <uintptr_t>&b.log_size - bb,
+        "hl_boot_info.tsc_khz": <uintptr_t>&b.tsc_khz - bb,
+        "hl_boot_info.files_base": <uintptr_t>&b.files_base - bb,
+        "hl_boot_info.files_size": <uintptr_t>&b.files_size - bb,
+        "hl_boot_info.files_table": <uintptr_t>&b.files_table - bb,
+        "hl_boot_info.call_page": <uintptr_t>&b.call_page - bb,
+        "hl_file_entry.guest_address": <uintptr_t>&f.guest_address - fb,
+        "hl_file_entry.size": <uintptr_t>&f.size - fb,
+    }
+    return {"constants": constants, "sizes": sizes, "offsets": offsets}
 
 
 def read_bytes(uintptr_t addr, size_t size):
@@ -298,22 +378,17 @@ def _merge(list mappings):
 cdef extern from "sys/ioctl.h":
     int ioctl(int fd, unsigned long request, ...) nogil
 
-cdef struct kvm_dirty_log:
-    uint32_t slot
-    uint32_t padding
-    uint64_t dirty_bitmap
-
-DEF KVM_GET_DIRTY_LOG = 0x4010AE42  # _IOW(KVMIO, 0x42, struct kvm_dirty_log)
+# KVM ioctl numbers, flags and structs below come from <linux/kvm.h> (hlpool/kvm/kvm.pxd).
 
 
 def get_dirty_log(int vm_fd, uint32_t slot, uint64_t[:] bitmap):
     """KVM_GET_DIRTY_LOG for ``slot`` straight into ``bitmap`` (one bit per page of the slot;
     its first words are overwritten). KVM write-protects the reported pages again."""
     cdef kvm_dirty_log log
+    memset(&log, 0, sizeof(log))
     log.slot = slot
-    log.padding = 0
-    log.dirty_bitmap = <uint64_t>&bitmap[0]
-    if ioctl(vm_fd, KVM_GET_DIRTY_LOG, &log) != 0:
+    log.dirty_bitmap = &bitmap[0]
+    if ioctl(vm_fd, kvm.KVM_GET_DIRTY_LOG, &log) != 0:
         raise _oserror("KVM_GET_DIRTY_LOG")
 
 
@@ -322,16 +397,6 @@ cdef extern from *:
     int __builtin_popcountll(unsigned long long) nogil
     void __sync_synchronize() nogil
 
-
-DEF KVM_RESET_DIRTY_RINGS = 0xAEC7  # _IO(KVMIO, 0xc7)
-DEF DIRTY_GFN_F_DIRTY = 1
-DEF DIRTY_GFN_F_RESET = 2
-
-
-cdef struct kvm_dirty_gfn:
-    uint32_t flags
-    uint32_t slot
-    uint64_t offset
 
 
 cdef class DirtySet:
@@ -393,7 +458,7 @@ cdef class DirtySet:
         Each harvested entry is marked for reset; KVM_RESET_DIRTY_RINGS then
         write-protects those pages again, so the guest's next write to them is
         logged. ``entries`` is a power of two; ``ring`` is the vCPU's mapped
-        ring (``entries`` * 16 bytes), which KVM writes and this reads: every
+        ring (``entries`` struct kvm_dirty_gfn), which KVM writes and this reads: every
         index is masked into it, every page checked against the area.
         Returns the number of entries harvested.
         """
@@ -402,17 +467,18 @@ cdef class DirtySet:
         cdef uint64_t page
         while True:
             e = <volatile kvm_dirty_gfn *>(ring + (self.fetch & (entries - 1)) * sizeof(kvm_dirty_gfn))
-            if not (e.flags & DIRTY_GFN_F_DIRTY):
+            if not (e.flags & kvm.KVM_DIRTY_GFN_F_DIRTY):
                 break
             __sync_synchronize()  # read the entry only after seeing its DIRTY flag
             page = e.offset
+            # slot is (address space << 16) | slot id; <linux/kvm.h> has no macro for the split.
             if (e.slot & 0xFFFF) == slot_id and page < self.npages:
                 self._add(page)
             __sync_synchronize()
-            e.flags = DIRTY_GFN_F_RESET
+            e.flags = kvm.KVM_DIRTY_GFN_F_RESET
             self.fetch += 1
             harvested += 1
-        if harvested and ioctl(vm_fd, KVM_RESET_DIRTY_RINGS, 0) < 0:
+        if harvested and ioctl(vm_fd, kvm.KVM_RESET_DIRTY_RINGS, 0) < 0:
             raise _oserror("KVM_RESET_DIRTY_RINGS")
         return harvested
 

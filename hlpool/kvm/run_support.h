@@ -1,6 +1,9 @@
 /*
- * run_support.h - C helpers for hlpool/_vcpu_run.pyx: the per-thread kick
+ * run_support.h - C helpers for hlpool/kvm/_vcpu_run.pyx: the per-thread kick
  * timer, its signal handler and the raw KVM_RUN ioctl.
+ *
+ * KVM_RUN and struct kvm_run come from the kernel's <linux/kvm.h>, the same
+ * header hlpool/kvm/kvm.pxd declares for the Cython modules.
  */
 #ifndef HLPOOL_RUN_SUPPORT_H
 #define HLPOOL_RUN_SUPPORT_H
@@ -14,11 +17,10 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
-
-#define HL_KVM_RUN 0xAE80 /* _IO(KVMIO, 0x80) */
+#include <linux/kvm.h>
 
 /* The kvm_run of the vCPU this thread is running (NULL between runs). */
-static __thread volatile uint8_t *hl_current_run;
+static __thread volatile struct kvm_run *hl_current_run;
 /* This thread's kick timer. */
 static __thread timer_t hl_thread_timer;
 static __thread int hl_thread_timer_ok;
@@ -31,8 +33,8 @@ static int hl_kick_signal(void) { return SIGRTMIN + 5; }
 static void hl_kick_handler(int sig) {
     (void)sig;
     hl_kicked = 1;
-    volatile uint8_t *run = hl_current_run;
-    if (run) run[1] = 1; /* immediate_exit */
+    volatile struct kvm_run *run = hl_current_run;
+    if (run) run->immediate_exit = 1;
 }
 
 /* POSIX timers are not inherited by fork(): forget this thread's timer in the child. */
@@ -83,10 +85,10 @@ static int hl_timer_disarm(void) {
 }
 
 static int hl_kvm_run(int fd, void *run) {
-    hl_current_run = (volatile uint8_t *)run;
+    hl_current_run = (volatile struct kvm_run *)run;
     /* A kick that arrived before hl_current_run was set left only hl_kicked. */
-    if (hl_kicked) ((volatile uint8_t *)run)[1] = 1;
-    int rc = ioctl(fd, HL_KVM_RUN, 0);
+    if (hl_kicked) ((volatile struct kvm_run *)run)->immediate_exit = 1;
+    int rc = ioctl(fd, KVM_RUN, 0);
     int saved = errno;
     hl_current_run = NULL;
     errno = saved;
@@ -96,7 +98,7 @@ static int hl_kvm_run(int fd, void *run) {
 /* Forget a kick that turned out to be early (a stale signal from an old deadline). */
 static void hl_clear_kick(void *run) {
     hl_kicked = 0;
-    ((volatile uint8_t *)run)[1] = 0;
+    ((volatile struct kvm_run *)run)->immediate_exit = 0;
 }
 
 static int64_t hl_monotonic_ns(void) {

@@ -43,6 +43,7 @@ from hlpool.errors import (
     SnapshotError,
     WorkerCrashed,
 )
+from hlpool.guest import abi as guest_abi
 from hlpool.guest import codec
 from hlpool.guest.build import cache_dir, sdk_fingerprint
 from hlpool.guest.layout import MemoryConfig
@@ -286,7 +287,7 @@ class Pool:
 
     def _handle_for(self, path: str, snap: Snapshot) -> SnapshotHandle:
         return SnapshotHandle(path=path, exports=tuple(snap.exports or ()), sha256=snap.layers[-1].sha256.hex(),
-                              input_capacity=snap.layout.input.size - 64)
+                              input_capacity=snap.layout.input.size - guest_abi.HL_MSG_HEADER_SIZE)
 
     # ---- submitting ----------------------------------------------------------------------
 
