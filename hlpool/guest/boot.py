@@ -26,11 +26,12 @@ from hlpool.guest.layout import (
 from hlpool.kvm import abi as kvm_abi
 
 CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_AM, CR0_PG = 1, 2, 0x10, 0x20, 0x10000, 0x40000, 0x80000000
-CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_FSGSBASE = 0x20, 0x200, 0x400, 0x10000
+CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_FSGSBASE, CR4_OSXSAVE = 0x20, 0x200, 0x400, 0x10000, 0x40000
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 0x1, 0x100, 0x400, 0x800
 
 CR0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_AM | CR0_PG  # 0x80050033
-CR4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_FSGSBASE
+CR4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_FSGSBASE | CR4_OSXSAVE  # XSAVE: AVX and the entry stub's xrstor
+XCR0_USABLE = 0x2FF  # x87, SSE, AVX, MPX (never set by KVM), AVX-512 (opmask, ZMM_Hi256, Hi16_ZMM), PKRU
 EFER = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE  # 0xd01
 
 SEL_CODE, SEL_DATA, SEL_TSS = 0x08, 0x10, 0x18
@@ -127,3 +128,12 @@ def initial_regs(layout: Layout, image: GuestImage) -> kvm_abi.KvmRegs:
     regs.rdi = BOOT_INFO
     regs.rflags = 0x2
     return regs
+
+
+def initial_xcrs(supported_xcr0: int) -> kvm_abi.KvmXcrs:
+    """XCR0 for a new guest: x87, SSE and every usable component KVM supports (AVX, AVX-512, PKRU)."""
+    xcrs = kvm_abi.KvmXcrs()
+    xcrs.nr_xcrs = 1
+    xcrs.xcrs[0].xcr = 0
+    xcrs.xcrs[0].value = 0x3 | (supported_xcr0 & XCR0_USABLE & ~0x18)  # never MPX (bits 3-4)
+    return xcrs

@@ -28,8 +28,8 @@ less (see README, "Restore").
 
 The io slot is per-sandbox anonymous memory that only the host writes: the
 call input, host-call replies, and the control page, which holds the entry
-stub every restored call starts in (it reloads the snapshot's x87/SSE state
-with fxrstor before any guest code runs; see hlpool/entry_stub.py).
+stub every restored call starts in (it reloads the snapshot's x87/SSE/AVX state
+with xrstor before any guest code runs; see hlpool/guest/entry_stub.py).
 """
 
 from __future__ import annotations

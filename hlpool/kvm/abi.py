@@ -1,8 +1,14 @@
-"""Raw KVM ABI for x86-64: ioctl numbers, capability numbers and ctypes structs.
+"""Raw KVM ABI for x86-64, Python side: ioctl numbers, capability numbers and ctypes structs.
 
 Everything here mirrors ``<linux/kvm.h>`` and ``<asm/kvm.h>`` field for field;
-nothing else in hlpool defines a KVM struct or ioctl number. The layouts are
+no other Python module defines a KVM struct or ioctl number. The layouts are
 part of the stable kernel ABI.
+
+The Cython modules (``hlpool/_mapping.pyx``, ``hlpool/kvm/_vcpu_run.pyx`` and its
+``run_support.h``) take the same ABI straight from the kernel's ``<linux/kvm.h>``
+through ``hlpool/kvm/kvm.pxd``, so the dirty-log ioctls and structs they alone
+use are not repeated here. ``tests/test_contracts.py`` checks every number, size
+and offset below against that header.
 """
 
 from __future__ import annotations
@@ -158,16 +164,6 @@ class KvmUserspaceMemoryRegion(ctypes.Structure):
     ]
 
 
-class KvmDirtyLog(ctypes.Structure):
-    _fields_ = [("slot", c_uint32), ("padding", c_uint32), ("dirty_bitmap", c_uint64)]
-
-
-class KvmClearDirtyLog(ctypes.Structure):
-    _fields_ = [
-        ("slot", c_uint32), ("num_pages", c_uint32), ("first_page", c_uint64), ("dirty_bitmap", c_uint64),
-    ]
-
-
 class KvmEnableCap(ctypes.Structure):
     _fields_ = [("cap", c_uint32), ("flags", c_uint32), ("args", c_uint64 * 4), ("pad", c_uint8 * 64)]
 
@@ -240,7 +236,6 @@ KVM_CHECK_EXTENSION = _io(0x03)
 KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 KVM_GET_SUPPORTED_CPUID = _iowr(0x05, KvmCpuid2Header)
 KVM_CREATE_VCPU = _io(0x41)
-KVM_GET_DIRTY_LOG = _iow(0x42, KvmDirtyLog)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, KvmUserspaceMemoryRegion)
 KVM_SET_TSS_ADDR = _io(0x47)
 KVM_RUN = _io(0x80)
@@ -263,7 +258,6 @@ KVM_GET_XSAVE = _ior(0xA4, KvmXsave)
 KVM_SET_XSAVE = _iow(0xA5, KvmXsave)
 KVM_GET_XCRS = _ior(0xA6, KvmXcrs)
 KVM_SET_XCRS = _iow(0xA7, KvmXcrs)
-KVM_CLEAR_DIRTY_LOG = _iowr(0xC0, KvmClearDirtyLog)
 KVM_RESET_DIRTY_RINGS = _io(0xC7)
 KVM_DIRTY_LOG_PAGE_OFFSET = 64  # pages into the vCPU mapping where the dirty ring starts
 
@@ -312,6 +306,8 @@ EXIT_REASON_NAMES = {
 
 # ---- MSRs ------------------------------------------------------------------------
 
+MSR_IA32_TSC = 0x10
+MSR_IA32_TSC_DEADLINE = 0x6E0
 MSR_EFER = 0xC0000080
 MSR_STAR = 0xC0000081
 MSR_LSTAR = 0xC0000082
@@ -351,3 +347,40 @@ def ioctl(fd: int, request: int, arg: object = None) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return result
+
+
+# ---- MSR filtering and the MSR index list (guest MSR writes denied; strict reset) ----
+
+
+class KvmMsrFilterRange(ctypes.Structure):
+    _fields_ = [("flags", c_uint32), ("nmsrs", c_uint32), ("base", c_uint32), ("bitmap", ctypes.c_void_p)]
+
+
+class KvmMsrFilter(ctypes.Structure):
+    _fields_ = [("flags", c_uint32), ("ranges", KvmMsrFilterRange * 16)]
+
+
+KVM_MSR_FILTER_READ = 1 << 0
+KVM_MSR_FILTER_WRITE = 1 << 1
+KVM_MSR_FILTER_DEFAULT_ALLOW = 0
+KVM_MSR_FILTER_DEFAULT_DENY = 1
+KVM_X86_SET_MSR_FILTER = _iow(0xC6, KvmMsrFilter)
+KVM_CAP_X86_MSR_FILTER = 189
+
+
+class KvmMsrListHeader(ctypes.Structure):
+    _fields_ = [("nmsrs", c_uint32)]
+
+
+def msr_list_struct(count: int) -> ctypes.Structure:
+    """A ``struct kvm_msr_list`` with room for ``count`` indices."""
+
+    class KvmMsrList(ctypes.Structure):
+        _fields_ = [("nmsrs", c_uint32), ("indices", c_uint32 * count)]
+
+    out = KvmMsrList()
+    out.nmsrs = count
+    return out
+
+
+KVM_GET_MSR_INDEX_LIST = _iowr(0x02, KvmMsrListHeader)

@@ -66,6 +66,39 @@ class Kvm:
         return cpuid
 
     @cached_property
+    def xsave_components(self) -> dict[int, tuple[int, int]]:
+        """XSAVE component number (>= 2) -> (offset, size) in the standard form (CPUID leaf 0xD)."""
+        cpuid = self.supported_cpuid
+        out: dict[int, tuple[int, int]] = {}
+        for i in range(cpuid.nent):
+            entry = cpuid.entries[i]
+            if entry.function == 0xD and 2 <= entry.index < 63 and entry.eax:
+                out[entry.index] = (entry.ebx, entry.eax)
+        return out
+
+    @cached_property
+    def msr_index_list(self) -> tuple[int, ...]:
+        """Every MSR this KVM saves and restores for a vCPU (``KVM_GET_MSR_INDEX_LIST``)."""
+        probe = abi.msr_list_struct(0)
+        try:
+            abi.ioctl(self.fd, abi.KVM_GET_MSR_INDEX_LIST, probe)
+        except OSError:
+            pass  # E2BIG: nmsrs now holds the count
+        full = abi.msr_list_struct(probe.nmsrs)
+        abi.ioctl(self.fd, abi.KVM_GET_MSR_INDEX_LIST, full)
+        return tuple(full.indices[i] for i in range(full.nmsrs))
+
+    @cached_property
+    def supported_xcr0(self) -> int:
+        """The XSAVE components KVM lets a guest enable (CPUID leaf 0xD, sub-leaf 0)."""
+        cpuid = self.supported_cpuid
+        for i in range(cpuid.nent):
+            entry = cpuid.entries[i]
+            if entry.function == 0xD and entry.index == 0:
+                return entry.eax | entry.edx << 32
+        return 3
+
+    @cached_property
     def info(self) -> KvmInfo:
         info = KvmInfo(
             api_version=abi.KVM_API_VERSION,

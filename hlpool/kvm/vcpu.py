@@ -22,6 +22,13 @@ STATE_MSRS = (
 )
 
 
+# MSRs a strict reset never writes back: the time stamp counter and its deadline (writing them
+# would move the guest's clock), and PVM's own registration MSRs (written once by the host).
+NOT_RESET_MSRS = frozenset({abi.MSR_IA32_TSC, abi.MSR_IA32_TSC_DEADLINE, abi.MSR_PVM_VIF,
+                            abi.MSR_PVM_SIGNATURE})
+_resettable: tuple[int, ...] | None = None
+
+
 @dataclass(frozen=True)
 class VcpuState:
     """The architectural state of a vCPU, as raw KVM struct bytes."""
@@ -91,6 +98,29 @@ class Vcpu:
         if done != len(values):
             failed = list(values)[done]
             raise KvmError(f"KVM_SET_MSRS stopped at MSR {failed:#x}")
+
+    def resettable_msrs(self) -> tuple[int, ...]:
+        """The MSRs of KVM's index list that this vCPU can read and the host can write back.
+
+        Probed one by one once per process (KVM_GET/SET_MSRS stop at the first MSR
+        they cannot handle); :data:`NOT_RESET_MSRS` are left out.
+        """
+        global _resettable
+        if _resettable is None:
+            usable = []
+            for index in self.vm.kvm.msr_index_list:
+                if index in NOT_RESET_MSRS:
+                    continue
+                value = self.get_msrs((index,))
+                if index not in value:
+                    continue
+                try:
+                    self.set_msrs(value)
+                except (KvmError, OSError):
+                    continue
+                usable.append(index)
+            _resettable = tuple(usable)
+        return _resettable
 
     def get_xcrs(self) -> abi.KvmXcrs:
         xcrs = abi.KvmXcrs()

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 
 from hlpool.errors import KvmError
 from hlpool.kvm import abi
 from hlpool.kvm.system import Kvm, system
+
+# (base, count): the MSR ranges a call's guest may read (architectural, KVM/Hyper-V synthetic,
+# KVM paravirtual, AMD64 and AMD-specific); it may write none.
+READABLE_MSR_RANGES = ((0x0, 0x2000), (0x40000000, 0x200), (0x4B564D00, 0x100), (0xC0000000, 0x2000),
+                       (0xC0010000, 0x2000))
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,30 @@ class Vm:
             return 0
         self.dirty_ring_entries = entries
         return entries
+
+    def deny_guest_msr_writes(self) -> None:
+        """Make every guest ``wrmsr`` fault (#GP) and allow ``rdmsr`` only in the architectural ranges.
+
+        A guest that could write MSRs could pass data from one call to the next
+        (SYSENTER_*, PAT, STAR...), change how its successor runs, or make KVM
+        write into guest memory (the kvmclock MSRs). Guests set their MSRs while
+        ``hl_main`` runs (that machine has no filter); calls never need to. The
+        host's own KVM_SET_MSRS is not filtered. Raises :class:`KvmError` if this
+        KVM has no MSR filtering (the sandbox then relies on ``strict_cpu_reset``).
+        """
+        if not self.kvm.check_extension(abi.KVM_CAP_X86_MSR_FILTER):
+            raise KvmError("this KVM cannot filter guest MSR accesses (KVM_CAP_X86_MSR_FILTER)")
+        msr_filter = abi.KvmMsrFilter(flags=abi.KVM_MSR_FILTER_DEFAULT_DENY)
+        bitmaps = []  # KVM copies them during the ioctl
+        for i, (base, count) in enumerate(READABLE_MSR_RANGES):
+            bitmap = ctypes.create_string_buffer(b"\xff" * (count // 8), count // 8)
+            bitmaps.append(bitmap)
+            msr_filter.ranges[i] = abi.KvmMsrFilterRange(flags=abi.KVM_MSR_FILTER_READ, nmsrs=count, base=base,
+                                                         bitmap=ctypes.addressof(bitmap))
+        try:
+            abi.ioctl(self.fd, abi.KVM_X86_SET_MSR_FILTER, msr_filter)
+        except OSError as exc:
+            raise KvmError(f"KVM_X86_SET_MSR_FILTER: {exc.strerror}") from None
 
     def close(self) -> None:
         if self.fd >= 0:

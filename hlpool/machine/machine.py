@@ -34,9 +34,11 @@ from hlpool.errors import (
     GuestTimeout,
     HlpoolError,
     HostFunctionError,
+    KvmError,
     PayloadTooLargeError,
     SandboxBrokenError,
     SandboxClosedError,
+    SnapshotFormatError,
 )
 from hlpool.guest import abi, codec, entry_stub, faults
 from hlpool.guest.layout import VIF_PAGE
@@ -136,8 +138,15 @@ class Machine:
             self.vcpu = Vcpu(self.vm)
             if self.vcpu.dirty_ring:
                 self.memory.attach_dirty_ring(self.vcpu.dirty_ring, self.vm.dirty_ring_entries)
-            self.vcpu.load_state(snapshot.vcpu)
+            try:
+                self.vcpu.load_state(snapshot.vcpu)
+            except (OSError, KvmError) as exc:  # KVM refused what the snapshot holds
+                raise SnapshotFormatError(f"KVM refused the snapshot's vCPU state: {exc}") from None
             pvm.enable_native_execution(self.vcpu, VIF_PAGE)
+            if snapshot.exports is not None:  # a finished snapshot: its calls need no MSR writes
+                self.vm.deny_guest_msr_writes()
+            # strict_cpu_reset reloads every MSR of KVM's index list, as this fresh vCPU has them now
+            self._strict_msrs = self.vcpu.get_msrs(self.vcpu.resettable_msrs()) if strict_cpu_reset else {}
         except BaseException:
             self._release()
             raise
@@ -157,9 +166,15 @@ class Machine:
         self._entry_regs = b""
         if snapshot.exports is not None:  # a finished snapshot: calls enter through the stub
             regs = kvm_abi.KvmRegs.from_buffer_copy(snapshot.vcpu.regs)
-            self.memory.write(layout.control.start, entry_stub.control_page(
-                regs.rip, entry_stub.fxsave_image(snapshot.vcpu.xsave)))
+            xcr0 = entry_stub.xcr0_of(snapshot.vcpu.xcrs)
+            if self.vm.kvm.info.flavour == "pvm":  # PVM runs guest code under the host's XCR0, not the guest's
+                xcr0 |= self.vm.kvm.supported_xcr0
+            image, mask = entry_stub.restore_image(snapshot.vcpu.xsave, xcr0, self.vm.kvm.xsave_components)
+            cr8 = kvm_abi.KvmSregs.from_buffer_copy(snapshot.vcpu.sregs).cr8 if strict_cpu_reset else None
+            self.memory.write(layout.control.start,
+                              entry_stub.control_page(regs.rip, regs.rax, regs.rdx, image, cr8=cr8))
             regs.rip = layout.control.start
+            regs.rax, regs.rdx = mask & 0xFFFFFFFF, mask >> 32
             self._entry_regs = bytes(regs)
 
     # ---- public API -------------------------------------------------------------------
@@ -314,6 +329,7 @@ class Machine:
         if self._reload_registers:
             if self.strict_cpu_reset:
                 self.vcpu.load_state(self.base_snapshot.vcpu)
+                self.vcpu.set_msrs(self._strict_msrs)
             self.vcpu.load_sync_regs(self._entry_regs, self.base_snapshot.vcpu.sregs)
             self._reload_registers = False
         deadline = _deadline(timeout)

@@ -9,8 +9,10 @@ the files table in the system slot (``hl_mapped_file``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,6 +46,24 @@ class MappedFile:
 
 def fingerprint(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class NotARegularFile(OSError):
+    """The path names a directory, device, FIFO or socket, not a regular file."""
+
+
+def open_regular(path: str) -> tuple[int, os.stat_result]:
+    """Open ``path`` read-only without blocking (a FIFO cannot stall us) and check it is a
+    regular file; returns (fd, stat). Raises OSError (:class:`NotARegularFile` for the rest)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotARegularFile(errno.EINVAL, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
 
 
 def hash_file(fd: int) -> bytes:
@@ -88,12 +108,13 @@ class SandboxFiles:
     def map(self, path: str, guest_address: int | None) -> tuple[int, int]:
         path = os.path.abspath(path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd, st = open_regular(path)
+        except NotARegularFile:
+            raise HlpoolError(f"map_file: {path} is not a regular, non-empty file") from None
         except OSError as exc:
             raise HlpoolError(f"map_file: cannot open {path}: {exc.strerror}") from None
         try:
-            st = os.fstat(fd)
-            if not os.path.isfile(path) or st.st_size == 0:
+            if st.st_size == 0:
                 raise HlpoolError(f"map_file: {path} is not a regular, non-empty file")
             size = st.st_size
             address = self._place(page_up(size), guest_address, path)
@@ -134,11 +155,10 @@ class SandboxFiles:
 
     def _attach(self, f: MappedFile) -> None:
         try:
-            fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd, st = open_regular(f.path)
         except OSError as exc:
             raise SnapshotParentError(f"mapped file {f.path} is not available: {exc.strerror}") from None
         try:
-            st = os.fstat(fd)
             if fingerprint(st) != f.fingerprint:
                 raise SnapshotParentError(f"mapped file {f.path} changed since it was hashed "
                                           f"(inode, size or mtime differ)")

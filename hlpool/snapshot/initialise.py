@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Mapping
 
 from hlpool.defaults import INIT_TIMEOUT
 from hlpool.errors import GuestImageError, HlpoolError
-from hlpool.guest.boot import initial_regs, initial_sregs, system_memory
+from hlpool.guest.boot import initial_regs, initial_sregs, initial_xcrs, system_memory
 from hlpool.guest.elf import load_guest_image
 from hlpool.guest.layout import IMAGE_BASE, PAGE, Layout, MemoryConfig
 from hlpool.kvm import abi as kvm_abi
@@ -73,7 +73,7 @@ def snapshot_from_elf(
     }
     sregs = initial_sregs(kvm_abi.KvmSregs(apic_base=APIC_BASE_DEFAULT))
     boot_state = VcpuState(regs=bytes(initial_regs(layout, image)), sregs=bytes(sregs), xsave=b"",
-                           xcrs=b"", msrs={}, debugregs=b"", events=b"")
+                           xcrs=bytes(initial_xcrs(kvm.supported_xcr0)), msrs={}, debugregs=b"", events=b"")
     segments = tuple((s.offset, s.size, "r" + ("w" if s.writable else "") + ("x" if s.executable else ""))
                      for s in image.segments)
     boot = make(layout=layout, vcpu=boot_state, exports=None, layers=(layer,), runs=runs,

@@ -43,7 +43,7 @@ from hlpool.guest.layout import PAGE, Layout, MemoryConfig, page_up
 from hlpool.kvm.system import system
 from hlpool.kvm.vcpu import VcpuState
 from hlpool.memory.layers import Layer, Run, check_runs
-from hlpool.memory.mapped_files import MappedFile, fingerprint, hash_file
+from hlpool.memory.mapped_files import MappedFile, fingerprint, hash_file, open_regular
 from hlpool.version import __version__ as hlpool_version
 
 if TYPE_CHECKING:
@@ -58,6 +58,8 @@ MAX_FILE_SIZE = 1 << 40
 MAX_DEPTH = 64
 MAX_RUNS = 1 << 16
 DEFAULT_MAX_MEMORY = 256 << 30
+# Page data one snapshot file may hold: bounds the time its content hash takes (~1 GB/s here).
+DEFAULT_MAX_LAYER = 8 << 30
 
 
 def looks_like_snapshot(path: str | os.PathLike) -> bool:
@@ -214,18 +216,20 @@ class _Header:
             raise _fail(path, f"metadata of {self.meta_size} bytes exceeds {MAX_META_SIZE}", SnapshotTooLargeError)
 
 
-def _open_layer(path: str, expected_sha256: bytes | None) -> tuple[Layer, dict[str, Any]]:
+def _open_layer(path: str, expected_sha256: bytes | None, max_layer: int) -> tuple[Layer, dict[str, Any]]:
     """Open, hash and parse one snapshot file. Returns its layer and metadata."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd, st = open_regular(path)
     except FileNotFoundError:
         raise SnapshotParentError(f"{path}: no such snapshot file") if expected_sha256 else \
             SnapshotError(f"{path}: no such file") from None
     except OSError as exc:
         raise SnapshotError(f"{path}: cannot open: {exc.strerror}") from None
     try:
-        st = os.fstat(fd)
         header = _Header(path, os.pread(fd, PAGE, 0), st.st_size)
+        if header.data_size > max_layer:
+            raise _fail(path, f"holds {header.data_size} bytes of page data, over the {max_layer}-byte limit "
+                        "(Snapshot.open(max_layer_size=...))", SnapshotTooLargeError)
         if expected_sha256 is not None and header.content_sha256 != expected_sha256:
             raise _fail(path, "is not the parent this snapshot was layered on (content hash differs)",
                         SnapshotParentError)
@@ -251,10 +255,15 @@ def _open_layer(path: str, expected_sha256: bytes | None) -> tuple[Layer, dict[s
             raise _fail(path, "truncated metadata")
         try:
             meta = msgspec.msgpack.decode(meta_raw)
-        except msgspec.DecodeError as exc:
+        except RecursionError:
+            raise _fail(path, "malformed metadata: nested too deeply") from None
+        except Exception as exc:  # whatever the decoder raises, the file is at fault
             raise _fail(path, f"malformed metadata: {exc}") from None
         if not isinstance(meta, dict):
             raise _fail(path, "malformed metadata (not a map)")
+    except OSError as exc:  # e.g. EIO from a procfs file that claims to be regular
+        os.close(fd)
+        raise _fail(path, f"cannot read: {exc.strerror}") from None
     except BaseException:
         os.close(fd)
         raise
@@ -293,6 +302,10 @@ def _parse_vcpu(raw: Any, path: str) -> VcpuState:
         fields[name] = value
     if len(fields["xsave"]) != 4096:
         raise _fail(path, "vCPU XSAVE area has an unexpected size")
+    # struct kvm_debugregs: db[4], dr6, dr7, flags, reserved[9]; KVM rejects high bits in dr6/dr7 and flags
+    dr6, dr7, flags, *reserved = struct.unpack_from("<QQQ9Q", fields["debugregs"], 32)
+    if dr6 >> 32 or dr7 >> 32 or flags or any(reserved):
+        raise _fail(path, "vCPU debug registers are malformed")
     msrs = raw.get("msrs")
     if not isinstance(msrs, list) or not all(isinstance(m, list) and len(m) == 2 and all(type(v) is int for v in m)
                                              for m in msrs):
@@ -301,13 +314,15 @@ def _parse_vcpu(raw: Any, path: str) -> VcpuState:
 
 
 def read_snapshot(path: str, make: "Callable[..., Snapshot]", *, max_memory: int | None = None,
-                  _expected: bytes | None = None, _depth: int = 0) -> "Snapshot":
+                  max_layer_size: int | None = None, _expected: bytes | None = None,
+                  _depth: int = 0) -> "Snapshot":
     """Validate and open the snapshot at ``path`` (and its parent chain); ``make`` builds the
     value (the :class:`~hlpool.Snapshot` class or a subclass) from its fields."""
     path = os.path.abspath(path)
     if _depth > MAX_DEPTH:
         raise _fail(path, f"parent chain deeper than {MAX_DEPTH}", SnapshotParentError)
-    layer, meta = _open_layer(path, _expected)
+    layer, meta = _open_layer(path, _expected,
+                              max_layer_size if max_layer_size is not None else DEFAULT_MAX_LAYER)
     try:
         config_raw = _get(meta, "config", dict, path)
         try:
@@ -340,7 +355,8 @@ def read_snapshot(path: str, make: "Callable[..., Snapshot]", *, max_memory: int
                     and isinstance(last.get("sha256"), bytes)):
                 raise _fail(path, "parent reference is malformed")
             parent_path = os.path.normpath(os.path.join(os.path.dirname(path), last["path"]))
-            parent = read_snapshot(parent_path, make, max_memory=max_memory, _expected=last["sha256"],
+            parent = read_snapshot(parent_path, make, max_memory=max_memory, max_layer_size=max_layer_size,
+                                   _expected=last["sha256"],
                                    _depth=_depth + 1)
             if len(parent.layers) != len(parents_raw) or any(
                     not isinstance(p, dict) or p.get("sha256") != pl.sha256
@@ -377,15 +393,17 @@ def _verify_mapped_file(snapshot_path: str, f: dict, layout: Layout) -> MappedFi
     if not (layout.files.start <= f["guest_address"] and f["guest_address"] + page_up(f["size"]) <= layout.files.end):
         raise _fail(snapshot_path, f"mapped file {file_path} lies outside the files window")
     try:
-        fd = os.open(file_path, os.O_RDONLY | os.O_CLOEXEC)
+        fd, st = open_regular(file_path)
     except OSError as exc:
         raise _fail(snapshot_path, f"mapped file {file_path} is not available: {exc.strerror}",
                     SnapshotParentError) from None
     try:
-        st = os.fstat(fd)
         if st.st_size != f["size"] or hash_file(fd) != f["sha256"]:
             raise _fail(snapshot_path, f"mapped file {file_path} changed since the snapshot was taken",
                         SnapshotParentError)
+    except OSError as exc:
+        raise _fail(snapshot_path, f"mapped file {file_path} cannot be read: {exc.strerror}",
+                    SnapshotParentError) from None
     finally:
         os.close(fd)
     return MappedFile(path=file_path, guest_address=f["guest_address"], size=f["size"], sha256=f["sha256"],

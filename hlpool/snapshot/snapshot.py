@@ -89,9 +89,15 @@ class Snapshot:
                                  host_functions=host_functions, config=config, timeout=timeout)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, max_memory: int | None = None) -> "Snapshot":
-        """Open and fully validate a snapshot file (and its parents) before anything is mapped."""
-        return read_snapshot(os.fspath(path), cls, max_memory=max_memory)
+    def open(cls, path: str | os.PathLike, *, max_memory: int | None = None,
+             max_layer_size: int | None = None) -> "Snapshot":
+        """Open and fully validate a snapshot file (and its parents) before anything is mapped.
+
+        ``max_memory`` bounds the guest memory the file may describe (default 256 GiB),
+        ``max_layer_size`` the page data each file of the chain may hold (default 8 GiB),
+        which bounds the time spent hashing. Every failure is a :class:`SnapshotError`.
+        """
+        return read_snapshot(os.fspath(path), cls, max_memory=max_memory, max_layer_size=max_layer_size)
 
     def persist(self, path: str | os.PathLike) -> "Snapshot":
         """Write this snapshot's own layer to ``path`` (atomically, read-only) and return the
