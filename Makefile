@@ -31,4 +31,4 @@ bench: setup
 	.venv/bin/python bench/plot.py
 
 clean:
-	rm -rf build .venv hlpool/*.so hlpool/kvm/*.so hlpool/_mapping.c hlpool/kvm/_vcpu_run.c *.egg-info
+	rm -rf build .venv hlpool/*.so hlpool/*/*.so hlpool/_mapping.c hlpool/kvm/_vcpu_run.c hlpool/guest/_msgcheck.c *.egg-info

@@ -29,6 +29,7 @@ extensions = [
         extra_compile_args=["-O2"],
         libraries=["rt"],
     ),
+    Extension("hlpool.guest._msgcheck", ["hlpool/guest/_msgcheck.pyx"], extra_compile_args=["-O2"]),
 ]
 
 setup(ext_modules=cythonize(extensions, language_level=3))

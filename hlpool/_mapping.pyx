@@ -2,7 +2,7 @@
 """Low-level guest memory work: host mappings, page tables, dirty pages, restore.
 
 This is one of the few modules that touches raw memory. Each unsafe step says
-why it is safe. Callers (hlpool.memory, hlpool.sandbox) pass only addresses
+why it is safe. Callers (hlpool.memory, hlpool.machine, hlpool.snapshot) pass only addresses
 of mappings they created and keep alive.
 
 - ``reserve``/``map_file_fixed``/``map_anonymous_fixed``/``unmap``/``drop``:
@@ -10,7 +10,9 @@ of mappings they created and keep alive.
   address space, then overlays MAP_PRIVATE mappings of snapshot files (and
   anonymous zero memory) on it with MAP_FIXED.
 - ``build_page_tables``: the guest's 4-level identity page tables.
-- ``restore_dirty``: put back the pages a call dirtied (copy or drop).
+- ``DirtySet``: the pages a call dirtied (from KVM's dirty ring or bitmap) and
+  ``DirtySet.restore``, which puts them back (copy or drop).
+- ``write_record`` / ``read_bytes`` / ``zero_bytes`` / ``pages_equal``: guest buffers.
 """
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, uintptr_t

@@ -393,3 +393,105 @@ def test_mutated_snapshot_files_raise_only_snapshot_errors(good_snapshot, tmp_pa
                 sb.call("echo", 1)
         except HlpoolError:
             pass
+
+
+# ---- 10. decoded size of a guest result is bounded -----------------------------------------------------
+
+
+def test_a_small_result_cannot_expand_into_huge_python_objects():
+    """1 MiB of empty arrays would decode into ~73 MiB of list objects in the supervisor."""
+    bomb = b"\xdd" + struct.pack(">I", 1_000_000) + b"\x90" * 1_000_000
+    with pytest.raises(GuestProtocolError, match="would decode into more than"):
+        codec.decode_value(bomb)
+    fine = b"\xdd" + struct.pack(">I", 100_000) + b"\x90" * 100_000
+    assert len(codec.decode_value(fine)) == 100_000
+
+
+@pytest.mark.parametrize("value", [0, -1, 2**63 - 1, -(2**63), 1.5, "é" * 40, b"\x00" * 70_000, [], {}, [[[]]],
+                                   {"a": [None, True, False, {"b": b""}]}, list(range(70_000)),
+                                   {str(i): [i] for i in range(500)}])
+def test_the_bounds_check_accepts_every_valid_value(value):
+    assert codec.decode_value(msgspec.msgpack.encode(value)) == value
+
+
+# ---- 10. a host function cannot re-enter the sandbox that runs it ---------------------------------------
+
+
+@pytest.mark.parametrize("action", ["call", "restore", "snapshot", "close", "map_file"])
+def test_host_function_cannot_reenter_its_own_sandbox(kvm, example, tmp_path, action):
+    from hlpool import HostFunctionError
+
+    box = {}
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"x" * 100)
+
+    def reenter():
+        sb = box["sb"]
+        {"call": lambda: sb.call("ask", "value", 1), "restore": sb.restore, "snapshot": sb.snapshot,
+         "close": sb.close, "map_file": lambda: sb.map_file(str(data))}[action]()
+        return 1
+
+    with Sandbox.from_elf(example("hostcall"), host_functions={"reenter": reenter, "value": lambda x: x},
+                          timeout=5) as sb:
+        box["sb"] = sb
+        with pytest.raises(HostFunctionError, match="from inside a call of this sandbox"):
+            sb.call("ask", "reenter")
+        assert sb.call("total", 3) == 3  # the outer call's state was not corrupted; still usable
+
+
+# ---- 10. fault messages name the right area ------------------------------------------------------------
+
+
+def test_cr0_wp_spin_is_explained_at_the_deadline(leaks_elf):
+    from hlpool import GuestTimeout
+
+    with Sandbox.from_elf(leaks_elf, timeout=1) as sb:
+        try:
+            sb.call("wp_write", 5)
+        except GuestTimeout as exc:  # PVM: the write never completes
+            assert "CR0.WP" in str(exc)
+        except HlpoolError:
+            pass  # VMX/SVM: the supervisor write may be refused at stage 2 or succeed; either is contained
+        assert sb.call("cpu_features") in (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("area, label", [("control", "control page"), ("input", "call input"),
+                                         ("reply", "host-call reply buffer"), ("system", "read-only system memory")])
+def test_writes_past_the_guest_page_tables_name_the_area(leaks_elf, area, label):
+    """A guest that maps everything writable in its own page tables still cannot write the host's
+    read-only slots (stage 2), and the fault says which area it hit."""
+    from hlpool import GuestFault
+
+    with Sandbox.from_elf(leaks_elf, timeout=5) as sb:
+        target = getattr(sb.layout, area).start + 8
+        with pytest.raises(GuestFault, match=label):
+            sb.call("phys_write", target)
+        assert sb.call("cpu_features") in (0, 1, 2, 3)
+
+
+# ---- 10. out of file descriptors, a worker evicts warm VMs instead of failing calls -----------------------
+
+
+def test_worker_cache_evicts_warm_sandboxes_when_out_of_fds(kvm, example, tmp_path):
+    import resource
+
+    from hlpool.pool.worker import SandboxCache, WorkerConfig
+
+    base = Snapshot.from_elf(example("echo"))
+    paths = []
+    for i in range(6):  # distinct files (same content is fine: the cache keys by path)
+        paths.append(base.persist(tmp_path / f"echo{i}.hlsnap").path)
+    cache = SandboxCache(WorkerConfig(max_sandboxes=32), "fd-test")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        for path in paths[:4]:
+            cache.get(path)
+        used = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + 3, hard))  # room for less than one more sandbox
+        for path in paths[4:]:
+            sb = cache.get(path)
+            assert sb.call("echo", 7) == 7
+        assert len(cache) < 6
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        cache.close()

@@ -16,9 +16,13 @@ from typing import Any
 import msgspec
 
 from hlpool.errors import GuestProtocolError
+from hlpool.guest import _msgcheck
 from hlpool.guest.abi import HL_MAX_DEPTH
 
 INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
+# What one decoded guest value may take in Python objects (an estimate; see _msgcheck).
+# A 1 MiB result of empty lists would otherwise become ~73 MiB in the supervisor.
+MAX_DECODED_BYTES = 64 << 20
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
@@ -82,6 +86,9 @@ def decode_value(data: bytes | memoryview) -> Any:
     would exhaust the recursion limit, extension types): no other exception type
     escapes, so no caller's thread can be ended by what a guest writes.
     """
+    problem = _msgcheck.check(data, HL_MAX_DEPTH + 1, MAX_DECODED_BYTES)
+    if problem is not None:
+        raise GuestProtocolError(f"malformed msgpack: {problem}")
     try:
         value = _decoder.decode(data)
         _check_decoded(value, 0)

@@ -3,7 +3,7 @@
 Restoring memory and general registers (sync regs) is not enough: the x87,
 SSE, AVX and AVX-512 state would carry one call's data into the next (memcpy
 leaves bytes in vector registers). Reloading it with KVM_SET_XSAVE costs an
-ioctl per call (~9 us on PVM). Instead the host points RIP at this stub,
+ioctl per call (~5 us each on PVM, see PVM.md). Instead the host points RIP at this stub,
 which lives in the control page (host-written, read-only to the guest at
 stage 2, mapped read+execute), and runs before any guest instruction::
 

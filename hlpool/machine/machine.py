@@ -41,7 +41,8 @@ from hlpool.errors import (
     SnapshotFormatError,
 )
 from hlpool.guest import abi, codec, entry_stub, faults
-from hlpool.guest.layout import VIF_PAGE
+from hlpool.guest.boot import CR0_WP
+from hlpool.guest.layout import PAGE, VIF_PAGE
 from hlpool.guest.log import GuestLog, LogHandler
 from hlpool.kvm import _vcpu_run, pvm
 from hlpool.kvm import abi as kvm_abi
@@ -86,10 +87,11 @@ class Machine:
     the ``hlpool.guest`` logger).
 
     Every call starts from the snapshot: memory, general registers, segment
-    and control registers, and x87/SSE state. ``strict_cpu_reset=True`` also
-    reloads the full XSAVE area, XCR0, MSRs and debug registers after each
-    call (four more ioctls), closing the channels a guest could only open on
-    purpose with privileged instructions; see README "Isolation between calls".
+    and control registers, x87/SSE/AVX state. ``strict_cpu_reset=True`` also
+    reloads the full vCPU state after each call (XSAVE, XCR0, debug registers,
+    every MSR KVM saves, CR8): the registers a guest can change only on purpose
+    with privileged instructions, which the default mode leaves (README,
+    "Isolation between calls"). Guest MSR writes are refused in both modes.
 
     ``private_memory=True`` copies the snapshot into private anonymous memory
     instead of mapping its files (no sharing; the baseline for benchmarks).
@@ -125,6 +127,7 @@ class Machine:
         self._exports = {n: i for i, n in enumerate(snapshot.exports or ())}
         self._pid = os.getpid()
         self._lock = threading.RLock()  # calls, restores, snapshots and close take turns
+        self._in_call = False  # set while a call runs (host functions run inside it, on this thread)
         self.vm = self.vcpu = self.memory = None
         layout = snapshot.layout
         self.layout = layout
@@ -211,7 +214,19 @@ class Machine:
     def _call(self, name: str, payload: bytes, timeout: float | None | object, restore: bool,
               decode: bool) -> Any:
         with self._lock:  # one vCPU: calls from several threads take turns
-            return self._call_locked(name, payload, timeout, restore, decode)
+            self._refuse_reentry("call")
+            self._in_call = True
+            try:
+                return self._call_locked(name, payload, timeout, restore, decode)
+            finally:
+                self._in_call = False
+
+    def _refuse_reentry(self, what: str) -> None:
+        """A host function runs inside a call, on the calling thread (which holds the lock):
+        it must not call, restore, snapshot, map into or close the machine running it."""
+        if self._in_call:
+            raise CallError(f"{self.name}: {what} from inside a call of this sandbox (a host function called "
+                            "back into the sandbox running it); use another sandbox")
 
     def _call_locked(self, name: str, payload: bytes, timeout: float | None | object, restore: bool,
                      decode: bool) -> Any:
@@ -231,6 +246,7 @@ class Machine:
     def restore(self) -> RestoreStats:
         """Put the sandbox back to its snapshot (memory pages the guest wrote, then registers)."""
         with self._lock:
+            self._refuse_reentry("restore")
             return self._restore_locked()
 
     def _restore_locked(self) -> RestoreStats:
@@ -249,6 +265,7 @@ class Machine:
         reference the file (path + content hash); they never copy it.
         """
         with self._lock:
+            self._refuse_reentry("map_file")
             self._check_usable()
             return self._mapped_files.map(path, guest_address)
 
@@ -257,6 +274,7 @@ class Machine:
         with self._lock:
             if self.status is SandboxStatus.CLOSED:
                 return
+            self._refuse_reentry("close")
             self.status = SandboxStatus.CLOSED
             self._release()
 
@@ -347,7 +365,7 @@ class Machine:
                 _vcpu_run.arm_deadline(0)
             self._log.end_call()
         if restore:
-            self.restore()
+            self._restore_locked()
         else:
             self._clear_io()
         return value
@@ -365,7 +383,8 @@ class Machine:
             elif reason == _INTERRUPTED:
                 if deadline and _vcpu_run.monotonic_ns() >= deadline:
                     self._drain_log()
-                    raise GuestTimeout(f"{self.name}: call exceeded its deadline and was stopped")
+                    raise GuestTimeout(f"{self.name}: call exceeded its deadline and was stopped"
+                                       f"{self._why_stuck()}")
                 _vcpu_run.clear_kick(self.vcpu.run_address)  # a stale kick from an earlier deadline
             elif reason == kvm_abi.KVM_EXIT_DIRTY_RING_FULL:
                 self.memory.collect_dirty()  # harvest; KVM resumes the guest on the next run
@@ -501,15 +520,33 @@ class Machine:
             name += f" (reason {run.exit.fail_entry.hardware_entry_failure_reason:#x})"
         return GuestFault(f"guest stopped with KVM exit {name} at rip={rip:#x}", vector_name=name, rip=rip)
 
+    def _why_stuck(self) -> str:
+        """A hint for a timeout whose cause the vCPU state shows (only read on the timeout path)."""
+        try:
+            cr0 = self.vcpu.get_sregs().cr0
+        except OSError:
+            return ""
+        if not cr0 & CR0_WP and self.vm.kvm.info.flavour == "pvm":
+            return (" (the guest cleared CR0.WP: on PVM a supervisor write to a read-only page then "
+                    "never completes, so the call spins until its deadline)")
+        return ""
+
     def _describe_address(self, address: int) -> str:
         described = self._mapped_files.describe(address)
         if described:
             return described
         layout = self.layout
+        for area, what in ((layout.control, "the read-only control page (the host's entry stub)"),
+                           (layout.input, "the read-only call input"),
+                           (layout.reply, "the read-only host-call reply buffer")):
+            if area.start <= address < area.end:
+                return what
         if layout.io.start <= address < layout.io.end:
-            return "read-only call input"
+            return "the read-only io slot"
+        if address // PAGE == VIF_PAGE // PAGE:
+            return "the hypervisor's VIF page"
         if layout.system.start <= address < layout.system.end:
-            return "read-only system memory"
+            return "read-only system memory (boot info, GDT, files table, page tables)"
         return "no memory at this guest-physical address"
 
     # ---- log and I/O buffers --------------------------------------------------------------

@@ -8,7 +8,7 @@ The io slot (IN/REPLY) and the VIF page are plain anonymous memory.
 The main area (everything the guest can write) is two KVM slots over one
 host range: the large "logged" slot with KVM dirty logging, and the small
 "hot" slot (call page + top of the stack) that every call writes, which is
-treated as always dirty. Restore (mechanism in ``_mapping.restore_dirty``,
+treated as always dirty. Restore (mechanism in ``_mapping.DirtySet.restore``,
 policy in :class:`RestorePolicy`) puts back exactly the logged slot's dirty
 pages plus the hot pages.
 """

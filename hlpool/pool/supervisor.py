@@ -5,7 +5,7 @@ snapshots (a guest ELF is relocated and initialised here, once, and stored in
 the snapshot store under its content hash), forks worker processes through
 the spawner, routes calls to workers (preferring one with a warm VM for the
 snapshot), and resolves futures. One thread per worker moves calls through
-that worker's shared-memory channel (:mod:`hlpool.ipc`) and watches the
+that worker's shared-memory channel (:mod:`hlpool.pool.channel`) and watches the
 worker's pidfd: if the worker dies, its in-flight calls fail with
 :class:`WorkerCrashed`, a replacement is started, and queued calls go on.
 """

@@ -13,6 +13,7 @@ never decodes values, so nothing a guest writes is interpreted here.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import signal
@@ -62,19 +63,34 @@ class SandboxCache:
         if sb is not None:
             self._sandboxes.move_to_end(path)
             return sb
+        while len(self._sandboxes) >= self.config.max_sandboxes:
+            self._evict_oldest()
         snapshot = self._snapshots.get(path)
         if snapshot is None:
-            snapshot = Snapshot.open(path)
+            snapshot = self._with_free_fds(lambda: Snapshot.open(path))
             self._snapshots[path] = snapshot
-        while len(self._sandboxes) >= self.config.max_sandboxes:
-            old_path, old = self._sandboxes.popitem(last=False)
-            old.close()
-            self._snapshots.pop(old_path, None)
-        sb = Sandbox(snapshot, host_functions=self.config.host_functions, timeout=None,
-                     restore_policy=self.config.restore_policy, strict_cpu_reset=self.config.strict_cpu_reset,
-                     max_log_bytes=self.config.max_log_bytes, name=f"{self.name}:{os.path.basename(path)}")
+        sb = self._with_free_fds(lambda: Sandbox(
+            snapshot, host_functions=self.config.host_functions, timeout=None,
+            restore_policy=self.config.restore_policy, strict_cpu_reset=self.config.strict_cpu_reset,
+            max_log_bytes=self.config.max_log_bytes, name=f"{self.name}:{os.path.basename(path)}"))
         self._sandboxes[path] = sb
         return sb
+
+    def _evict_oldest(self) -> None:
+        old_path, old = self._sandboxes.popitem(last=False)
+        old.close()
+        self._snapshots.pop(old_path, None)
+
+    def _with_free_fds(self, make):
+        """``make()``, evicting warm sandboxes (2+ fds each) while it fails for lack of file descriptors."""
+        while True:
+            try:
+                return make()
+            except Exception as exc:
+                if not (_out_of_fds(exc) and self._sandboxes):
+                    raise
+                log.warning("%s: out of file descriptors; closing the least recently used sandbox", self.name)
+                self._evict_oldest()
 
     def discard(self, path: str) -> None:
         sb = self._sandboxes.pop(path, None)
@@ -89,6 +105,19 @@ class SandboxCache:
             sb.close()
         self._sandboxes.clear()
         self._snapshots.clear()
+
+
+def _out_of_fds(exc: BaseException | None) -> bool:
+    """True if ``exc`` or an exception it was raised from is EMFILE/ENFILE (errors are often rewrapped)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        if "Too many open files" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def error_blob(exc: BaseException) -> bytes:

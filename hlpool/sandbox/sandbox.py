@@ -32,10 +32,11 @@ class Sandbox(Machine):
     the ``hlpool.guest`` logger).
 
     Every call starts from the snapshot: memory, general registers, segment
-    and control registers, and x87/SSE state. ``strict_cpu_reset=True`` also
-    reloads the full XSAVE area, XCR0, MSRs and debug registers after each
-    call (four more ioctls), closing the channels a guest could only open on
-    purpose with privileged instructions; see README "Isolation between calls".
+    and control registers, x87/SSE/AVX state. ``strict_cpu_reset=True`` also
+    reloads the full vCPU state after each call (XSAVE, XCR0, debug registers,
+    every MSR KVM saves, CR8): the registers a guest can change only on purpose
+    with privileged instructions, which the default mode leaves (README,
+    "Isolation between calls"). Guest MSR writes are refused in both modes.
 
     ``private_memory=True`` copies the snapshot into private anonymous memory
     instead of mapping its files (no sharing; the baseline for benchmarks).
@@ -67,5 +68,6 @@ class Sandbox(Machine):
         into the new layer) or None (default).
         """
         with self._lock:
+            self._refuse_reentry("snapshot")
             self._check_usable()
             return capture(self, retain=retain)

@@ -1,6 +1,6 @@
 """Snapshots: the immutable, shareable state of an initialised guest, and its files.
 
-:mod:`.snapshot` (the :class:`Snapshot` value and :class:`Region`), :mod:`.boot`
+:mod:`.snapshot` (the :class:`Snapshot` value), :mod:`.regions` (:class:`Region`), :mod:`.initialise`
 (ELF -> boot snapshot -> ``hl_main`` in a machine -> snapshot), :mod:`.capture` (a
 layered snapshot of a live machine: only what changed), :mod:`.snapfile` (the file
 format: persist and open, validated before anything is mapped).

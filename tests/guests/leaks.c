@@ -48,6 +48,19 @@ static hl_value vif_swap(const hl_args *a) {
     return hl_int((int64_t)with_identity_tables(vif_word_swap, (uint64_t)hl_arg_int(a, 0)));
 }
 
+/* Writes to any guest-physical address below 4 GiB, past the host's page tables. */
+static uint64_t phys_target;
+
+static uint64_t phys_poke(uint64_t value) {
+    *(volatile uint64_t *)(uintptr_t)phys_target = value;
+    return 0;
+}
+
+static hl_value phys_write(const hl_args *a) {
+    phys_target = (uint64_t)hl_arg_int(a, 0);
+    return hl_int((int64_t)with_identity_tables(phys_poke, 1));
+}
+
 /* ---- MSRs, control and debug registers ---- */
 
 static hl_value msr_swap(const hl_args *a) {
@@ -136,6 +149,19 @@ static hl_value kmask_swap(const hl_args *a) {
     return hl_int((int64_t)old);
 }
 
+/* Clears CR0.WP (supervisor writes to read-only pages allowed on real x86) and writes to a
+ * read-only page of the image: the write must end the call with a clear fault. */
+static const uint64_t read_only_word = 7;
+
+static hl_value wp_write(const hl_args *a) {
+    uint64_t cr0;
+    __asm__ volatile("mov %%cr0, %0" : "=r"(cr0));
+    __asm__ volatile("mov %0, %%cr0" : : "r"(cr0 & ~(1ULL << 16)));
+    *(volatile uint64_t *)&read_only_word = (uint64_t)hl_arg_int(a, 0);
+    __asm__ volatile("mov %0, %%cr0" : : "r"(cr0));
+    return hl_int((int64_t)read_only_word);
+}
+
 static hl_value cpu_features(const hl_args *a) {
     (void)a;
     return hl_int(has_avx() | has_avx512() << 1);
@@ -143,6 +169,7 @@ static hl_value cpu_features(const hl_args *a) {
 
 int hl_main(void) {
     hl_export("vif_swap", vif_swap);
+    hl_export("phys_write", phys_write);
     hl_export("msr_swap", msr_swap);
     hl_export("msr_read", msr_read);
     hl_export("cr8_swap", cr8_swap);
@@ -151,6 +178,7 @@ int hl_main(void) {
     hl_export("ymm_upper_swap", ymm_upper_swap);
     hl_export("zmm31_swap", zmm31_swap);
     hl_export("kmask_swap", kmask_swap);
+    hl_export("wp_write", wp_write);
     hl_export("cpu_features", cpu_features);
     return 0;
 }

@@ -2,7 +2,7 @@
  * hlpool_abi.h - the contract between the hlpool host and the guest runtime.
  *
  * This one header is compiled into every guest and parsed by the host
- * (hlpool/abi.py reads every `#define HL_...` line below), so the two sides
+ * (hlpool/guest/abi.py reads every `#define HL_...` line below), so the two sides
  * cannot drift apart. Keep it to plain `#define NAME value` lines and
  * fixed-layout structs of 64-bit fields; the host mirrors the structs by
  * field order.
