@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from hlpool import GuestProtocolError, HlpoolError, Pool, Sandbox
+from hlpool import errors as hlpool_errors
 from hlpool.guest import codec
 
 pytestmark = pytest.mark.kvm
@@ -495,3 +496,44 @@ def test_worker_cache_evicts_warm_sandboxes_when_out_of_fds(kvm, example, tmp_pa
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         cache.close()
+
+
+# ---- 7. a stopped worker is replaced; a total deadline includes queue time -------------------------------
+
+
+def test_a_stopped_worker_is_replaced_and_its_call_resolves(kvm, example):
+    """SIGSTOP a worker running a call that has no deadline: before the fix the call hung until SIGCONT."""
+    import signal
+
+    from hlpool import WorkerCrashed
+    from hlpool.pool import supervisor
+
+    with Pool(workers=1, call_timeout=None) as pool:
+        snap = pool.snapshot(example("fib"))
+        assert pool.submit(snap, "fib", (10,)).result(timeout=30) == 55
+        pid = pool.stats()[0]["pid"]
+        future = pool.submit(snap, "compute", (10**10,))  # ~17 s of guest work, no deadline
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(WorkerCrashed, match="stopped"):
+            future.result(timeout=supervisor.WATCHDOG_GRACE * 4)
+        assert time.monotonic() - started < supervisor.WATCHDOG_GRACE * 3
+        assert pool.submit(snap, "fib", (10,)).result(timeout=30) == 55  # the replacement serves
+        assert pool.stats()[0]["pid"] != pid
+
+
+def test_total_deadline_counts_time_in_the_queue(kvm, example):
+    from hlpool import GuestTimeout
+
+    with Pool(workers=1, call_timeout=None) as pool:
+        snap = pool.snapshot(example("fib"))
+        busy = [pool.submit(snap, "compute", (3 * 10**8,)) for _ in range(4)]  # ~0.5 s each: the worker is busy
+        late = pool.submit(snap, "fib", (10,), deadline=0.05)
+        with pytest.raises(GuestTimeout, match="queued|deadline"):
+            late.result(timeout=60)
+        for f in busy:
+            f.result(timeout=120)
+        assert pool.submit(snap, "fib", (10,), deadline=30).result(timeout=30) == 55
+        with pytest.raises(hlpool_errors.CallError):
+            pool.submit(snap, "fib", (10,), deadline=0)

@@ -36,6 +36,7 @@ from hlpool import defaults, errors
 from hlpool.defaults import SCRIPT_LANGUAGES
 from hlpool.errors import (
     CallError,
+    GuestTimeout,
     HlpoolError,
     PayloadTooLargeError,
     PoolClosedError,
@@ -98,6 +99,7 @@ class _Call:
     timeout_ns: int
     request_id: int
     started: float = 0.0
+    expires: float = 0.0  # monotonic time by which the whole call (queue + run) must end; 0: none
 
 
 @dataclass
@@ -118,6 +120,8 @@ class _Worker:
     alive: bool = False
     thread: threading.Thread | None = None
     wakeup: threading.Condition | None = None  # shares the pool's lock
+    stopped_since: float = 0.0  # when the watchdog first saw the process stopped (0: running)
+    queued_deadlines: bool = False  # some queued call has a total deadline (see _expire_queued_locked)
 
     @property
     def load(self) -> int:
@@ -292,11 +296,14 @@ class Pool:
     # ---- submitting ----------------------------------------------------------------------
 
     def submit(self, snapshot: Any, fn: str, args: Iterable[Any] = (), *,
-               timeout: float | None | object = ...) -> concurrent.futures.Future:
+               timeout: float | None | object = ..., deadline: float | None = None) -> concurrent.futures.Future:
         """Schedule ``fn(*args)`` in a sandbox of ``snapshot``; returns a Future.
 
-        Errors in the arguments (unknown function, unencodable values, payload
-        too large) raise here; errors of the call are set on the future.
+        ``timeout`` bounds the call once a worker runs it; ``deadline`` (seconds from
+        now) bounds the whole call, time in the queue included: a call still queued
+        then fails with :class:`GuestTimeout`, and a call that starts gets at most
+        what is left. Errors in the arguments (unknown function, unencodable values,
+        payload too large) raise here; errors of the call are set on the future.
         """
         if self._closed:
             raise PoolClosedError("the pool is shut down")
@@ -318,10 +325,13 @@ class Pool:
         timeout = self.call_timeout if timeout is ... else timeout
         if timeout is not None and timeout <= 0:
             raise CallError(f"timeout must be positive, got {timeout}")
+        if deadline is not None and not deadline > 0:
+            raise CallError(f"deadline must be positive, got {deadline}")
         if not self._pending.acquire(blocking=self.block):
             raise PoolOverloadedError(f"{self._max_pending} calls are pending")
         future: concurrent.futures.Future = concurrent.futures.Future()
-        call = _Call(future, handle, fn, payload, int(timeout * 1e9) if timeout else 0, next(self._ids))
+        call = _Call(future, handle, fn, payload, int(timeout * 1e9) if timeout else 0, next(self._ids),
+                     expires=time.monotonic() + deadline if deadline else 0.0)
         future.add_done_callback(self._release_pending)
         with self._lock:
             if self._closed or self._broken:
@@ -332,6 +342,7 @@ class Pool:
                 self._dispatch_locked(worker, call)  # straight into the channel: no thread hop
             else:
                 worker.queue.append(call)
+                worker.queued_deadlines |= bool(call.expires)
             worker.wakeup.notify()
         return future
 
@@ -350,13 +361,15 @@ class Pool:
 
         return results()
 
-    async def call(self, snapshot: Any, fn: str, *args: Any, timeout: float | None | object = ...) -> Any:
+    async def call(self, snapshot: Any, fn: str, *args: Any, timeout: float | None | object = ...,
+                   deadline: float | None = None) -> Any:
         """``await pool.call(snap, "fn", 1, 2)``: submit without blocking the event loop."""
         loop = asyncio.get_running_loop()
         if self.block:
-            future = await loop.run_in_executor(None, lambda: self.submit(snapshot, fn, args, timeout=timeout))
+            future = await loop.run_in_executor(
+                None, lambda: self.submit(snapshot, fn, args, timeout=timeout, deadline=deadline))
         else:
-            future = self.submit(snapshot, fn, args, timeout=timeout)
+            future = self.submit(snapshot, fn, args, timeout=timeout, deadline=deadline)
         return await asyncio.wrap_future(future)
 
     def _release_pending(self, _future: concurrent.futures.Future) -> None:
@@ -405,6 +418,14 @@ class Pool:
         if not call.future.set_running_or_notify_cancel():
             return  # cancelled while queued
         call.started = time.monotonic()
+        if call.expires:
+            left = call.expires - call.started
+            if left <= 0:
+                call.future.set_exception(GuestTimeout(f"{call.function}: deadline passed while the call was "
+                                                       "queued"))
+                return
+            if not call.timeout_ns or call.timeout_ns > left * 1e9:
+                call.timeout_ns = max(1, int(left * 1e9))
         try:
             w.channel.write_request(w.sent, call.request_id, call.handle.path.encode(), call.function.encode(),
                                     call.payload, call.timeout_ns)
@@ -442,6 +463,8 @@ class Pool:
                     break
             if (self._closed or self._broken) and not w.queue and not w.inflight:
                 return False
+            if w.queued_deadlines:
+                self._expire_queued_locked(w)
             while w.queue and w.alive and len(w.inflight) < PIPELINE_DEPTH:
                 self._dispatch_locked(w, w.queue.popleft())
             busy = bool(w.inflight)
@@ -450,6 +473,38 @@ class Pool:
         elif not self._worker_alive(w):
             self._replace(w, None)
         return True
+
+    def _expire_queued_locked(self, w: _Worker) -> None:
+        """Fail the queued calls of ``w`` whose total deadline has passed (the pool's lock is held)."""
+        now = time.monotonic()
+        kept = collections.deque()
+        for call in w.queue:
+            if call.expires and call.expires <= now:
+                if call.future.set_running_or_notify_cancel():
+                    call.future.set_exception(GuestTimeout(f"{call.function}: deadline passed while the call "
+                                                           "was queued"))
+            else:
+                kept.append(call)
+        w.queue = kept
+        w.queued_deadlines = any(call.expires for call in kept)
+
+    def _stuck_reason(self, w: _Worker, call: _Call) -> str | None:
+        """Why the worker running ``call`` must be replaced, if it must: past the call's deadline
+        plus a grace period, or stopped (SIGSTOP, a debugger) for longer than the grace period."""
+        now = time.monotonic()
+        limit = call.timeout_ns / 1e9 if call.timeout_ns else None
+        if limit is not None and now - call.started > limit + WATCHDOG_GRACE:
+            return "stuck past a call's deadline"
+        if now - call.started > WATCHDOG_GRACE / 5:
+            stopped_since = w.stopped_since
+            if _process_state(w.pid) in ("T", "t"):
+                if not stopped_since:
+                    w.stopped_since = now
+                elif now - stopped_since > WATCHDOG_GRACE:
+                    return "stopped (no progress) while running a call"
+            else:
+                w.stopped_since = 0.0
+        return None
 
     def _collect(self, w: _Worker) -> None:
         """Wait briefly for the next response of ``w`` and resolve its future (outside the lock)."""
@@ -461,11 +516,11 @@ class Pool:
                 return
             with self._lock:
                 call = w.inflight[0] if w.inflight else None
-            limit = call.timeout_ns / 1e9 if call is not None and call.timeout_ns else None
-            if limit is not None and time.monotonic() - call.started > limit + WATCHDOG_GRACE:
-                log.error("worker %d (pid %d) is stuck past a call's deadline; killing it", w.index, w.pid)
+            reason = self._stuck_reason(w, call) if call is not None else None
+            if reason is not None:
+                log.error("worker %d (pid %d) is %s; killing it", w.index, w.pid, reason)
                 self._kill(w)
-                self._replace(w, "was killed: stuck past a call's deadline")
+                self._replace(w, f"was killed: {reason}")
             return
         with self._lock:
             call = w.inflight.popleft()
@@ -628,6 +683,15 @@ class Pool:
     @property
     def workers(self) -> int:
         return len(self._workers)
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of ``pid`` from /proc (R, S, D, T, t, Z...), or "" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return ""
 
 
 def _memory_of(pid: int) -> dict[str, int]:
