@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 BENCH_DIR = Path(__file__).resolve().parent
-RESULTS_DIR = BENCH_DIR / "results"
+# Where results go: bench/results (the files the README quotes), or $HLPOOL_BENCH_RESULTS
+# (`make bench QUICK=1` uses bench/results/quick, so a short run never replaces a full one).
+RESULTS_DIR = Path(os.environ.get("HLPOOL_BENCH_RESULTS") or BENCH_DIR / "results").resolve()
 
 T = TypeVar("T")
 
