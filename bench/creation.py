@@ -21,7 +21,7 @@ Reported: median and p90 (us) per step, and ratios to the bare VM + vCPU.
 
 A separate pass splits ``Sandbox(snapshot)`` into its parts by wrapping, for the
 duration of that pass only, the names ``hlpool.sandbox`` calls (``Vm``,
-``GuestMemory``, ``Vcpu``, ``Vcpu.load_state``, ``pvm.enable_native_execution``)
+``GuestMemory``, ``Vcpu``, ``Vcpu.load_state``, ``Vcpu.enable_native_execution``)
 and ``Vm.set_memory_slot`` (KVM_SET_USER_MEMORY_REGION, counted and timed) with
 timers; the wrappers add ~1 us each.
 
@@ -160,7 +160,7 @@ def creation_breakdown(snapshot: Any, iterations: int) -> dict[str, Any]:
     import hlpool
     from hlpool.kvm import vcpu as vcpu_mod
     from hlpool.kvm import vm as vm_mod
-    from hlpool.machine import machine as sandbox_mod
+    from hlpool.machine import machine as machine_mod
 
     clock = time.perf_counter_ns
     acc: dict[str, int] = {}
@@ -185,11 +185,11 @@ def creation_breakdown(snapshot: Any, iterations: int) -> dict[str, Any]:
         return wrapper
 
     originals = {
-        (sandbox_mod, "Vm"): sandbox_mod.Vm,
-        (sandbox_mod, "GuestMemory"): sandbox_mod.GuestMemory,
-        (sandbox_mod, "Vcpu"): sandbox_mod.Vcpu,
+        (machine_mod, "Vm"): machine_mod.Vm,
+        (machine_mod, "GuestMemory"): machine_mod.GuestMemory,
+        (machine_mod, "Vcpu"): machine_mod.Vcpu,
         (vcpu_mod.Vcpu, "load_state"): vcpu_mod.Vcpu.load_state,
-        (sandbox_mod.pvm, "enable_native_execution"): sandbox_mod.pvm.enable_native_execution,
+        (vcpu_mod.Vcpu, "enable_native_execution"): vcpu_mod.Vcpu.enable_native_execution,
         (vm_mod.Vm, "set_memory_slot"): vm_mod.Vm.set_memory_slot,
     }
     orig_slot = vm_mod.Vm.set_memory_slot
@@ -204,12 +204,12 @@ def creation_breakdown(snapshot: Any, iterations: int) -> dict[str, Any]:
 
     samples: dict[str, list[int]] = {key: [] for key, _ in BREAKDOWN}
     try:
-        sandbox_mod.Vm = timed("vm", originals[(sandbox_mod, "Vm")])
-        sandbox_mod.GuestMemory = timed("memory", originals[(sandbox_mod, "GuestMemory")])
-        sandbox_mod.Vcpu = timed("vcpu", originals[(sandbox_mod, "Vcpu")])
+        machine_mod.Vm = timed("vm", originals[(machine_mod, "Vm")])
+        machine_mod.GuestMemory = timed("memory", originals[(machine_mod, "GuestMemory")])
+        machine_mod.Vcpu = timed("vcpu", originals[(machine_mod, "Vcpu")])
         vcpu_mod.Vcpu.load_state = timed("load_state", originals[(vcpu_mod.Vcpu, "load_state")])
-        sandbox_mod.pvm.enable_native_execution = timed(
-            "enable_native", originals[(sandbox_mod.pvm, "enable_native_execution")])
+        vcpu_mod.Vcpu.enable_native_execution = timed(
+            "enable_native", originals[(vcpu_mod.Vcpu, "enable_native_execution")])
         vm_mod.Vm.set_memory_slot = set_memory_slot
         for i in progress(range(iterations), "creation breakdown"):
             acc.clear()

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from hlpool import _mapping
 from hlpool.guest.boot import initial_sregs
 from hlpool.kvm import _vcpu_run, abi
-from hlpool.kvm.pvm import enable_native_execution
 from hlpool.kvm.vcpu import Vcpu
 from hlpool.kvm.vm import MemorySlot, Vm
 
@@ -203,7 +202,7 @@ class FloorVm:
         regs.rflags = 0x2
         vcpu.set_sregs(sregs)
         vcpu.set_regs(regs)
-        enable_native_execution(vcpu, VIF_GPA)
+        vcpu.enable_native_execution(VIF_GPA)
         self.regs_bytes = bytes(regs)
         self.sregs_bytes = bytes(sregs)
         self.regs = regs

@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
 
 from hlpool.kvm import abi
-
-if TYPE_CHECKING:
-    from hlpool.kvm.system import Kvm
-    from hlpool.kvm.vcpu import Vcpu
 
 log = logging.getLogger(__name__)
 
 
-def detect_flavour(kvm: "Kvm") -> str:
-    """``"pvm"`` if a throw-away vCPU reads the PVM signature MSR, else ``"hardware"``."""
-    vm_fd = kvm.create_vm_fd()
+def detect_flavour(kvm_fd: int) -> str:
+    """``"pvm"`` if a throw-away vCPU (of a VM made on ``/dev/kvm`` fd ``kvm_fd``) reads the PVM
+    signature MSR, else ``"hardware"``."""
+    vm_fd = abi.ioctl(kvm_fd, abi.KVM_CREATE_VM, 0)
     try:
         vcpu_fd = abi.ioctl(vm_fd, abi.KVM_CREATE_VCPU, 0)
         try:
@@ -44,12 +40,13 @@ def detect_flavour(kvm: "Kvm") -> str:
     return flavour
 
 
-def enable_native_execution(vcpu: "Vcpu", vif_gpa: int) -> None:
-    """Register the VIF page so the vCPU runs natively on PVM (no-op elsewhere).
+def native_execution_msrs(flavour: str, vif_gpa: int) -> dict[int, int]:
+    """The MSR writes that make a vCPU run natively: on PVM, registering the VIF page;
+    elsewhere none.
 
     ``vif_gpa`` must be a page in a writable memory slot that the guest never
     touches: the hypervisor writes 16 bytes there.
     """
-    if vcpu.vm.kvm.info.flavour != "pvm":
-        return
-    vcpu.set_msrs({abi.MSR_PVM_VIF: vif_gpa | abi.PVM_VIF_EXPLICIT})
+    if flavour != "pvm":
+        return {}
+    return {abi.MSR_PVM_VIF: vif_gpa | abi.PVM_VIF_EXPLICIT}

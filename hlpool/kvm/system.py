@@ -102,7 +102,7 @@ class Kvm:
     def info(self) -> KvmInfo:
         info = KvmInfo(
             api_version=abi.KVM_API_VERSION,
-            flavour=detect_flavour(self),
+            flavour=detect_flavour(self.fd),
             vcpu_mmap_size=self.vcpu_mmap_size,
             max_memslots=self.check_extension(abi.KVM_CAP_NR_MEMSLOTS),
             sync_regs=self.check_extension(abi.KVM_CAP_SYNC_REGS),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from hlpool import _mapping
 from hlpool.errors import KvmError
-from hlpool.kvm import _vcpu_run, abi
+from hlpool.kvm import _vcpu_run, abi, pvm
 from hlpool.kvm.vm import Vm
 
 # MSRs that make up a guest's CPU state beyond regs/sregs; the runtime writes
@@ -121,6 +121,12 @@ class Vcpu:
                 usable.append(index)
             _resettable = tuple(usable)
         return _resettable
+
+    def enable_native_execution(self, vif_gpa: int) -> None:
+        """Run natively on PVM (register the VIF page at ``vif_gpa``); nothing elsewhere."""
+        msrs = pvm.native_execution_msrs(self.vm.kvm.info.flavour, vif_gpa)
+        if msrs:
+            self.set_msrs(msrs)
 
     def get_xcrs(self) -> abi.KvmXcrs:
         xcrs = abi.KvmXcrs()

@@ -7,10 +7,10 @@ put the dirty pages back. Every error leaves the machine back at its
 snapshot, ready for the next call.
 
 This is the mechanism under :class:`hlpool.Sandbox`. It reads the fields of the
-snapshot it is made from (layout, runs, layers, vCPU state, exports, mapped
-files) but does not import :mod:`hlpool.snapshot`, which sits above it: the
-snapshot layer boots guests and captures state through this class's public
-methods (:meth:`Machine.run_init`, :meth:`Machine.save_vcpu_state`,
+snapshot it is made from (layout, runs, layers, vCPU state, exports, mapped files;
+typed as :class:`hlpool.memory.image.SnapshotImage`) and never imports
+:mod:`hlpool.snapshot`, which sits above it: the snapshot layer boots guests and
+captures state through this class's public methods (:meth:`Machine.run_init`, :meth:`Machine.save_vcpu_state`,
 :meth:`Machine.dirty_pages`, :attr:`Machine.mapped_files`).
 """
 
@@ -23,7 +23,7 @@ import os
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from hlpool import _mapping, defaults
 from hlpool.errors import (
@@ -44,15 +44,13 @@ from hlpool.guest import abi, codec, entry_stub, faults
 from hlpool.guest.boot import CR0_WP
 from hlpool.guest.layout import PAGE, VIF_PAGE
 from hlpool.guest.log import GuestLog, LogHandler
-from hlpool.kvm import _vcpu_run, pvm
+from hlpool.kvm import _vcpu_run
 from hlpool.kvm import abi as kvm_abi
 from hlpool.kvm.vcpu import Vcpu
 from hlpool.kvm.vm import Vm
 from hlpool.memory.guest_memory import GuestMemory, RestorePolicy, RestoreStats
+from hlpool.memory.image import SnapshotImage
 from hlpool.memory.mapped_files import MappedFile, SandboxFiles, check_unchanged
-
-if TYPE_CHECKING:
-    from hlpool.snapshot.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +97,7 @@ class Machine:
 
     def __init__(
         self,
-        snapshot: "Snapshot",
+        snapshot: SnapshotImage,
         *,
         host_functions: Mapping[str, HostFunction] | None = None,
         timeout: float | None = defaults.CALL_TIMEOUT,
@@ -145,7 +143,7 @@ class Machine:
                 self.vcpu.load_state(snapshot.vcpu)
             except (OSError, KvmError) as exc:  # KVM refused what the snapshot holds
                 raise SnapshotFormatError(f"KVM refused the snapshot's vCPU state: {exc}") from None
-            pvm.enable_native_execution(self.vcpu, VIF_PAGE)
+            self.vcpu.enable_native_execution(VIF_PAGE)
             if snapshot.exports is not None:  # a finished snapshot: its calls need no MSR writes
                 self.vm.deny_guest_msr_writes()
             # strict_cpu_reset reloads every MSR of KVM's index list, as this fresh vCPU has them now

@@ -12,17 +12,15 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from hlpool import _mapping
 from hlpool.errors import SnapshotError
 from hlpool.guest.layout import FILES_TABLE, IMAGE_BASE, PAGE, SYSTEM_BASE, Area
+from hlpool.machine.machine import Machine
+from hlpool.memory.image import SnapshotImage
 from hlpool.memory.layers import Layer, Run, coalesce
 from hlpool.snapshot.regions import SLOTS, Region, regions_of
-
-if TYPE_CHECKING:
-    from hlpool.machine.machine import Machine
-    from hlpool.snapshot.snapshot import Snapshot
 
 MAX_RUNS_PER_SLOT = 64  # bounds the host mappings each sandbox needs
 
@@ -52,12 +50,12 @@ class _Piece:
 
 
 def capture(
-    machine: "Machine",
+    machine: Machine,
     *,
     retain: Callable[[Region], bool | None] | None = None,
     flatten: bool = False,
     exports: tuple[str, ...] | None = None,
-) -> "Snapshot":
+) -> SnapshotImage:
     """Snapshot a live machine (see :meth:`Sandbox.snapshot`): a child of its snapshot.
 
     With ``flatten`` the result has a single layer holding every non-zero
@@ -103,7 +101,7 @@ def capture(
     )
 
 
-def _regions_by_slot(snapshot: "Snapshot") -> dict[str, list[Region]]:
+def _regions_by_slot(snapshot: SnapshotImage) -> dict[str, list[Region]]:
     out: dict[str, list[Region]] = {slot: [] for slot in SLOTS}
     for region in regions_of(snapshot):
         for slot in SLOTS:
@@ -132,7 +130,7 @@ def _decisions(run: Run, regions: list[Region], retain: Callable[[Region], bool 
     return out
 
 
-def _classify(parent: "Snapshot", host: int, span: Run, dirty: list[int], decision: bool | None,
+def _classify(parent: SnapshotImage, host: int, span: Run, dirty: list[int], decision: bool | None,
               flatten: bool) -> list[_Piece]:
     """Pieces for one span of a parent run (one backing, one retain decision)."""
     source = parent.layers[span.layer].view() if span.layer >= 0 else 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import Callable, Mapping
 
 from hlpool.defaults import INIT_TIMEOUT
 from hlpool.errors import GuestImageError, HlpoolError
@@ -21,11 +21,9 @@ from hlpool.kvm import abi as kvm_abi
 from hlpool.kvm.system import system
 from hlpool.kvm.vcpu import VcpuState
 from hlpool.machine.machine import HostFunction, Machine
+from hlpool.memory.image import S
 from hlpool.memory.layers import Layer, Run
 from hlpool.snapshot.capture import capture
-
-if TYPE_CHECKING:
-    from hlpool.snapshot.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +31,7 @@ APIC_BASE_DEFAULT = 0xFEE00900  # enabled, BSP, at the architectural address
 
 
 def snapshot_from_elf(
-    make: "Callable[..., Snapshot]",
+    make: Callable[..., S],
     path: str | os.PathLike,
     *,
     heap_size: int | None = None,
@@ -41,7 +39,7 @@ def snapshot_from_elf(
     host_functions: Mapping[str, HostFunction] | None = None,
     config: MemoryConfig | None = None,
     timeout: float | None = INIT_TIMEOUT,
-) -> "Snapshot":
+) -> S:
     """Load and relocate a guest ELF, run its ``hl_main`` in a VM and capture the result.
 
     ``make`` builds the boot snapshot (the :class:`Snapshot` class or a subclass).

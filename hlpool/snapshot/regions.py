@@ -7,12 +7,9 @@ permissions and one backing; ``retain`` callbacks of a capture decide per region
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from hlpool.guest.layout import IMAGE_BASE, PAGE, page_up
-
-if TYPE_CHECKING:
-    from hlpool.snapshot.snapshot import Snapshot
+from hlpool.memory.image import SnapshotImage
 
 SLOTS = ("system", "main")
 
@@ -31,7 +28,7 @@ class Region:
     offset: int = 0  # byte offset in the layer's page data
 
 
-def regions_of(snapshot: "Snapshot") -> list[Region]:
+def regions_of(snapshot: SnapshotImage) -> list[Region]:
     """The snapshot's memory, split where backing or permissions change."""
     out: list[Region] = []
     for slot in SLOTS:
@@ -56,7 +53,7 @@ def regions_of(snapshot: "Snapshot") -> list[Region]:
     return out
 
 
-def _areas(snapshot: "Snapshot", slot: str) -> list[tuple[int, int, str, str]]:
+def _areas(snapshot: SnapshotImage, slot: str) -> list[tuple[int, int, str, str]]:
     """(start, end, area name, perms) covering a slot."""
     L = snapshot.layout
     if slot == "system":

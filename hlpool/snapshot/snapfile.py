@@ -27,7 +27,7 @@ import struct
 import threading
 import time
 import zlib
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import msgspec
 
@@ -42,12 +42,10 @@ from hlpool.errors import (
 from hlpool.guest.layout import PAGE, Layout, MemoryConfig, page_up
 from hlpool.kvm.system import system
 from hlpool.kvm.vcpu import VcpuState
+from hlpool.memory.image import S
 from hlpool.memory.layers import Layer, Run, check_runs
 from hlpool.memory.mapped_files import MappedFile, fingerprint, hash_file, open_regular
 from hlpool.version import __version__ as hlpool_version
-
-if TYPE_CHECKING:
-    from hlpool.snapshot.snapshot import Snapshot
 
 MAGIC = b"HLSNAP\r\n"
 FORMAT_VERSION = 1
@@ -87,7 +85,7 @@ def _relative_path(target: str, directory: str) -> str:
     return os.path.relpath(target, directory)
 
 
-def write_snapshot(snapshot: "Snapshot", path: str) -> "Snapshot":
+def write_snapshot(snapshot: S, path: str) -> S:
     """Persist ``snapshot``'s top layer to ``path``; returns the file-backed snapshot."""
     if snapshot.exports is None:
         raise SnapshotError("a boot snapshot (before hl_main ran) cannot be persisted")
@@ -313,9 +311,9 @@ def _parse_vcpu(raw: Any, path: str) -> VcpuState:
     return VcpuState(msrs={m[0]: m[1] for m in msrs}, **fields)
 
 
-def read_snapshot(path: str, make: "Callable[..., Snapshot]", *, max_memory: int | None = None,
+def read_snapshot(path: str, make: Callable[..., S], *, max_memory: int | None = None,
                   max_layer_size: int | None = None, _expected: bytes | None = None,
-                  _depth: int = 0) -> "Snapshot":
+                  _depth: int = 0) -> S:
     """Validate and open the snapshot at ``path`` (and its parent chain); ``make`` builds the
     value (the :class:`~hlpool.Snapshot` class or a subclass) from its fields."""
     path = os.path.abspath(path)
@@ -348,7 +346,7 @@ def read_snapshot(path: str, make: "Callable[..., Snapshot]", *, max_memory: int
         runs = {slot: _parse_runs(runs_raw.get(slot), path, slot) for slot in ("system", "main")}
 
         parents_raw = _get(meta, "parents", list, path)
-        parent: "Snapshot | None" = None
+        parent: S | None = None
         if parents_raw:
             last = parents_raw[-1]
             if not (isinstance(last, dict) and isinstance(last.get("path"), str)
