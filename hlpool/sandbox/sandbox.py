@@ -25,22 +25,11 @@ class Sandbox(Machine):
     ...     sb.call("add", 2, 3)
     5
 
-    ``host_functions`` maps names to Python callables the guest may call with
-    ``hl_call_host``. ``timeout`` (seconds) is the default deadline of a call
-    (None: no deadline). ``restore_policy`` sets how many restored pages stay
-    resident. ``log_handler`` receives each line the guest prints (default:
-    the ``hlpool.guest`` logger).
-
-    Every call starts from the snapshot: memory, general registers, segment
-    and control registers, x87/SSE/AVX state. ``strict_cpu_reset=True`` also
-    reloads the full vCPU state after each call (XSAVE, XCR0, debug registers,
-    every MSR KVM saves, CR8): the registers a guest can change only on purpose
-    with privileged instructions, which the default mode leaves (README,
-    "Isolation between calls"). Guest MSR writes are refused in both modes.
-
-    ``private_memory=True`` copies the snapshot into private anonymous memory
-    instead of mapping its files (no sharing; the baseline for benchmarks).
-    Other keyword arguments: see :class:`~hlpool.machine.machine.Machine`.
+    Every call starts from the snapshot (README, "Isolation between calls"). The
+    keyword arguments (``host_functions``, ``timeout``, ``restore_policy``,
+    ``log_handler``, ``strict_cpu_reset``, ``private_memory``, ...) are those of
+    :class:`~hlpool.machine.machine.Machine`, which does the work; this class adds
+    what needs the snapshot layer: :meth:`from_elf` and :meth:`snapshot`.
     """
 
     def __init__(self, snapshot: Snapshot, **options: Any) -> None:
