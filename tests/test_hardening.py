@@ -537,3 +537,15 @@ def test_total_deadline_counts_time_in_the_queue(kvm, example):
         assert pool.submit(snap, "fib", (10,), deadline=30).result(timeout=30) == 55
         with pytest.raises(hlpool_errors.CallError):
             pool.submit(snap, "fib", (10,), deadline=0)
+
+
+def test_guest_elf_paths_that_are_not_regular_files_are_refused_at_once(tmp_path):
+    from hlpool import GuestImageError
+    from hlpool.guest.elf import load_guest_image
+
+    os.mkfifo(tmp_path / "guest.elf")
+    for path in [tmp_path / "guest.elf", "/dev/zero", tmp_path]:
+        started = time.monotonic()
+        with pytest.raises(GuestImageError):
+            load_guest_image(path, 0x200000, 1 << 30)
+        assert time.monotonic() - started < 2

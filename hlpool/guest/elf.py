@@ -10,6 +10,8 @@ relocations of type R_X86_64_RELATIVE (and R_X86_64_NONE).
 from __future__ import annotations
 
 import io
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +75,12 @@ def load_guest_image(path: str | Path, base: int, max_size: int) -> GuestImage:
     """Parse, validate and relocate the ELF at ``path`` for loading at ``base``."""
     path = str(path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_FILE_SIZE + 1)
+        # Non-blocking open: a FIFO must not stall the caller; then only regular files are read.
+        with open(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise GuestImageError(f"{path}: not a regular file")
+            raw = f.read(min(st.st_size, MAX_FILE_SIZE) + 1)  # what is there: read(n) would reserve n bytes
     except FileNotFoundError:
         raise GuestImageError(f"{path}: no such file") from None
     except IsADirectoryError:
