@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs everything hlpool needs on a fresh Debian/Ubuntu machine:
-# system packages (compiler, musl, libcap headers), a virtualenv in .venv,
+# system packages (compiler, musl, libcap headers, libseccomp), a virtualenv in .venv,
 # hlpool itself (editable, with its Cython extensions) and the example guests.
 # Safe to run again: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-PACKAGES=(gcc make libcap-dev musl-dev musl-tools)
+# libseccomp2: the seccomp filter of pool workers (pyseccomp loads libseccomp.so.2 at run time)
+PACKAGES=(gcc make libcap-dev musl-dev musl-tools libseccomp2)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -27,6 +27,7 @@ import prctl
 from hlpool.errors import HlpoolError, SandboxBrokenError
 from hlpool.memory.guest_memory import RestorePolicy
 from hlpool.pool import channel as ipc
+from hlpool.pool import confine
 from hlpool.sandbox import HostFunction, Sandbox
 from hlpool.snapshot.snapshot import Snapshot
 
@@ -42,6 +43,17 @@ class WorkerConfig:
     restore_policy: RestorePolicy = field(default_factory=RestorePolicy)
     strict_cpu_reset: bool = False
     max_log_bytes: int = 1 << 20
+    # Confine each worker before its first call (see hlpool.pool.confine): no capabilities, not
+    # dumpable, inherited fds closed, Landlock, a seccomp allowlist. ``user``: a user name or uid
+    # the workers switch to (only for a pool started as root), checked here, in the supervisor.
+    confine: bool = True
+    user: str | int | None = None
+    user_ids: tuple[int, int] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.user is not None and not self.confine:
+            raise ValueError("worker_user needs confine_workers=True")
+        self.user_ids = confine.prepare(self.user) if self.confine else None
 
 
 class SandboxCache:
@@ -153,6 +165,11 @@ def _prepare_process(index: int) -> None:
 def serve(index: int, channel: ipc.Channel, config: WorkerConfig) -> None:
     """The worker's main loop: one call per request, in slot order, until told to stop."""
     _prepare_process(index)
+    if config.confine:  # it holds its channel; /dev/kvm is opened and kept before confining
+        names = channel.names
+        own = {f"/dev/shm{names.shm}", f"/dev/shm/sem.{names.requests[1:]}", f"/dev/shm/sem.{names.responses[1:]}"}
+        confine.confine_worker(user=config.user_ids, keep_paths=own,
+                               unmap_prefixes=(f"/dev/shm/{ipc.PREFIX}", f"/dev/shm/sem.{ipc.PREFIX}"))
     cache = SandboxCache(config, f"worker-{index}")
     slot = 0
     try:
