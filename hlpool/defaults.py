@@ -24,3 +24,20 @@ MAX_BODY = 8 << 20
 SHUTDOWN_GRACE = 10.0
 #: The interpreter guests scripts can be written for.
 SCRIPT_LANGUAGES = ("js", "lua")
+#: Seconds the HTTP service waits for a request's headers (from the connection's start, or from the
+#: previous answer on a kept-alive connection; so also how long an idle connection stays open).
+HEADER_TIMEOUT = 10.0
+#: Seconds the HTTP service waits for a request's whole body once its headers arrived.
+BODY_TIMEOUT = 30.0
+#: Snapshot registrations the HTTP service builds at once; more are answered 429 overloaded.
+MAX_REGISTRATIONS = 4
+#: Wall-clock limit of one snapshot build (an ELF's ``hl_main``, a script's loading), seconds.
+BUILD_TIMEOUT = 60.0
+#: Memory a snapshot builder process may add to what it started with (resident anon + shmem), bytes.
+BUILD_MEMORY = 1 << 30
+#: Largest guest memory (system + main + io slots) a pool accepts for a snapshot, bytes.
+MAX_GUEST_MEMORY = 1 << 30
+#: Bytes the snapshot files of a pool's store may take (garbage is collected first).
+STORE_QUOTA = 16 << 30
+#: Snapshot builds a pool runs at once (more wait for a free slot).
+MAX_BUILDS = 4

@@ -6,7 +6,11 @@ instant. So the pool forks this spawner once, while it has no threads of its
 own and no KVM state, and the spawner (single-threaded, idle between
 requests) forks every worker, including replacements for workers that died.
 
-Process tree: supervisor -> spawner -> workers. Each child has
+It also forks the short-lived snapshot builders (:mod:`hlpool.pool.builder`): the
+supervisor passes one end of a socketpair along with the request, and the builder
+talks to the supervisor over it directly.
+
+Process tree: supervisor -> spawner -> workers (and builders). Each child has
 ``PR_SET_PDEATHSIG=SIGKILL``, so killing the supervisor (even with SIGKILL)
 takes the spawner and then every worker with it. The spawner ignores
 SIGCHLD, so the kernel reaps workers; the supervisor watches each worker
@@ -21,6 +25,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import traceback
 
 import msgspec
@@ -28,6 +33,8 @@ import prctl
 
 from hlpool.errors import HlpoolError
 from hlpool.pool import channel as ipc
+from hlpool.pool.builder import builder_main
+from hlpool.pool.store import close_inherited_pins
 from hlpool.pool.worker import WorkerConfig, serve
 
 log = logging.getLogger(__name__)
@@ -53,19 +60,34 @@ class Spawner:
         self.pid = pid
         self._sock = parent_sock
         self.pidfd = os.pidfd_open(pid)
+        self._lock = threading.Lock()  # one request/answer exchange at a time (builds come from any thread)
 
     def spawn(self, index: int, names: ipc.ChannelNames) -> int:
         """Fork worker ``index`` attached to the channel ``names``; returns its pid."""
         request = msgspec.msgpack.encode({"index": index, "names": [names.shm, names.requests, names.responses,
                                                                     names.size, names.depth]})
-        try:
-            self._sock.send(request)
-            reply = msgspec.msgpack.decode(self._sock.recv(4096))
-        except (OSError, msgspec.DecodeError) as exc:
-            raise HlpoolError(f"the worker spawner is gone: {exc}") from None
+        reply = self._exchange(request, [])
         if "error" in reply:
             raise HlpoolError(f"cannot start worker {index}: {reply['error']}")
         return int(reply["pid"])
+
+    def spawn_builder(self, fd: int) -> int:
+        """Fork a snapshot builder that talks over the socket ``fd`` (passed to it); returns its pid."""
+        reply = self._exchange(msgspec.msgpack.encode({"build": True}), [fd])
+        if "error" in reply:
+            raise HlpoolError(f"cannot start a snapshot builder: {reply['error']}")
+        return int(reply["pid"])
+
+    def _exchange(self, request: bytes, fds: list[int]) -> dict:
+        with self._lock:
+            try:
+                socket.send_fds(self._sock, [request], fds)
+                reply = msgspec.msgpack.decode(self._sock.recv(4096))
+            except (OSError, msgspec.DecodeError) as exc:
+                raise HlpoolError(f"the worker spawner is gone: {exc}") from None
+        if not isinstance(reply, dict):
+            raise HlpoolError("the worker spawner sent a malformed answer")
+        return reply
 
     def alive(self) -> bool:
         try:
@@ -117,6 +139,7 @@ def _close_inherited_vm_fds(keep: int) -> None:
 
 def _spawner_main(sock: socket.socket, config) -> None:
     _close_inherited_vm_fds(sock.fileno())
+    close_inherited_pins()
     prctl.set_pdeathsig(signal.SIGKILL)
     if os.getppid() == 1:
         return
@@ -129,11 +152,14 @@ def _spawner_main(sock: socket.socket, config) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps workers
     while True:
         try:
-            message = sock.recv(4096)
+            message, fds, _flags, _address = socket.recv_fds(sock, 4096, 1)
         except OSError:
             return
         if not message:
             return  # the supervisor closed its end: stop; workers follow through PDEATHSIG
+        if fds:
+            _fork_builder(sock, fds[0], config)
+            continue
         try:
             request = msgspec.msgpack.decode(message)
             shm, requests, responses, size, depth = request["names"]
@@ -154,3 +180,26 @@ def _spawner_main(sock: socket.socket, config) -> None:
                 os._exit(code)
         channel.close()
         sock.send(msgspec.msgpack.encode({"pid": pid}))
+
+
+def _fork_builder(sock: socket.socket, fd: int, config) -> None:
+    """Fork a builder with the socket ``fd`` (see :mod:`hlpool.pool.builder`) and answer with its pid."""
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(fd)
+        sock.send(msgspec.msgpack.encode({"error": f"fork: {exc.strerror}"}))
+        return
+    if pid == 0:  # the builder
+        code = 1
+        try:
+            sock.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            builder_main(fd, config)
+            code = 0
+        except BaseException:
+            traceback.print_exc(file=sys.stderr)
+        finally:
+            os._exit(code)
+    os.close(fd)
+    sock.send(msgspec.msgpack.encode({"pid": pid}))

@@ -1,13 +1,14 @@
 """The supervisor: :class:`Pool`, a ``concurrent.futures``-style pool of sandbox workers.
 
-The process that creates a Pool is the supervisor. It builds and persists
-snapshots (a guest ELF is relocated and initialised here, once, and stored in
-the snapshot store under its content hash), forks worker processes through
-the spawner, routes calls to workers (preferring one with a warm VM for the
-snapshot), and resolves futures. One thread per worker moves calls through
-that worker's shared-memory channel (:mod:`hlpool.pool.channel`) and watches the
-worker's pidfd: if the worker dies, its in-flight calls fail with
-:class:`WorkerCrashed`, a replacement is started, and queued calls go on.
+The process that creates a Pool is the supervisor. It keeps the snapshot
+store (:mod:`hlpool.pool.registry`; a guest ELF or a script is built once, by a
+short-lived builder process with a deadline and memory limits, and stored under
+its content hash), forks worker processes through the spawner, routes calls to
+workers (preferring one with a warm VM for the snapshot), and resolves futures.
+One thread per worker moves calls through that worker's shared-memory channel
+(:mod:`hlpool.pool.channel`) and watches the worker's pidfd: if the worker dies,
+its in-flight calls fail with :class:`WorkerCrashed`, a replacement is started,
+and queued calls go on.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
-import hashlib
 import itertools
 import logging
 import os
@@ -25,7 +25,7 @@ import select
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -33,7 +33,6 @@ import msgspec
 import posix_ipc
 
 from hlpool import defaults, errors
-from hlpool.defaults import SCRIPT_LANGUAGES
 from hlpool.errors import (
     CallError,
     GuestTimeout,
@@ -44,16 +43,17 @@ from hlpool.errors import (
     SnapshotError,
     WorkerCrashed,
 )
-from hlpool.guest import abi as guest_abi
 from hlpool.guest import codec
-from hlpool.guest.build import cache_dir, sdk_fingerprint
+from hlpool.guest.build import cache_dir
 from hlpool.guest.layout import MemoryConfig
 from hlpool.memory.guest_memory import RestorePolicy
 from hlpool.pool import channel as ipc
+from hlpool.pool.builder import BuildLimits, SnapshotBuilder, check_memory_config
+from hlpool.pool.registry import SnapshotHandle, SnapshotRegistry
 from hlpool.pool.spawner import Spawner
+from hlpool.pool.store import SnapshotStore
 from hlpool.pool.worker import WorkerConfig
 from hlpool.sandbox import HostFunction, scripts
-from hlpool.snapshot.snapfile import looks_like_snapshot
 from hlpool.snapshot.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -62,21 +62,6 @@ WATCHDOG_GRACE = 5.0  # a worker silent this long past a call's deadline is kill
 PIPELINE_DEPTH = 2  # calls queued inside a worker's channel
 COLD_START_COST = 0.003  # seconds to make a sandbox in a worker that has none for the snapshot (measured ~2.5 ms)
 DEFAULT_CALL_COST = 0.001  # assumed duration of a call until one of its snapshot was measured
-
-
-@dataclass(frozen=True)
-class SnapshotHandle:
-    """A snapshot known to a pool: pass it to :meth:`Pool.submit`."""
-
-    path: str
-    exports: tuple[str, ...]
-    sha256: str
-    input_capacity: int
-    language: str | None = None  # "js" or "lua" for a script made by Pool.script()
-
-    @property
-    def id(self) -> str:
-        return self.sha256[:16]
 
 
 class RemoteTraceback(Exception):
@@ -143,7 +128,15 @@ class Pool:
     :class:`PoolOverloadedError` with ``block=False``). ``call_timeout``: default
     deadline of a call in seconds (None: none). ``memory``: the MemoryConfig used
     for snapshots built from ELF files. ``max_sandboxes_per_worker``: warm VMs a
-    worker keeps (least recently used evicted).
+    worker keeps (least recently used evicted). ``confine_workers``: confine each
+    worker before its first call (:mod:`hlpool.pool.confine`). ``worker_user``: a
+    user name or uid the workers run as (a pool started as root only; snapshot
+    files must be readable by that user).
+
+    Snapshot builds (see :mod:`hlpool.pool.builder`): ``build_timeout`` seconds,
+    ``build_memory`` bytes a builder may grow by, ``max_guest_memory`` bytes of guest
+    memory a snapshot may have, ``max_builds`` at once; ``store_quota``: bytes the
+    store's files may take (None: no limit).
     """
 
     def __init__(
@@ -160,6 +153,13 @@ class Pool:
         restore_policy: RestorePolicy | None = None,
         strict_cpu_reset: bool = False,
         max_payload: int = 1 << 20,
+        confine_workers: bool = True,
+        worker_user: str | int | None = None,
+        build_timeout: float = defaults.BUILD_TIMEOUT,
+        build_memory: int = defaults.BUILD_MEMORY,
+        max_guest_memory: int = defaults.MAX_GUEST_MEMORY,
+        store_quota: int | None = defaults.STORE_QUOTA,
+        max_builds: int = defaults.MAX_BUILDS,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -181,17 +181,20 @@ class Pool:
         self._broken: str | None = None
         self.collector_failures = 0  # host-side errors survived by a worker's thread (see _run_worker)
         self._ids = itertools.count(1)
-        self._handles: dict[tuple, SnapshotHandle] = {}
         self._call_cost: dict[str, float] = {}  # snapshot path -> moving average of call seconds
-        self._handle_lock = threading.Lock()
+        self.store = SnapshotStore(self.snapshot_dir, store_quota)
+        limits = BuildLimits(build_timeout, build_memory, max_guest_memory, max_builds)
+        check_memory_config(self.memory_config, max_guest_memory, "the pool's memory configuration")
         self.restarts = 0
         ipc.remove_stale_names()
         _raise_fd_limit(64 + workers * (4 * max_sandboxes_per_worker + 16))
         self._worker_config = WorkerConfig(
             host_functions=self.host_functions, max_sandboxes=max_sandboxes_per_worker,
-            restore_policy=restore_policy or RestorePolicy(), strict_cpu_reset=strict_cpu_reset)
+            restore_policy=restore_policy or RestorePolicy(), strict_cpu_reset=strict_cpu_reset,
+            confine=confine_workers, user=worker_user)
         self._max_warm = max_sandboxes_per_worker
         self._spawner = Spawner(self._worker_config)
+        self._snapshots = SnapshotRegistry(SnapshotBuilder(self._spawner, self.store, limits), self.memory_config)
         self._workers = [_Worker(index=i, wakeup=threading.Condition(self._lock)) for i in range(workers)]
         try:
             for w in self._workers:
@@ -208,90 +211,42 @@ class Pool:
 
     # ---- snapshots ---------------------------------------------------------------------
 
-    def snapshot(self, source: "str | os.PathLike | Snapshot | SnapshotHandle") -> SnapshotHandle:
-        """A handle for ``source``: a guest ELF (built, initialised and stored once per content
-        hash and memory settings), a ``.hlsnap`` file, or a :class:`Snapshot`."""
-        if isinstance(source, SnapshotHandle):
-            return source
-        if isinstance(source, Snapshot):
-            if source.path is None:
-                source = self._persist_in_store(source)
-            return self._handle_for(source.path, source)
-        path = os.path.abspath(os.fspath(source))
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise SnapshotError(f"{path}: {exc.strerror}") from None
-        key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
-        with self._handle_lock:
-            handle = self._handles.get(key)
-            if handle is not None:
-                return handle
-            if looks_like_snapshot(path):
-                handle = self._handle_for(path, Snapshot.open(path))
-            else:
-                handle = self._from_elf(path)
-            self._handles[key] = handle
-            return handle
+    def snapshot(self, source: "str | os.PathLike | Snapshot | SnapshotHandle", *,
+                 memory: MemoryConfig | None = None) -> SnapshotHandle:
+        """A handle for ``source``: a guest ELF (built by a builder process, initialised and stored
+        once per content hash and memory settings: ``memory``, default the pool's), a ``.hlsnap``
+        file, or a :class:`Snapshot`. Over ``max_guest_memory``: :class:`SnapshotTooLargeError`."""
+        return self._snapshots.get(source, memory)
 
     def script(self, language: str, source: str, *, timeout: float | None | object = ...) -> SnapshotHandle:
         """A handle for a JavaScript (``"js"``) or Lua (``"lua"``) script.
 
-        The script is loaded once into a sandbox of the interpreter's base
-        snapshot and captured as a layer on it (only the pages the script
-        changed), stored in the snapshot store; every call then starts from
-        that layer. Submit calls by the script's function names:
+        The script is loaded once (by a builder process) into a sandbox of the
+        interpreter's base snapshot and captured as a layer on it (only the pages
+        the script changed), stored in the snapshot store; every call then starts
+        from that layer. Submit calls by the script's function names:
         ``pool.submit(handle, "handler", (event,))``. Errors in the script
         (syntax, an exception while loading) raise :class:`GuestError` here.
         """
-        if language not in SCRIPT_LANGUAGES:
-            raise CallError(f"unknown script language {language!r}; use one of {', '.join(SCRIPT_LANGUAGES)}")
-        if not isinstance(source, str):
-            raise CallError("a script's source must be a str")
-        key = ("script", language, hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest())
-        with self._handle_lock:
-            handle = self._handles.get(key)
-            if handle is not None:
-                return handle
-            base = scripts.persisted_base_snapshot(language, self.snapshot_dir)
-            load_timeout = self.call_timeout if timeout is ... else timeout
-            child = scripts.load_script(base, source, host_functions=self.host_functions,
-                                        timeout=load_timeout or scripts.DEFAULT_LOAD_TIMEOUT)
-            persisted = self._persist_in_store(child)
-            handle = replace(self._handle_for(persisted.path, persisted), language=language)
-            self._handles[key] = handle
-            return handle
+        load_timeout = self.call_timeout if timeout is ... else timeout
+        return self._snapshots.script(language, source, load_timeout or scripts.DEFAULT_LOAD_TIMEOUT)
 
-    def _from_elf(self, path: str) -> SnapshotHandle:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        digest.update(msgspec.msgpack.encode(self.memory_config.to_dict()))
-        digest.update(sdk_fingerprint().encode())
-        stored = self.snapshot_dir / f"{digest.hexdigest()[:32]}.hlsnap"
-        if stored.exists():
-            try:
-                return self._handle_for(str(stored), Snapshot.open(stored))
-            except SnapshotError as exc:
-                log.warning("rebuilding stored snapshot %s: %s", stored, exc)
-                stored.unlink()
-        snap = Snapshot.from_elf(path, config=self.memory_config, host_functions=self.host_functions)
-        persisted = snap.persist(stored)
-        log.info("stored snapshot of %s as %s", path, stored)
-        return self._handle_for(str(stored), persisted)
+    def remove_snapshot(self, snapshot: "SnapshotHandle | str | os.PathLike") -> bool:
+        """Forget a snapshot (a handle, its file, or the source it was registered from) and delete its
+        store file; True if the file was deleted (False: not in the store, or another process uses
+        it). Refused (:class:`SnapshotError`) while layered snapshots name it as their parent or
+        calls for it are queued or running; submitting its handle afterwards is refused too."""
+        path, deleted = self._snapshots.remove(snapshot, self._lock, self._calls_using_locked)
+        self._call_cost.pop(path, None)
+        return deleted
 
-    def _persist_in_store(self, snap: Snapshot) -> Snapshot:
-        if snap.parent is not None and snap.parent.path is None:
-            self._persist_in_store(snap.parent)
-        if snap.path is not None:
-            return snap
-        name = hashlib.sha256(snap.layers[-1].sha256 + snap.vcpu.regs).hexdigest()[:32]
-        return snap.persist(self.snapshot_dir / f"{name}.hlsnap")
+    def collect_garbage(self) -> list[str]:
+        """Delete the store's files that no handle (of any pool sharing the store) and no layered
+        child needs; returns their paths."""
+        return self._snapshots.collect()
 
-    def _handle_for(self, path: str, snap: Snapshot) -> SnapshotHandle:
-        return SnapshotHandle(path=path, exports=tuple(snap.exports or ()), sha256=snap.layers[-1].sha256.hex(),
-                              input_capacity=snap.layout.input.size - guest_abi.HL_MSG_HEADER_SIZE)
+    def _calls_using_locked(self, path: str) -> int:
+        return sum(c.handle.path == path for w in self._workers for c in itertools.chain(w.queue, w.inflight))
 
     # ---- submitting ----------------------------------------------------------------------
 
@@ -337,6 +292,9 @@ class Pool:
             if self._closed or self._broken:
                 future.cancel()  # releases the pending slot
                 raise PoolClosedError("the pool is shut down")
+            if handle.path in self._snapshots.removed:
+                future.cancel()
+                raise SnapshotError(f"{handle.path}: the snapshot was removed (Pool.remove_snapshot)")
             worker = self._route(handle)
             if worker.alive and not worker.queue and len(worker.inflight) < PIPELINE_DEPTH:
                 self._dispatch_locked(worker, call)  # straight into the channel: no thread hop
@@ -660,6 +618,7 @@ class Pool:
             self._finalizer.detach()
             atexit.unregister(self._finalizer)
             self._spawner.close()
+            self._snapshots.release()  # unpin the store's files: another pool's collector may take them now
 
     def __enter__(self) -> "Pool":
         return self
