@@ -549,3 +549,14 @@ def test_guest_elf_paths_that_are_not_regular_files_are_refused_at_once(tmp_path
         with pytest.raises(GuestImageError):
             load_guest_image(path, 0x200000, 1 << 30)
         assert time.monotonic() - started < 2
+
+
+def test_lone_surrogates_are_a_call_error_not_a_unicode_error(kvm, example):
+    from hlpool import CallError
+
+    with Sandbox.from_elf(example("echo"), timeout=5) as sb:
+        with pytest.raises(CallError, match="lone surrogate"):
+            sb.call("echo", "a\ud800b")
+        with pytest.raises(CallError, match="lone surrogate"):
+            sb.call("echo", {"k": ["\udfff"]})
+        assert sb.call("echo", "ok") == "ok"

@@ -221,7 +221,9 @@ def store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(kvm, tmp_path_factory, store):
-    srv = start_server(tmp_path_factory.mktemp("server"), store=store)
+    # files under the session's temporary directory may be registered by path
+    srv = start_server(tmp_path_factory.mktemp("server"), "--allow-dir", str(tmp_path_factory.getbasetemp()),
+                       store=store)
     helpers = descendants(srv.pid)
     assert sorted(helpers.values()) == ["hlpool-spawner", "hlpool-worker-0", "hlpool-worker-1"]
     yield srv
@@ -322,8 +324,9 @@ def test_request_errors(server):
     assert status == 404 and body["error"]["code"] == "unknown_snapshot"
     status, body, _ = server.get("/no/such/route")
     assert status == 404 and body["error"]["code"] == "not_found"
-    status, body, _ = http("DELETE", server.url + "/v1/snapshots")
+    status, body, headers = http("DELETE", server.url + "/v1/snapshots")
     assert status == 405 and body["error"]["code"] == "method_not_allowed"
+    assert sorted(headers["Allow"].split(",")) == ["GET", "POST"]
 
 
 def test_size_limits(server):
@@ -380,8 +383,9 @@ def test_register_by_path_and_by_upload(server, small_guest, tmp_path):
     assert server.call("twice.snap", "twice", 5) == (200, {"result": 10})
     # an upload
     elf = small_guest.read_bytes()
-    status, body, _ = http("POST", server.url + "/v1/snapshots?name=twice-up", data=elf,
-                           headers={"Content-Type": "application/octet-stream"})
+    status, body, headers = http("PUT", server.url + "/v1/snapshots/twice-up", data=elf,
+                                 headers={"Content-Type": "application/octet-stream"})
+    assert headers["Location"] == "/v1/snapshots/twice-up"
     assert status == 201 and body["source"] == f"upload of {len(elf)} bytes"
     assert server.call("twice-up", "twice", 4) == (200, {"result": 8})
     assert not [p for p in Path(body["path"]).parent.iterdir() if p.name.startswith(".upload-")]
@@ -414,7 +418,7 @@ def test_scripts_over_http(server):
 
 def test_register_errors(server, small_guest, tmp_path):
     def upload(name: str, data: bytes):
-        return http("POST", server.url + f"/v1/snapshots?name={name}", data=data,
+        return http("PUT", server.url + f"/v1/snapshots/{name}", data=data,
                     headers={"Content-Type": "application/octet-stream"})
 
     status, body, _ = upload("junk", b"this is not an ELF file")
@@ -423,6 +427,12 @@ def test_register_errors(server, small_guest, tmp_path):
     assert status == 422 and body["error"]["code"] == "snapshot_error"
     status, body, _ = server.post("/v1/snapshots", {"name": "missing", "path": str(tmp_path / "missing.elf")})
     assert status == 422 and body["error"]["code"] == "snapshot_error"
+    status, body, _ = server.post("/v1/snapshots", {"name": "outside", "path": "/etc/passwd"})  # not --allow-dir
+    assert status == 403 and body["error"]["code"] == "forbidden"
+    status, body, _ = upload("bad/name", small_guest.read_bytes())
+    assert status == 404 and body["error"]["code"] == "not_found"  # no route: a name has no slash
+    status, body, _ = upload("bad%20name", small_guest.read_bytes())
+    assert status == 400 and body["error"]["code"] == "bad_request"
     status, body, _ = server.post("/v1/snapshots", {"name": "add", "path": str(small_guest)})
     assert status == 409 and body["error"]["code"] == "snapshot_exists"
     status, body, _ = upload("add", small_guest.read_bytes())
@@ -434,7 +444,7 @@ def test_register_errors(server, small_guest, tmp_path):
     status, body, _ = http("POST", server.url + "/v1/snapshots", data=b"{nope",
                            headers={"Content-Type": "application/json"})
     assert status == 400 and body["error"]["code"] == "bad_json"
-    assert {"junk", "missing"}.isdisjoint(s["name"] for s in server.get("/v1/snapshots")[1]["snapshots"])
+    assert {"junk", "missing", "outside"}.isdisjoint(s["name"] for s in server.get("/v1/snapshots")[1]["snapshots"])
 
 
 def test_openapi_matches_the_routes(server):
@@ -453,7 +463,7 @@ def test_openapi_matches_the_routes(server):
     error = schemas["Error"]["properties"]["error"]
     error = schemas[error["$ref"].rsplit("/", 1)[1]] if "$ref" in error else error  # the struct's component
     assert error["properties"]["code"]["enum"] == sorted(ERROR_STATUS)
-    assert doc["paths"]["/healthz"]["get"]["security"] == []
+    assert "security" not in doc  # this server has no token (see test_token_auth for one that has)
 
 
 def test_metrics(server):
@@ -588,6 +598,8 @@ def test_token_auth(kvm, tmp_path, store, example):
         for path in ("/readyz", "/metrics", "/openapi.json", "/v1/snapshots", "/no/such/route"):
             assert http("GET", srv.url + path)[0] == 401, path
         assert http("GET", srv.url + "/healthz")[0] == 200
+        status, doc, _ = srv.get("/openapi.json")
+        assert doc["security"] == [{"bearer": []}] and doc["paths"]["/healthz"]["get"]["security"] == []
         assert srv.call("add", "add", 1, 2) == (200, {"result": 3})
         status, body, _ = srv.get("/v1/snapshots")
         assert status == 200 and [s["name"] for s in body["snapshots"]] == ["add"]

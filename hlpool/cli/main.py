@@ -223,7 +223,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(workers=args.workers, host=args.host, port=args.port, snapshot_dir=args.snapshot_dir,
                           guests=parse_guest_specs(args.guest), token=args.token or None, insecure=args.insecure,
                           max_body=args.max_body, call_timeout=args.call_timeout, grace=args.grace,
-                          max_pending=args.max_pending, access_log=args.access_log)
+                          max_pending=args.max_pending, access_log=args.access_log,
+                          allow_dirs=[os.path.abspath(d) for d in args.allow_dir],
+                          header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                          build_timeout=args.build_timeout, build_memory=args.build_memory,
+                          max_guest_memory=args.max_guest_memory, store_quota=args.store_quota)
     return serve(config)
 
 
@@ -323,6 +327,24 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-pending", type=int, default=defaults.MAX_PENDING,
                     help="calls queued or running before the server answers 429 overloaded (default %(default)s)")
     sv.add_argument("--access-log", action="store_true", help="log every request")
+    sv.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
+                    help="let requests register guest ELF or .hlsnap files under DIR by path (repeatable; "
+                         "default: none, registration by path is off)")
+    sv.add_argument("--header-timeout", type=float, default=defaults.HEADER_TIMEOUT,
+                    help="seconds a client gets to send a request's headers; also how long an idle connection "
+                         "stays open (default %(default)g)")
+    sv.add_argument("--body-timeout", type=float, default=defaults.BODY_TIMEOUT,
+                    help="seconds a client gets to send a request's body (default %(default)g)")
+    sv.add_argument("--build-timeout", type=float, metavar="S", default=defaults.BUILD_TIMEOUT,
+                    help="seconds one snapshot build (hl_main, a script's loading) may take (default %(default)g)")
+    sv.add_argument("--build-memory", type=parse_size, metavar="BYTES", default=defaults.BUILD_MEMORY,
+                    help=f"memory a snapshot builder process may use (default {format_size(defaults.BUILD_MEMORY)})")
+    sv.add_argument("--max-guest-memory", type=parse_size, metavar="BYTES", default=defaults.MAX_GUEST_MEMORY,
+                    help=f"largest guest memory (configuration and image) a snapshot may have "
+                         f"(default {format_size(defaults.MAX_GUEST_MEMORY)})")
+    sv.add_argument("--store-quota", type=parse_size, metavar="BYTES", default=defaults.STORE_QUOTA,
+                    help=f"bytes the snapshot store's files may take; unreferenced snapshots are collected first "
+                         f"(default {format_size(defaults.STORE_QUOTA)})")
     sv.set_defaults(func=cmd_serve)
 
     c = sub.add_parser(

@@ -67,15 +67,23 @@ def check_value(value: Any, where: str = "value", depth: int = 0) -> None:
 
 
 def encode_args(args: tuple | list) -> bytes:
-    """Encode call arguments as one msgpack array."""
+    """Encode call arguments as one msgpack array (:class:`ValueTypeError` for anything invalid)."""
     for i, arg in enumerate(args):
         check_value(arg, f"argument {i}")
-    return _encoder.encode(list(args))
+    return _encode(list(args), "arguments")
 
 
 def encode_value(value: Any, where: str = "value") -> bytes:
     check_value(value, where)
-    return _encoder.encode(value)
+    return _encode(value, where)
+
+
+def _encode(value: Any, where: str) -> bytes:
+    try:
+        return _encoder.encode(value)
+    except UnicodeEncodeError as exc:  # a str with a lone surrogate cannot be UTF-8
+        raise ValueTypeError(f"{where}: a str holds a lone surrogate ({exc.object[exc.start:exc.end]!r}), "
+                             "which is not valid Unicode text") from None
 
 
 def decode_value(data: bytes | memoryview) -> Any:

@@ -8,14 +8,17 @@ Routes (JSON everywhere; the OpenAPI 3.1 description is ``GET /openapi.json``)::
     GET  /openapi.json                              this API
     GET  /v1/snapshots                              the snapshots served
     GET  /v1/snapshots/{name}                       one of them
-    POST /v1/snapshots                              register: {"name", "path"}, a script or an ELF upload (?name=)
+    POST /v1/snapshots                              register: {"name", "path"} (under an --allow-dir) or a script
+    PUT  /v1/snapshots/{name}                       register an uploaded guest ELF (the body)
     POST /v1/snapshots/{name}/calls/{function}      {"args": [...], "timeout": s} -> {"result": ...}
 
 Errors are ``{"error": {"code", "message"[, "details"]}}`` with a stable code.
 Safe defaults: binds 127.0.0.1; a bearer token (``--token``/``HLPOOL_TOKEN``)
 guards everything but /healthz, and binding a non-loopback address without one
-is refused unless ``--insecure``; request bodies are limited (``--max-body``);
-every call has a deadline (``--call-timeout`` is the default and the maximum).
+is refused unless ``--insecure``; request bodies are limited (``--max-body``)
+and so is the time to send a request (``--header-timeout``, ``--body-timeout``);
+every call has a deadline (``--call-timeout`` is the default and the maximum);
+files are registered by path only from directories given with ``--allow-dir``.
 
 The modules, lowest first: :mod:`.jsonvalues` (values <-> JSON),
 :mod:`.api_errors` (codes, statuses, exception -> API error), :mod:`.schema`

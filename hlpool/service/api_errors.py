@@ -20,10 +20,12 @@ ERROR_STATUS: dict[str, int] = {
     "bad_json": 400,
     "bad_request": 400,
     "unauthorized": 401,
+    "forbidden": 403,
     "unknown_snapshot": 404,
     "unknown_function": 404,
     "not_found": 404,
     "method_not_allowed": 405,
+    "request_timeout": 408,
     "snapshot_exists": 409,
     "payload_too_large": 413,
     "guest_error": 422,
@@ -45,6 +47,12 @@ _OWN_MESSAGES = {"shutting_down": "the server is shutting down"}
 
 # aiohttp's own errors (unknown route, wrong method, body over client_max_size) by HTTP status.
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+# Headers of aiohttp's own errors that the API error keeps (405 names the allowed methods).
+_HTTP_HEADERS = ("Allow",)
+
+
+class ClientGone(Exception):
+    """The client closed the connection before it sent its whole request (nothing to answer, nothing to log)."""
 
 
 class ApiError(Exception):
@@ -89,9 +97,13 @@ def registration_error(exc: BaseException) -> ApiError:
     return api_error(exc)
 
 
-def http_error(status: int, reason: str, max_body: int) -> ApiError:
-    """The API error for one of the HTTP framework's own error statuses (4xx/5xx)."""
+def http_error(status: int, reason: str, max_body: int, headers: Mapping[str, str] | None = None) -> ApiError:
+    """The API error for one of the HTTP framework's own error statuses (4xx/5xx); ``headers``: the
+    framework's response headers (``Allow`` of a 405 is kept)."""
     code = _HTTP_CODES.get(status) or ("bad_request" if status < 500 else "internal")
+    kept = {name: headers[name] for name in _HTTP_HEADERS if headers and name in headers}
     if code == "payload_too_large":
-        return ApiError(code, f"the request body is larger than the limit of {max_body} bytes")
-    return ApiError(code, reason)
+        return ApiError(code, f"the request body is larger than the limit of {max_body} bytes", headers=kept)
+    if code == "method_not_allowed" and "Allow" in kept:
+        reason = f"{reason}: this route answers {kept['Allow']}"
+    return ApiError(code, reason, headers=kept)

@@ -138,7 +138,8 @@ class Client:
         return self.request("GET", f"/v1/snapshots/{_quote(name)}")
 
     def register(self, name: str, path: str | os.PathLike) -> dict[str, Any]:
-        """Serve the guest ELF or .hlsnap at ``path`` (a file on the server's host) as ``name``."""
+        """Serve the guest ELF or .hlsnap at ``path`` (a file on the server's host, in a directory the server
+        allows with ``--allow-dir``) as ``name``."""
         return self.request("POST", "/v1/snapshots", {"name": name, "path": os.fspath(path)})
 
     def upload(self, name: str, elf: bytes | str | os.PathLike) -> dict[str, Any]:
@@ -148,8 +149,7 @@ class Client:
         else:
             with open(elf, "rb") as f:
                 data = f.read()
-        return self.request("POST", f"/v1/snapshots?name={_quote(name)}", data=data,
-                            content_type="application/octet-stream")
+        return self.request("PUT", f"/v1/snapshots/{_quote(name)}", data=data, content_type="application/octet-stream")
 
     def health(self) -> dict[str, Any]:
         return self.request("GET", "/healthz")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import math
+import os
 import socket
 from dataclasses import dataclass, field
 
@@ -26,6 +27,16 @@ class ServerConfig:
     grace: float = defaults.SHUTDOWN_GRACE
     max_pending: int = defaults.MAX_PENDING
     access_log: bool = False
+    # Directories whose files may be registered by path (POST /v1/snapshots {"path"}); none: by path is off.
+    allow_dirs: list[str] = field(default_factory=list)
+    header_timeout: float = defaults.HEADER_TIMEOUT
+    body_timeout: float = defaults.BODY_TIMEOUT
+    max_registrations: int = defaults.MAX_REGISTRATIONS
+    # Snapshot builds (a builder process each) and the snapshot store: see hlpool.pool.builder and .store.
+    build_timeout: float = defaults.BUILD_TIMEOUT
+    build_memory: int = defaults.BUILD_MEMORY
+    max_guest_memory: int = defaults.MAX_GUEST_MEMORY
+    store_quota: int | None = defaults.STORE_QUOTA
 
 
 def check_config(config: ServerConfig) -> None:
@@ -42,6 +53,21 @@ def check_config(config: ServerConfig) -> None:
         raise HlpoolError("--max-body must be at least 1K")
     if config.max_pending < 1:
         raise HlpoolError("--max-pending must be at least 1")
+    for option, value in (("--header-timeout", config.header_timeout), ("--body-timeout", config.body_timeout)):
+        if not value > 0 or not math.isfinite(value):
+            raise HlpoolError(f"{option} must be a positive number of seconds")
+    if not config.build_timeout > 0 or not math.isfinite(config.build_timeout):
+        raise HlpoolError("--build-timeout must be a positive number of seconds")
+    for option, size in (("--build-memory", config.build_memory), ("--max-guest-memory", config.max_guest_memory)):
+        if size < 1 << 20:
+            raise HlpoolError(f"{option} must be at least 1M")
+    if config.store_quota is not None and config.store_quota < 0:
+        raise HlpoolError("--store-quota must not be negative")
+    if config.max_registrations < 1:
+        raise HlpoolError("max_registrations must be at least 1")
+    for directory in config.allow_dirs:
+        if not os.path.isabs(directory) or not os.path.isdir(directory):
+            raise HlpoolError(f"--allow-dir {directory}: not an absolute path of a directory")
     if not config.token and not config.insecure and not is_loopback(config.host):
         raise HlpoolError(f"refusing to listen on {config.host}, which is not a loopback address, without a "
                           f"token: pass --token (or set HLPOOL_TOKEN), or --insecure to serve without one")

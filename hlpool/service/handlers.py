@@ -3,27 +3,30 @@
 A call is ``pool.submit`` (never blocking: the pool is created with
 ``block=False``, a full queue is 429 ``overloaded``) awaited through
 :func:`asyncio.wrap_future`; building a snapshot boots a VM, so it runs in a
-thread. Bodies are read within ``--max-body`` and decoded with :mod:`.schema`.
+daemon thread (one that never holds up the process's exit), at most
+``max_registrations`` at once, with the name reserved meanwhile. Bodies are
+read within ``--max-body`` and ``--body-timeout`` and decoded with :mod:`.schema`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from functools import partial
 from typing import Any, Callable, Mapping
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from hlpool.errors import HlpoolError
-from hlpool.service.api_errors import ApiError, api_error, registration_error
+from hlpool.service.api_errors import ApiError, ClientGone, api_error, registration_error
 from hlpool.service.config import ServerConfig
 from hlpool.service.jsonvalues import to_json
 from hlpool.service.metrics import Metrics
 from hlpool.service.openapi import openapi_document
 from hlpool.service.schema import (
-    UPLOAD_TYPES,
     CallResult,
     Health,
     Index,
@@ -54,7 +57,8 @@ class Service:
         self.pool = pool
         self.config = config
         self.metrics = metrics or Metrics()
-        self.snapshots = Snapshots(pool)
+        self.snapshots = Snapshots(pool, allow_dirs=config.allow_dirs, max_file_size=config.max_body)
+        self.registering = 0  # registrations being built
         self.shutting_down = False
         self.in_flight = 0  # calls received and not answered yet
         self._waiting: set[asyncio.Future] = set()  # their pool futures, as awaited by the handlers
@@ -100,10 +104,20 @@ class Service:
             raise ApiError("payload_too_large", f"the request body is {request.content_length} bytes; the limit "
                                                 f"is {limit}")
         try:
-            return await request.read()
+            return await asyncio.wait_for(request.read(), self.config.body_timeout)
         except web.HTTPRequestEntityTooLarge:
             raise ApiError("payload_too_large", f"the request body is larger than the limit of {limit} bytes") \
                 from None
+        except asyncio.TimeoutError:  # a slow (or stalled) client: answer, and close the connection
+            raise ApiError("request_timeout", f"the request body did not arrive within "
+                                              f"{self.config.body_timeout:g} s", headers={"Connection": "close"}) \
+                from None
+        except ConnectionError as exc:  # the client went away mid-body
+            raise ClientGone() from exc
+        except RequestPayloadError as exc:  # broken chunked framing or compression: the rest is unreadable
+            reason = " ".join(str(exc.__cause__ or exc).split())
+            raise ApiError("bad_request", f"the request body is malformed: {reason}",
+                           headers={"Connection": "close"}) from None
 
     async def _read_json(self, request: web.Request) -> Any:
         return parse_json(await self._read_body(request))
@@ -145,30 +159,44 @@ class Service:
 
     async def register(self, request: web.Request) -> web.Response:
         self._check_running()
+        data = await self._read_body(request)
+        if data.startswith(b"\x7fELF"):
+            raise ApiError("bad_request", "upload a guest ELF with PUT /v1/snapshots/NAME")
+        body = decode_register(parse_json(data))
         build: Callable[[], SnapshotEntry]
-        if request.content_type in UPLOAD_TYPES:
-            name = request.query.get("name")
-            if name is None:
-                raise ApiError("bad_request", "an upload needs the snapshot's name as ?name=")
-            self.snapshots.check_new_name(name)
-            data = await self._read_body(request)
-            if not data.startswith(b"\x7fELF"):
-                raise ApiError("snapshot_error", "the upload is not an ELF file (build guests with "
-                                                 "`hlpool guest build`)")
-            build = partial(self.snapshots.build_upload, name, data)
+        if isinstance(body, RegisterScript):
+            build = partial(self.snapshots.build_script, body.name, body.language, body.source)
         else:
-            body = decode_register(await self._read_json(request))
-            name = body.name
-            if isinstance(body, RegisterScript):
-                build = partial(self.snapshots.build_script, name, body.language, body.source)
-            else:
-                build = partial(self.snapshots.build_file, name, body.path)
-        with self.snapshots.reserve(name):
+            self.snapshots.check_path_registration()  # off without --allow-dir: say so before anything else
+            build = partial(self.snapshots.build_path, body.name, body.path)
+        return await self._register(body.name, build)
+
+    async def upload(self, request: web.Request) -> web.Response:
+        self._check_running()
+        name = request.match_info["name"]
+        self.snapshots.check_new_name(name)
+        data = await self._read_body(request)
+        if not data.startswith(b"\x7fELF"):
+            raise ApiError("snapshot_error", "the upload is not an ELF file (build guests with "
+                                             "`hlpool guest build`)")
+        return await self._register(name, partial(self.snapshots.build_upload, name, data))
+
+    async def _register(self, name: str, build: Callable[[], SnapshotEntry]) -> web.Response:
+        """Reserve ``name``, build its snapshot in a daemon thread (holding no lock), then publish it."""
+        if self.registering >= self.config.max_registrations:
+            raise ApiError("overloaded", f"{self.registering} registrations are being built; try again later")
+        with self.snapshots.reserve(name):  # a failed (or abandoned) build gives the name back
+            self.registering += 1
             try:
-                entry = await asyncio.get_running_loop().run_in_executor(None, build)
+                entry = await in_daemon_thread(build, f"hlpool-register-{name}")
+            except ApiError:
+                self.metrics.registrations.labels("error").inc()
+                raise
             except (HlpoolError, OSError) as exc:
                 self.metrics.registrations.labels("error").inc()
                 raise registration_error(exc) from None
+            finally:
+                self.registering -= 1
             self.snapshots.add(entry)
         self.metrics.registrations.labels("ok").inc()
         log.info("registered %s: %s (%s)", name, ", ".join(entry.handle.exports), entry.handle.path)
@@ -214,3 +242,31 @@ class Service:
             label = fn if not script or outcome == "ok" else "<other>"
             self.metrics.observe_call(name, label, outcome, time.perf_counter() - start)
         return json_response(CallResult(result=to_json(result)))
+
+
+async def in_daemon_thread(fn: Callable[[], Any], name: str) -> Any:
+    """``fn()`` in a new daemon thread, awaited. Unlike the loop's default executor, whose threads
+    ``asyncio.run`` and the interpreter wait for, an abandoned call (the server stops while it runs)
+    does not hold up the process's exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not future.done():  # cancelled meanwhile: nobody waits
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+    def run() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (fn(), None)
+        except BaseException as exc:  # handed to the awaiting handler
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is closed: the server stopped
+            pass
+
+    threading.Thread(target=run, name=name[:64], daemon=True).start()
+    return await future

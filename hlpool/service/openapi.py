@@ -35,20 +35,20 @@ def openapi_document(config: ServerConfig | None = None) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for route in ROUTES:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, config, schema_of)
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "hlpool", "version": __version__,
                  "description": "Call functions of guests running in KVM micro-VM sandboxes. Every call starts "
                                 "from the guest's snapshot. " + VALUE_DOC},
         "servers": [{"url": "/"}],
-        "security": [{"bearer": []}],
         "paths": paths,
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "needed only when the server runs with --token"}},
-            "schemas": components,
-        },
+        "components": {"schemas": components},
     }
+    if config.token:  # as app.auth enforces it: every route but the public ones (security: [] there)
+        document["security"] = [{"bearer": []}]
+        document["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "this server runs with --token"}}
+    return document
 
 
 def _key(t: Any) -> Any:
@@ -64,20 +64,17 @@ def _operation(route: Route, config: ServerConfig, schema_of: dict[Any, dict]) -
                                                      "content": content(body)}}
     for status, description in route.other_statuses:
         responses[str(status)] = {"description": description, "content": content(body)}
-    responses.update(_error_responses(route.errors if route.public else (*route.errors, "unauthorized"),
+    guarded = bool(config.token) and not route.public
+    responses.update(_error_responses((*route.errors, "unauthorized") if guarded else route.errors,
                                       schema_of[_key(Error)]))
     operation: dict[str, Any] = {"summary": route.summary, "operationId": route.operation_id}
-    if route.public:
+    if config.token and route.public:
         operation["security"] = []
     if route.description:
         operation["description"] = route.description.format(call_timeout=config.call_timeout,
                                                             max_body=config.max_body)
     parameters = [{"name": name, "in": "path", "required": True,
                    "schema": schema_of[_key(PATH_PARAMETERS[name])]} for name in _PARAMETER.findall(route.path)]
-    if route.upload:
-        parameters.append({"name": "name", "in": "query", "required": False,
-                           "description": "the snapshot's name (uploads only)",
-                           "schema": schema_of[_key(SnapshotName)]})
     if parameters:
         operation["parameters"] = parameters
     if route.request or route.upload:

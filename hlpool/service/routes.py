@@ -35,8 +35,8 @@ class Route:
     status: int = 200
     request: tuple[type, ...] = ()  # JSON request bodies (more than one: any of them)
     request_required: bool = True
-    upload: bool = False  # also takes a guest ELF as the body, named by ?name=
-    errors: tuple[str, ...] = ()  # the error codes it answers with (unauthorized is added unless public)
+    upload: bool = False  # the body is a guest ELF (one of UPLOAD_TYPES)
+    errors: tuple[str, ...] = ()  # the error codes it answers with (unauthorized too, with a token, unless public)
     public: bool = False  # answered without a token
     media_type: str = "application/json"
     other_statuses: tuple[tuple[int, str], ...] = ()  # more statuses with the same body
@@ -46,9 +46,11 @@ class Route:
 #: The types of the ``{...}`` parts of the paths.
 PATH_PARAMETERS = {"name": SnapshotName, "function": FunctionName}
 
-_CALL_ERRORS = ("bad_json", "bad_request", "unknown_snapshot", "unknown_function", "payload_too_large",
-                "guest_error", "overloaded", "guest_fault", "worker_crashed", "host_function_error",
-                "shutting_down", "timeout", "internal")
+_CALL_ERRORS = ("bad_json", "bad_request", "unknown_snapshot", "unknown_function", "request_timeout",
+                "payload_too_large", "guest_error", "overloaded", "guest_fault", "worker_crashed",
+                "host_function_error", "shutting_down", "timeout", "internal")
+_REGISTER_ERRORS = ("bad_request", "snapshot_exists", "request_timeout", "payload_too_large", "snapshot_error",
+                    "overloaded", "shutting_down")
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/", "index", "index", "Service index", Index, "links"),
@@ -62,12 +64,17 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/snapshots", "list_snapshots", "listSnapshots", "List the snapshots served", SnapshotList,
           "snapshots"),
     Route("POST", "/v1/snapshots", "register", "registerSnapshot",
-          "Register a guest (a path on the server host, or an uploaded ELF) or a JavaScript/Lua script",
-          SnapshotInfo, "registered", status=201, request=REGISTER_BODIES, upload=True,
-          errors=("bad_json", "bad_request", "snapshot_exists", "payload_too_large", "snapshot_error",
-                  "shutting_down")),
+          "Register a guest ELF or .hlsnap file on the server host, or a JavaScript/Lua script",
+          SnapshotInfo, "registered", status=201, request=REGISTER_BODIES, errors=("bad_json", "forbidden",
+                                                                                    *_REGISTER_ERRORS),
+          description="A path must lie (symbolic links resolved) in a directory the server allows with "
+                      "--allow-dir; without one, registration by path is off (403 forbidden). The file must be "
+                      "a regular file of at most {max_body} bytes."),
     Route("GET", "/v1/snapshots/{name}", "get_snapshot", "getSnapshot", "Describe a snapshot", SnapshotInfo,
           "the snapshot", errors=("unknown_snapshot",)),
+    Route("PUT", "/v1/snapshots/{name}", "upload", "uploadSnapshot", "Register an uploaded guest ELF as NAME",
+          SnapshotInfo, "registered", status=201, upload=True, errors=_REGISTER_ERRORS,
+          description="The body is the ELF (`hlpool guest build`), at most {max_body} bytes."),
     Route("POST", "/v1/snapshots/{name}/calls/{function}", "call", "call",
           "Call a function in a fresh sandbox of the snapshot", CallResult, "the function's result",
           request=(CallRequest,), request_required=False, errors=_CALL_ERRORS,

@@ -38,7 +38,11 @@ FunctionName = Annotated[str, Meta(description="a function the snapshot exports 
 Value = Annotated[Any, Meta(description=VALUE_DOC)]
 ErrorCode = Literal[tuple(sorted(ERROR_STATUS))]  # type: ignore[valid-type]
 
-#: Media types of a guest ELF upload (POST /v1/snapshots?name=...).
+#: How deeply a request body may nest. A call's arguments may nest HL_MAX_DEPTH (32) levels (deeper ones are
+#: refused by the codec, also as a 400); this bound keeps every body far from the recursion limit.
+MAX_BODY_DEPTH = 64
+
+#: Media types of a guest ELF upload (PUT /v1/snapshots/NAME).
 UPLOAD_TYPES = ("application/octet-stream", "application/x-elf", "application/x-executable")
 
 
@@ -66,11 +70,15 @@ class RegisterPath(Struct, forbid_unknown_fields=True):
     """Serve a guest ELF or .hlsnap file that is on the server host."""
 
     name: SnapshotName
-    path: Annotated[str, Meta(description="absolute path of a guest ELF or .hlsnap file on the server host")]
+    path: Annotated[str, Meta(description="absolute path of a guest ELF or .hlsnap file on the server host, in a "
+                                          "directory the server allows (--allow-dir)",
+                              extra_json_schema={"pattern": "^/[^\\u0000]*$"})]  # checked in __post_init__
 
     def __post_init__(self) -> None:
         if not os.path.isabs(self.path):
             raise BodyError(f"path must be absolute (a file on the server host), got {self.path!r}")
+        if "\x00" in self.path:
+            raise BodyError("path must not contain a NUL character")
 
 
 class RegisterScript(Struct, forbid_unknown_fields=True):
@@ -88,9 +96,9 @@ class RegisterScript(Struct, forbid_unknown_fields=True):
 
 #: What POST /v1/snapshots accepts as JSON (a body with "language" is a script).
 REGISTER_BODIES = (RegisterPath, RegisterScript)
-REGISTER_HINT = ('expected {"name": "...", "path": "/absolute/path.elf or .hlsnap"}, {"name": "...", '
-                 f'"language": {" or ".join(map(json.dumps, SCRIPT_LANGUAGES))}, "source": "..."}} or an ELF '
-                 f"upload with Content-Type: {UPLOAD_TYPES[0]}")
+REGISTER_HINT = ('expected {"name": "...", "path": "/absolute/path.elf or .hlsnap"} or {"name": "...", '
+                 f'"language": {" or ".join(map(json.dumps, SCRIPT_LANGUAGES))}, "source": "..."}} (upload an ELF '
+                 f"with PUT /v1/snapshots/NAME)")
 
 
 # ---- responses ------------------------------------------------------------------------------------
@@ -196,13 +204,73 @@ T = TypeVar("T", bound=Struct)
 
 
 def parse_json(data: bytes) -> Any:
-    """The JSON value of a request body (None when it is empty); ``bad_json`` if it is not JSON."""
+    """The JSON value of a request body (None when it is empty); ``bad_json`` if it is not JSON,
+    ``bad_request`` if it nests deeper than :data:`MAX_BODY_DEPTH` or has a string that is not Unicode text."""
     if not data.strip():
         return None
     try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        value = json.loads(data)
+    except RecursionError:
+        raise _too_deep("the body") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ApiError("bad_json", f"the body is not valid JSON: {exc}") from None
+    # Only a body with more brackets than the limit can be too deep; only one with a \u escape or
+    # non-ASCII bytes (UTF-16/32 bodies have NUL bytes) can hold a lone surrogate: others skip the walk.
+    if data.count(b"[") + data.count(b"{") > MAX_BODY_DEPTH or b"\\u" in data or not data.isascii() \
+            or b"\x00" in data:
+        check_json(value)
+    return value
+
+
+def check_json(value: Any) -> None:
+    """``bad_request`` unless ``value`` nests at most :data:`MAX_BODY_DEPTH` levels and every string (keys
+    included) is Unicode text: ``json.loads`` accepts lone surrogates (``"\\ud800"``), nothing can encode them.
+    The message names the body's top-level field. One pass, no recursion, a few hundred ns per value."""
+    if type(value) is dict:
+        for key, item in value.items():
+            _check_text(key, "the body")
+            _walk(item, 1, key)
+    else:
+        _walk(value, 0, "the body")
+
+
+def _walk(value: Any, depth: int, field: str) -> None:
+    if type(value) is str:
+        _check_text(value, field)
+        return
+    if type(value) is not list and type(value) is not dict:
+        return
+    todo = [(value, depth)]
+    while todo:
+        item, depth = todo.pop()
+        if type(item) is dict:
+            for key in item:
+                if not key.isascii():
+                    _check_text(key, field)
+            item = item.values()
+        for v in item:
+            t = type(v)
+            if t is str:
+                if not v.isascii():
+                    _check_text(v, field)
+            elif t is list or t is dict:
+                if depth + 1 >= MAX_BODY_DEPTH:
+                    raise _too_deep(field)
+                if v:
+                    todo.append((v, depth + 1))
+
+
+def _check_text(text: str, where: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ApiError("bad_request", f"{where}: a string with a lone surrogate (U+{ord(text[exc.start]):04X}) "
+                                          f"is not Unicode text") from None
+
+
+def _too_deep(where: str) -> ApiError:
+    return ApiError("bad_request", f"{where}: nested deeper than {MAX_BODY_DEPTH} levels")
 
 
 def decode(value: Any, cls: type[T], hint: str | None = None) -> T:

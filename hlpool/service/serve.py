@@ -23,7 +23,7 @@ from aiohttp import web
 from hlpool.errors import HlpoolError
 from hlpool.guest.examples import EXAMPLE_HOST_FUNCTIONS, EXAMPLES, example_path
 from hlpool.pool.supervisor import Pool
-from hlpool.service.app import make_app
+from hlpool.service.app import make_app, server_options
 from hlpool.service.config import ServerConfig, check_config, check_port_free
 from hlpool.service.handlers import Service
 from hlpool.version import __version__
@@ -49,7 +49,9 @@ def serve(config: ServerConfig) -> int:
     guests = dict(config.guests) or {name: str(example_path(name)) for name in EXAMPLES}
     # The pool forks its spawner now, before the event loop, its signal handling and any thread exist.
     pool = Pool(config.workers, snapshot_dir=config.snapshot_dir, host_functions=EXAMPLE_HOST_FUNCTIONS,
-                max_pending=config.max_pending, call_timeout=config.call_timeout, block=False)
+                max_pending=config.max_pending, call_timeout=config.call_timeout, block=False,
+                build_timeout=config.build_timeout, build_memory=config.build_memory,
+                max_guest_memory=config.max_guest_memory, store_quota=config.store_quota)
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         service = Service(pool, config)
@@ -79,7 +81,8 @@ async def _run(service: Service) -> None:
     if config.access_log:
         access_log = logging.getLogger("aiohttp.access")
         access_log.setLevel(logging.INFO)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=min(config.grace, 2.0), access_log=access_log)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=min(config.grace, 2.0), access_log=access_log,
+                           **server_options(config))  # header timeout, body lingering, quiet client errors
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

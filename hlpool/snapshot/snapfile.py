@@ -63,10 +63,15 @@ DEFAULT_MAX_LAYER = 8 << 30
 def looks_like_snapshot(path: str | os.PathLike) -> bool:
     """True if the file starts with the snapshot magic (a cheap sniff; :func:`read_snapshot` validates)."""
     try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
+        fd, _st = open_regular(os.fspath(path))
     except OSError:
         return False
+    try:
+        return os.pread(fd, len(MAGIC), 0) == MAGIC
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _fail(path: str, message: str, cls: type[SnapshotError] = SnapshotFormatError) -> SnapshotError:
