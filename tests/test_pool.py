@@ -32,7 +32,12 @@ pytestmark = pytest.mark.kvm
 
 
 def hlpool_processes() -> dict[int, str]:
-    """pid -> name of every hlpool worker or spawner on the machine that is a descendant of this test run."""
+    """pid -> name of every live hlpool process (worker, spawner, builder) in this test run's session.
+
+    The session, not the parent chain: a leaked process whose parent died is reparented but
+    keeps its session; hlpool processes other people run on the machine are in other sessions.
+    """
+    session = os.getsid(0)
     out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -41,10 +46,11 @@ def hlpool_processes() -> dict[int, str]:
             with open(f"/proc/{entry}/comm") as f:
                 comm = f.read().strip()
             with open(f"/proc/{entry}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
+                fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if comm.startswith("hlpool-") and state != "Z":
+        state, sid = fields[0], int(fields[4])
+        if comm.startswith("hlpool-") and state != "Z" and sid == session:
             out[int(entry)] = comm
     return out
 
