@@ -107,8 +107,10 @@ class GuestMemory:
         self.layout = layout
         self.policy = policy
         self._slots: dict[str, SlotMapping] = {}
+        self._vif_host = 0  # where this process sees the VIF page (see _reset_vif_page)
         try:
             self._slots["vif"] = SlotMapping(Area("vif", VIF_PAGE, PAGE), None, layers)
+            self._vif_host = self._slots["vif"].host
             self._slots["system"] = SlotMapping(layout.system, runs["system"], layers, private_copy)
             self._slots["main"] = SlotMapping(layout.main, runs["main"], layers, private_copy)
             self._slots["io"] = SlotMapping(layout.io, None, layers)
@@ -217,14 +219,14 @@ class GuestMemory:
         can reach it and leave data there for the next call. A fresh sandbox sees
         zeros, and so does the next call: the check is one 4 KiB compare.
         """
-        vif = self._slots.get("vif")
-        if vif is not None and not _mapping.pages_equal(vif.host, 0):
-            _mapping.zero_bytes(vif.host, PAGE)
+        if self._vif_host and not _mapping.pages_equal(self._vif_host, 0):
+            _mapping.zero_bytes(self._vif_host, PAGE)
 
     def slot_runs_host(self, name: str) -> SlotMapping:
         return self._slots[name]
 
     def close(self) -> None:
+        self._vif_host = 0
         for m in self._slots.values():
             m.close()
         self._slots.clear()
