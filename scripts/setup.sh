@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 # libseccomp2: the seccomp filter of pool workers (pyseccomp loads libseccomp.so.2 at run time)
-PACKAGES=(gcc make libcap-dev musl-dev musl-tools libseccomp2)
+PACKAGES=(gcc g++ make libcap-dev musl-dev musl-tools libseccomp2)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

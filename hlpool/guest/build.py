@@ -1,8 +1,13 @@
-"""``hlpool guest build``: compile C sources into a guest ELF with the SDK.
+"""``hlpool guest build``: compile C (or freestanding C++) sources into a guest ELF with the SDK.
 
 Guests are static PIEs linked against musl (Debian: musl-dev) and the hlpool
 runtime, with the SDK's linker script. The runtime's objects are compiled
 once per SDK version and compiler and cached.
+
+C++ sources (.cpp, .cc, .cxx, .C) are compiled with g++ as freestanding C++:
+no exceptions, no RTTI and no C++ standard library (Debian ships libstdc++
+only for glibc). The runtime supplies operator new/delete, pure-virtual and
+local-static guard support (sdk/runtime/cxx.c); see README.md, "C++ guests".
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ from hlpool.guest.abi import SDK_DIR
 
 MUSL_DIR = Path(os.environ.get("HLPOOL_MUSL_DIR", "/usr/lib/x86_64-linux-musl"))
 MUSL_INCLUDE = Path(os.environ.get("HLPOOL_MUSL_INCLUDE", "/usr/include/x86_64-linux-musl"))
-RUNTIME_SOURCES = ("entry.S", "runtime.c", "syscalls.c", "heap.c", "support.c", "msgpack.c")
+RUNTIME_SOURCES = ("entry.S", "runtime.c", "syscalls.c", "heap.c", "support.c", "msgpack.c", "cxx.c")
+CXX_SUFFIXES = (".cpp", ".cc", ".cxx", ".C")
+#: What C++ sources are compiled with, on top of BASE_CFLAGS (which keep out every system and C++ header but
+#: musl's and the SDK's): there is no C++ runtime for musl to throw exceptions or look up type information with.
+CXX_FLAGS = ("-fno-exceptions", "-fno-rtti")
 LINKER_SCRIPT = SDK_DIR / "guest.ld"
 
 BASE_CFLAGS = (
@@ -37,6 +46,12 @@ def cache_dir() -> Path:
     path = Path(base)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _check_cxx(cxx: str) -> None:
+    if shutil.which(cxx) is None:
+        raise GuestBuildError(f"C++ compiler {cxx!r} not found: C++ guests need it "
+                              "(Debian/Ubuntu: apt-get install g++)")
 
 
 def _check_toolchain(cc: str) -> None:
@@ -64,6 +79,7 @@ def sdk_fingerprint(cc: str = "gcc") -> str:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     digest.update(version.encode())
     digest.update(" ".join(BASE_CFLAGS).encode())
+    digest.update(" ".join(RUNTIME_SOURCES).encode())  # a build with another list of objects is another runtime
     return digest.hexdigest()[:16]
 
 
@@ -98,11 +114,13 @@ def build_guest(
     optimize: str = "2",
     cflags: Sequence[str] = (),
     cc: str = "gcc",
+    cxx: str = "g++",
 ) -> Path:
-    """Compile ``sources`` (C or assembly) into the guest ELF ``output``; returns its path.
+    """Compile ``sources`` (C, freestanding C++ or assembly) into the guest ELF ``output``; returns its path.
 
     ``defines`` are ``NAME`` or ``NAME=VALUE``; ``optimize`` is the -O level
-    (0, 1, 2, 3, s); ``cflags`` are passed through to the compiler.
+    (0, 1, 2, 3, s); ``cflags`` are passed through to the compiler. Sources
+    ending in .cpp/.cc/.cxx/.C are compiled with ``cxx`` and CXX_FLAGS.
     """
     if not sources:
         raise GuestBuildError("no source files given")
@@ -112,6 +130,8 @@ def build_guest(
     if optimize not in ("0", "1", "2", "3", "s", "g"):
         raise GuestBuildError(f"invalid optimisation level {optimize!r} (use 0, 1, 2, 3, s or g)")
     runtime = runtime_objects(cc)
+    if any(Path(src).suffix in CXX_SUFFIXES for src in sources):
+        _check_cxx(cxx)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     libgcc = subprocess.run([cc, "-print-libgcc-file-name"], capture_output=True, text=True).stdout.strip()
@@ -122,7 +142,10 @@ def build_guest(
         objects = []
         for i, src in enumerate(sources):
             obj = Path(tmp) / f"{i}-{Path(src).stem}.o"
-            _run([cc, *flags, "-c", str(src), "-o", str(obj)], f"compiling {src}")
+            if Path(src).suffix in CXX_SUFFIXES:
+                _run([cxx, *flags, *CXX_FLAGS, "-c", str(src), "-o", str(obj)], f"compiling {src}")
+            else:
+                _run([cc, *flags, "-c", str(src), "-o", str(obj)], f"compiling {src}")
             objects.append(str(obj))
         linked = Path(tmp) / "guest.elf"
         _run([cc, "-static-pie", "-nostdlib", "-nostartfiles", f"-Wl,-T,{LINKER_SCRIPT}", "-Wl,-z,norelro",

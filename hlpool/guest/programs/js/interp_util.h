@@ -1,18 +1,9 @@
 /*
  * interp_util.h - helpers shared by the interpreter guests (js_guest.c, lua_guest.c).
  *
- * Two things here reach past the public SDK (hlpool.h) into the runtime, because
- * the SDK has no API for them yet (see hlpool/interpreters.py):
- *
- *  - the heap, stack and OUT sizes, read from the boot information the host
- *    wrote (struct hl_boot_info is public in hlpool_abi.h; the pointer to it,
- *    hl__boot, is the runtime's): the interpreters size their memory limit and
- *    stack limit from them;
- *  - walking a decoded list/dict argument in order: hl_item(v, i) re-parses the
- *    MessagePack from the start for every i (quadratic for big lists), so
- *    hl_iter_next decodes item after item with the runtime's own bounds-checked
- *    decoder, hl__mp_decode. Lists/dicts built by hl_list/hl_dict (flag bit 0,
- *    HL__BUILT in runtime.h) are arrays of hl_value.
+ * Everything here uses the public SDK (hlpool.h) only: the memory configuration
+ * (hl_heap_size, hl_stack_size, hl_out_capacity) sizes the interpreters' memory
+ * and stack limits, and lists/dicts are read in order with hl_iter.
  */
 #ifndef HLPOOL_INTERP_UTIL_H
 #define HLPOOL_INTERP_UTIL_H
@@ -22,42 +13,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-extern const struct hl_boot_info *hl__boot;
-extern int hl__mp_decode(const uint8_t **p, const uint8_t *end, hl_value *out, int depth);
-
-#define INTERP_VALUE_BUILT 1 /* HL__BUILT in sdk/runtime/runtime.h */
-
-static inline size_t guest_heap_size(void) { return (size_t)hl__boot->heap_size; }
-static inline size_t guest_stack_size(void) { return (size_t)hl__boot->stack_size; }
-static inline size_t guest_out_capacity(void) { return (size_t)hl__boot->out_size; }
-
-/* Sequential reading of a list's items (or a dict's key, value, key, value, ...). */
-typedef struct hl_iter {
-    hl_value container;
-    size_t index, total;
-    const uint8_t *p, *end;
-} hl_iter;
-
-static inline void hl_iter_init(hl_iter *it, hl_value c) {
-    it->container = c;
-    it->index = 0;
-    it->total = c.type == HL_TYPE_DICT ? 2 * (size_t)c.count : c.count;
-    it->p = (const uint8_t *)c.u.p;
-    it->end = it->p + ((c.flags & INTERP_VALUE_BUILT) ? 0 : c.len);
-}
-
-static inline hl_value hl_iter_next(hl_iter *it) {
-    size_t i = it->index++;
-    hl_value c = it->container;
-    if (i >= it->total) return hl_item(c, (size_t)c.count); /* out of range: the runtime's CallError */
-    if (c.flags & INTERP_VALUE_BUILT) return ((const hl_value *)c.u.p)[i];
-    hl_value out;
-    if (hl__mp_decode(&it->p, it->end, &out, 0) != 0) {
-        /* Cannot happen for values the runtime decoded; let it report the malformed value. */
-        return c.type == HL_TYPE_DICT ? (i % 2 ? hl_item(c, i / 2) : hl_key(c, i / 2)) : hl_item(c, i);
-    }
-    return out;
-}
+static inline size_t guest_heap_size(void) { return hl_heap_size(); }
+static inline size_t guest_stack_size(void) { return hl_stack_size(); }
+static inline size_t guest_out_capacity(void) { return hl_out_capacity(); }
 
 /* ---- UTF-8 ---------------------------------------------------------------------------------- */
 

@@ -302,11 +302,9 @@ static JSValue container_to_js(hl_value v, int depth) {
     JSValue obj = is_list ? JS_NewArray(ctx) : JS_NewObject(ctx);
     if (JS_IsException(obj)) return obj;
     hl_iter it;
+    hl_value key, item;
     hl_iter_init(&it, v);
-    for (uint32_t i = 0; i < v.count; i++) {
-        hl_value key = {0}, item;
-        if (!is_list) key = hl_iter_next(&it);
-        item = hl_iter_next(&it);
+    for (uint32_t i = 0; hl_iter_next(&it, &key, &item); i++) {
         JSValue e = hl_to_js(item, depth + 1);
         if (JS_IsException(e)) {
             JS_FreeValue(ctx, obj);
@@ -316,9 +314,8 @@ static JSValue container_to_js(hl_value v, int depth) {
         if (is_list) {
             rc = JS_SetPropertyUint32(ctx, obj, i, e);
         } else {
-            size_t klen;
-            const char *k = hl_as_str(key, "dict key", &klen);
-            JSAtom atom = JS_NewAtomLen(ctx, k, klen);
+            if (key.type != HL_TYPE_STR) hl_as_str(key, "dict key", NULL); /* the CallError */
+            JSAtom atom = JS_NewAtomLen(ctx, (const char *)key.u.p, key.len);
             if (atom == JS_ATOM_NULL) {
                 JS_FreeValue(ctx, e);
                 rc = -1;
@@ -538,9 +535,10 @@ static hl_value fn_call(const hl_args *a) {
     JSValue *argv = malloc((n ? n : 1) * sizeof *argv);
     if (!argv) return hl_error("out of memory");
     hl_iter it;
+    hl_value item;
     if (n) hl_iter_init(&it, args);
-    for (uint32_t i = 0; i < n; i++) {
-        argv[i] = hl_to_js(hl_iter_next(&it), 1);
+    for (uint32_t i = 0; i < n && hl_iter_next(&it, NULL, &item); i++) {
+        argv[i] = hl_to_js(item, 1);
         if (JS_IsException(argv[i])) {
             for (uint32_t j = 0; j < i; j++) JS_FreeValue(ctx, argv[j]);
             free(argv);

@@ -196,16 +196,16 @@ static void push_hl(lua_State *l, hl_value v, int depth) {
     int is_list = v.type == HL_TYPE_LIST;
     lua_createtable(l, is_list ? (int)v.count : 0, is_list ? 0 : (int)v.count);
     hl_iter it;
+    hl_value key, item;
     hl_iter_init(&it, v);
-    for (uint32_t i = 0; i < v.count; i++) {
+    for (lua_Integer i = 1; hl_iter_next(&it, &key, &item); i++) {
         if (is_list) {
-            push_hl(l, hl_iter_next(&it), depth + 1);
-            lua_rawseti(l, -2, (lua_Integer)i + 1);
+            push_hl(l, item, depth + 1);
+            lua_rawseti(l, -2, i);
         } else {
-            hl_value key = hl_iter_next(&it);
             if (key.type != HL_TYPE_STR) plain_error(l, "dict key is not a string");
             lua_pushlstring(l, (const char *)key.u.p, key.len);
-            push_hl(l, hl_iter_next(&it), depth + 1);
+            push_hl(l, item, depth + 1);
             lua_rawset(l, -3);
         }
     }
@@ -284,8 +284,9 @@ static int protected_job(lua_State *l) {
         int n = j->args.type == HL_TYPE_LIST ? (int)j->args.count : 0;
         luaL_checkstack(l, n + 4, "too many arguments");
         hl_iter it;
+        hl_value item;
         if (n) hl_iter_init(&it, j->args);
-        for (int i = 0; i < n; i++) push_hl(l, hl_iter_next(&it), 1);
+        for (int i = 0; i < n && hl_iter_next(&it, NULL, &item); i++) push_hl(l, item, 1);
         lua_call(l, n, 1);
         to_hl(l, -1, 0, &j->result);
         return 0;

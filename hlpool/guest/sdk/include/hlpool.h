@@ -25,6 +25,14 @@
  * Values returned by the constructors (hl_str, hl_bytes, hl_list, ...) are
  * copied into a per-call arena, so the guest may free or reuse its buffers
  * right after constructing them. The arena is reset after every call.
+ * hl_list and hl_dict copy their item arrays (one hl_value per item, the
+ * items' own data is not copied again), so building a nested value costs time
+ * and arena space linear in its size. Values crossing the boundary nest at
+ * most HL_MAX_DEPTH (32) levels: a deeper result ends the call with a
+ * CallError saying so.
+ *
+ * C++: the header can be included from C++ (hlpool guest build picks g++ for
+ * .cpp/.cc/.cxx sources); see README.md for the subset of C++ that works.
  */
 #ifndef HLPOOL_H
 #define HLPOOL_H
@@ -79,9 +87,31 @@ hl_value hl_arg(const hl_args *args, int i);
 
 /* --- reading list and dict values --------------------------------------- */
 size_t hl_len(hl_value v);                 /* items of a list, pairs of a dict, bytes of str/bytes */
+/* Random access. On a list or dict that came from the host (an argument or a
+ * hl_call_host result) each call walks the encoding from the start, so a loop
+ * over all items with hl_item is quadratic: use hl_iter for that. */
 hl_value hl_item(hl_value list, size_t i); /* i-th item of a list, i-th value of a dict */
 hl_value hl_key(hl_value dict, size_t i);  /* i-th key of a dict */
 hl_value hl_get(hl_value dict, const char *key); /* HL_TYPE_MISSING if absent */
+
+/* Sequential reading, O(1) per step plus the size of the item read:
+ *
+ *     hl_iter it;
+ *     hl_value key, item;
+ *     hl_iter_init(&it, v);                    // v: a list or a dict
+ *     while (hl_iter_next(&it, &key, &item)) { ... }
+ *
+ * For a list, `key` gets HL_TYPE_MISSING; for a dict, the pair's key (a str).
+ * Either pointer may be NULL. hl_iter_init on anything but a list or dict ends
+ * the call with a CallError. The iterator holds no resources: drop it at any
+ * point. Its fields are internal to the runtime. */
+typedef struct hl_iter {
+    hl_value container;
+    size_t index;               /* pairs (dict) or items (list) read so far */
+    const void *p, *end;        /* position in a decoded container */
+} hl_iter;
+void hl_iter_init(hl_iter *it, hl_value container);
+bool hl_iter_next(hl_iter *it, hl_value *key, hl_value *item);
 /* Typed views of a value; a wrong type ends the call with a CallError naming `what`. */
 int64_t hl_as_int(hl_value v, const char *what);
 double hl_as_float(hl_value v, const char *what);
@@ -110,6 +140,12 @@ hl_value hl_call_host(const char *name, int argc, const hl_value *argv);
 
 /* Append a line to the host's log (printf/puts to stdout/stderr go there too). */
 void hl_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* The sandbox's memory configuration (bytes): the heap malloc draws from, the
+ * stack, and the largest encoded result or host-call request. */
+size_t hl_heap_size(void);
+size_t hl_stack_size(void);
+size_t hl_out_capacity(void);
 
 /* Host files mapped into this sandbox with Sandbox.map_file(). Returns the
  * mapping's guest address and size, or NULL if no file of that base name is mapped. */

@@ -167,6 +167,8 @@ void hl__mp_write_str(hl_writer *w, const char *s, size_t len) {
     put(w, s, len);
 }
 
+/* The shortest encoding, as msgpack encoders write it: fixint, else uint8..64
+ * for non-negative and int8..64 for negative values. */
 static void write_int(hl_writer *w, int64_t i) {
     if (i >= 0 && i <= 0x7f) {
         uint8_t b = (uint8_t)i;
@@ -174,14 +176,25 @@ static void write_int(hl_writer *w, int64_t i) {
     } else if (i < 0 && i >= -32) {
         uint8_t b = (uint8_t)(int8_t)i;
         put(w, &b, 1);
+    } else if (i > 0) {
+        uint64_t u = (uint64_t)i;
+        if (u <= 0xff) put_be(w, 0xcc, u, 1);
+        else if (u <= 0xffff) put_be(w, 0xcd, u, 2);
+        else if (u <= 0xffffffffu) put_be(w, 0xce, u, 4);
+        else put_be(w, 0xcf, u, 8);
     } else {
-        put_be(w, 0xd3, (uint64_t)i, 8);
+        if (i >= INT8_MIN) put_be(w, 0xd0, (uint64_t)i, 1);
+        else if (i >= INT16_MIN) put_be(w, 0xd1, (uint64_t)i, 2);
+        else if (i >= INT32_MIN) put_be(w, 0xd2, (uint64_t)i, 4);
+        else put_be(w, 0xd3, (uint64_t)i, 8);
     }
 }
 
 void hl__mp_write_value(hl_writer *w, hl_value v, int depth) {
+    if (w->overflow) return; /* nothing more can be written: stop walking the value */
     if (depth > HL_MAX_DEPTH) {
         w->overflow = 1;
+        w->too_deep = 1;
         return;
     }
     switch (v.type) {

@@ -70,15 +70,20 @@ void hl__out_record_bytes(uint64_t kind, const void *data, size_t length, uint64
 }
 
 /* Encode a payload with `encode`: on the call page if it fits, else in the
- * OUT area. Returns -1 if it does not fit the OUT area either. */
+ * OUT area. Returns -1 if it does not fit the OUT area either, -2 if a value
+ * in it nests deeper than HL_MAX_DEPTH. */
+#define OUT_TOO_BIG (-1)
+#define OUT_TOO_DEEP (-2)
 typedef void (*payload_encoder)(hl_writer *w, const void *ctx);
 static int out_encoded(uint64_t kind, payload_encoder encode, const void *ctx, uint64_t aux0) {
-    hl_writer w = {hl__call_page() + HL_CALL_PAGE_INLINE, HL_INLINE_MAX, 0, 0};
+    hl_writer w = {hl__call_page() + HL_CALL_PAGE_INLINE, HL_INLINE_MAX, 0, 0, 0};
     encode(&w, ctx);
+    if (w.too_deep) return OUT_TOO_DEEP;
     if (w.overflow) {
-        w = (hl_writer){(uint8_t *)(uintptr_t)hl__boot->out_base, hl__out_capacity(), 0, 0};
+        w = (hl_writer){(uint8_t *)(uintptr_t)hl__boot->out_base, hl__out_capacity(), 0, 0, 0};
         encode(&w, ctx);
-        if (w.overflow) return -1;
+        if (w.too_deep) return OUT_TOO_DEEP;
+        if (w.overflow) return OUT_TOO_BIG;
     }
     hl__out_record(kind, w.pos, aux0);
     return 0;
@@ -219,13 +224,25 @@ size_t hl_len(hl_value v) {
     }
 }
 
-/* The j-th encoded element (0-based) of a decoded container. */
+/* The j-th encoded element (0-based) of a decoded container. Walks from the
+ * start, or from where the previous lookup in the same container stopped when
+ * that is not past j: reading items in order is O(1) per item. */
 static hl_value decoded_element(hl_value c, size_t j) {
+    struct hl__call_state *cs = HL__CALL;
     const uint8_t *p = c.u.p, *end = p + c.len;
-    for (size_t k = 0; k < j; k++) {
+    size_t k = 0;
+    if (cs->seek_base == c.u.p && cs->seek_len == c.len && cs->seek_index <= j) {
+        p = cs->seek_pos;
+        k = cs->seek_index;
+    }
+    for (; k < j; k++) {
         p = hl__mp_skip(p, end, 0);
         if (!p) hl__fail(HL_MSG_CALL_ERROR, "malformed container value");
     }
+    cs->seek_base = c.u.p;
+    cs->seek_len = c.len;
+    cs->seek_index = j;
+    cs->seek_pos = p;
     hl_value out;
     if (hl__mp_decode(&p, end, &out, 0) != 0) hl__fail(HL_MSG_CALL_ERROR, "malformed container value");
     return out;
@@ -258,11 +275,48 @@ hl_value hl_key(hl_value c, size_t i) {
 hl_value hl_get(hl_value c, const char *key) {
     if (c.type != HL_TYPE_DICT) type_error("hl_get", HL_TYPE_DICT, c.type);
     size_t klen = strlen(key);
-    for (size_t i = 0; i < c.count; i++) {
-        hl_value k = element(c, 2 * i);
-        if (k.type == HL_TYPE_STR && k.len == klen && memcmp(k.u.p, key, klen) == 0) return element(c, 2 * i + 1);
-    }
+    hl_iter it;
+    hl_value k, v;
+    hl_iter_init(&it, c);
+    while (hl_iter_next(&it, &k, &v))
+        if (k.type == HL_TYPE_STR && k.len == klen && memcmp(k.u.p, key, klen) == 0) return v;
     return missing_value();
+}
+
+/* ---- sequential iteration --------------------------------------------------- */
+
+void hl_iter_init(hl_iter *it, hl_value c) {
+    if (c.type != HL_TYPE_LIST && c.type != HL_TYPE_DICT)
+        hl__fail(HL_MSG_CALL_ERROR, "hl_iter_init: expected list or dict, got %s", hl_type_name(c.type));
+    it->container = c;
+    it->index = 0;
+    it->p = c.u.p;
+    it->end = (c.flags & HL__BUILT) ? c.u.p : (const uint8_t *)c.u.p + c.len;
+}
+
+bool hl_iter_next(hl_iter *it, hl_value *key, hl_value *item) {
+    hl_value c = it->container;
+    if ((c.type != HL_TYPE_LIST && c.type != HL_TYPE_DICT) || it->index >= c.count) return false;
+    int is_dict = c.type == HL_TYPE_DICT;
+    hl_value k = missing_value(), v;
+    if (c.flags & HL__BUILT) {
+        const hl_value *items = c.u.p;
+        if (is_dict) {
+            k = items[2 * it->index];
+            v = items[2 * it->index + 1];
+        } else {
+            v = items[it->index];
+        }
+    } else {
+        const uint8_t *p = it->p, *end = it->end;
+        if ((is_dict && hl__mp_decode(&p, end, &k, 0) != 0) || hl__mp_decode(&p, end, &v, 0) != 0)
+            hl__fail(HL_MSG_CALL_ERROR, "malformed container value");
+        it->p = p;
+    }
+    it->index++;
+    if (key) *key = k;
+    if (item) *item = v;
+    return true;
 }
 
 /* ---- result constructors -------------------------------------------------- */
@@ -307,7 +361,7 @@ hl_value hl_bytes(const void *d, size_t len) { return copied(HL_TYPE_BYTES, d, l
 hl_value hl_list(size_t n, const hl_value *items) {
     hl_value v = scalar(HL_TYPE_LIST);
     if (n > UINT32_MAX) hl__fail(HL_MSG_CALL_ERROR, "hl_list: too many items");
-    hl_value *copy = hl__arena_alloc(n * sizeof *copy + 1);
+    hl_value *copy = hl__arena_alloc(n ? n * sizeof *copy : 1); /* the items' own data is referenced, not copied */
     if (n) memcpy(copy, items, n * sizeof *copy);
     v.flags = HL__BUILT;
     v.count = (uint32_t)n;
@@ -318,7 +372,7 @@ hl_value hl_list(size_t n, const hl_value *items) {
 hl_value hl_dict(size_t n, const char *const *keys, const hl_value *values) {
     hl_value v = scalar(HL_TYPE_DICT);
     if (n > UINT32_MAX / 2) hl__fail(HL_MSG_CALL_ERROR, "hl_dict: too many items");
-    hl_value *pairs = hl__arena_alloc(2 * n * sizeof *pairs + 1);
+    hl_value *pairs = hl__arena_alloc(n ? 2 * n * sizeof *pairs : 1);
     for (size_t i = 0; i < n; i++) {
         pairs[2 * i] = hl_str(keys[i]);
         pairs[2 * i + 1] = values[i];
@@ -361,7 +415,11 @@ static void encode_host_request(hl_writer *w, const void *ctx) {
 hl_value hl_call_host(const char *name, int argc, const hl_value *argv) {
     if (argc < 0) hl__fail(HL_MSG_CALL_ERROR, "hl_call_host: negative argc");
     struct host_request request = {name, argc, argv};
-    if (out_encoded(HL_MSG_HOSTCALL, encode_host_request, &request, 0) != 0)
+    int rc = out_encoded(HL_MSG_HOSTCALL, encode_host_request, &request, 0);
+    if (rc == OUT_TOO_DEEP)
+        hl__fail(HL_MSG_CALL_ERROR, "hl_call_host(\"%s\"): an argument is nested deeper than %d levels", name,
+                 HL_MAX_DEPTH);
+    if (rc != 0)
         hl__fail(HL_MSG_CALL_ERROR, "hl_call_host(\"%s\"): arguments do not fit the output buffer (%zu bytes)",
                  name, hl__out_capacity());
     hl__signal(HL_EV_HOSTCALL);
@@ -380,6 +438,12 @@ hl_value hl_call_host(const char *name, int argc, const hl_value *argv) {
         hl__fail(HL_MSG_CALL_ERROR, "hl_call_host(\"%s\"): malformed reply", name);
     return out;
 }
+
+/* ---- memory configuration ------------------------------------------------ */
+
+size_t hl_heap_size(void) { return (size_t)hl__boot->heap_size; }
+size_t hl_stack_size(void) { return (size_t)hl__boot->stack_size; }
+size_t hl_out_capacity(void) { return hl__out_capacity(); }
 
 /* ---- mapped files -------------------------------------------------------- */
 
@@ -405,7 +469,11 @@ static void write_result(hl_value v) {
         hl__out_record_bytes(HL_MSG_GUEST_ERROR, v.u.p, v.len, 0);
         return;
     }
-    if (out_encoded(HL_MSG_OK, encode_value, &v, 0) != 0)
+    int rc = out_encoded(HL_MSG_OK, encode_value, &v, 0);
+    if (rc == OUT_TOO_DEEP)
+        hl__fail(HL_MSG_CALL_ERROR, "result nested deeper than %d levels (the limit for values crossing the boundary)",
+                 HL_MAX_DEPTH);
+    if (rc != 0)
         hl__fail(HL_MSG_CALL_ERROR, "result does not fit the output buffer (%zu bytes)", hl__out_capacity());
 }
 
@@ -439,6 +507,7 @@ static HL_NORETURN void serve(void) {
     for (;;) {
         hl__log_reset();
         hl__arena_reset();
+        HL__CALL->seek_base = NULL;
         HL__CALL->in_call = 1;
         if (setjmp(HL__CALL->env) == 0) run_call();
         HL__CALL->in_call = 0;

@@ -79,6 +79,7 @@ typedef struct hl_writer {
     size_t cap;
     size_t pos;
     int overflow;
+    int too_deep; /* set with overflow when a value nests deeper than HL_MAX_DEPTH */
 } hl_writer;
 /* Decode one value starting at *p (< end) into *out; advance *p. 0 on success. */
 int hl__mp_decode(const uint8_t **p, const uint8_t *end, hl_value *out, int depth) HL_HIDDEN;
@@ -103,6 +104,10 @@ struct hl__call_state {
     size_t arena_used;                   /* bytes used of the arena's first part (this page) */
     size_t arena2_used;                  /* ... of its second part (.bss) */
     struct hl__chunk *spill;             /* arena overflow chunks (malloc) */
+    /* Where hl_item/hl_key last stopped in a decoded container, so that reading
+     * items in order costs O(1) each. Reset at the start of every call. */
+    const uint8_t *seek_base, *seek_pos;
+    size_t seek_len, seek_index;
     unsigned char arena[] __attribute__((aligned(16)));
 };
 #define HL__CALL ((struct hl__call_state *)(hl__call_page() + HL_CALL_PAGE_RUNTIME))
