@@ -88,6 +88,13 @@ class SnapshotTooLargeError(SnapshotError):
     """The snapshot describes more memory than the configured limits allow."""
 
 
+class SnapshotCompatibilityError(SnapshotError):
+    """The snapshot needs something this host or this hlpool does not offer (hlpool version,
+    guest ABI version, CPU vendor, XSAVE components, KVM flavour); the message names which."""
+
+    code = "snapshot_error"
+
+
 # ---- calls -----------------------------------------------------------------------
 
 

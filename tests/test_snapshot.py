@@ -64,12 +64,15 @@ def test_persist_is_atomic_and_read_only(snapshots, tmp_path):
         assert sb.call("echo", [1, b"2"]) == [1, b"2"]
 
 
-def test_boot_snapshot_and_unpersisted_parent_cannot_be_persisted(snapshots, tmp_path):
+def test_persisting_a_child_persists_its_in_memory_parents_first(snapshots, tmp_path):
+    """(Issue 15: this used to be refused with "persist the parent snapshot first".)"""
     with Sandbox(snapshots("touch")) as sb:
         sb.call("bump", restore=False)
         child = sb.snapshot()
-    with pytest.raises(SnapshotError, match="persist the parent snapshot first"):
-        child.persist(tmp_path / "child.hlsnap")
+    saved = child.persist(tmp_path / "child.hlsnap")
+    assert saved.layers[0].path == str(tmp_path / "child.parent-0.hlsnap")
+    with Sandbox(Snapshot.open(tmp_path / "child.hlsnap")) as sb:
+        assert sb.call("bump") == 2  # the child's state: bump ran once before the snapshot
 
 
 def test_opened_snapshot_runs_in_another_process(touch_file):
@@ -399,15 +402,15 @@ def test_mapped_files_are_read_only_shared_and_referenced(snapshots, tmp_path):
     with Sandbox(base) as sb:
         address, size = sb.map_file(str(data_path))
         assert size == len(data) and address == sb.layout.files.start
-        assert sb.call("read_file", "data.bin", 100) == data[:100]
+        assert sb.call("read_file", "data.bin", 100) == data[:100]  # the restore after it unmaps the file
+        sb.map_file(str(data_path))
         with pytest.raises(GuestFault, match=f"read-only mapped file {data_path}"):
             sb.call("write_file", "data.bin")
-        assert sb.call("read_file", "data.bin", 10) == data[:10]  # mapping survives restores
+        address, _ = sb.map_file(str(data_path))
         second = tmp_path / "second.txt"
         second.write_text("second file")
         address2, _ = sb.map_file(str(second))
         assert address2 > address
-        assert sb.call("read_file", "second.txt", 6) == b"second"
         with pytest.raises(Exception, match="not a regular, non-empty file"):
             sb.map_file(str(tmp_path))
         child = sb.snapshot().persist(tmp_path / "with-files.hlsnap")
@@ -415,6 +418,8 @@ def test_mapped_files_are_read_only_shared_and_referenced(snapshots, tmp_path):
     assert [f.path for f in child.mapped_files] == [str(data_path), str(second)]
     with Sandbox(Snapshot.open(tmp_path / "with-files.hlsnap")) as sb:
         assert sb.call("read_file", "data.bin", 50) == data[:50]
+        assert sb.call("read_file", "data.bin", 10) == data[:10]  # the snapshot's mappings survive restores
+        assert sb.call("read_file", "second.txt", 6) == b"second"
     data_path.write_bytes(data[:-1] + b"!")
     with pytest.raises(SnapshotParentError, match="changed"):
         Snapshot.open(tmp_path / "with-files.hlsnap")

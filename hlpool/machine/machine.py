@@ -212,7 +212,8 @@ class Machine:
     def _call(self, name: str, payload: bytes, timeout: float | None | object, restore: bool,
               decode: bool) -> Any:
         with self._lock:  # one vCPU: calls from several threads take turns
-            self._refuse_reentry("call")
+            if self._in_call:
+                self._refuse_reentry("call")
             self._in_call = True
             try:
                 return self._call_locked(name, payload, timeout, restore, decode)
@@ -230,6 +231,8 @@ class Machine:
                      decode: bool) -> Any:
         if self.status is not SandboxStatus.READY or self._pid != _getpid():
             self._check_usable()
+        if self._mapped_files.watched:  # a mapped file changed under the sandbox: refuse the call
+            self._mapped_files.check()
         index = self._exports.get(name)
         if index is None:
             raise CallError(f"{self.name}: unknown function {name!r}; the guest exports "
@@ -242,7 +245,8 @@ class Machine:
         return self._run_call(self.timeout if timeout is ... else timeout, restore, name, decode)
 
     def restore(self) -> RestoreStats:
-        """Put the sandbox back to its snapshot (memory pages the guest wrote, then registers)."""
+        """Put the sandbox back to its snapshot (memory pages the guest wrote, then registers;
+        files mapped since the snapshot are unmapped)."""
         with self._lock:
             self._refuse_reentry("restore")
             return self._restore_locked()
@@ -250,22 +254,43 @@ class Machine:
     def _restore_locked(self) -> RestoreStats:
         self._check_open()
         stats = self.memory.restore()
+        if self._mapped_files.extra:  # files mapped since the snapshot go with the restore
+            self._mapped_files.reset()
         self._clear_io()
         self._reload_registers = True
         self.last_restore = stats
         return stats
 
-    def map_file(self, path: str, *, guest_address: int | None = None) -> tuple[int, int]:
+    def map_file(self, path: str, *, name: str | None = None,
+                 guest_address: int | None = None) -> tuple[int, int]:
         """Map a host file read-only into the guest; returns (guest_address, size).
 
-        The guest finds it with ``hl_mapped_file(basename, &size)``. A guest
-        write to it is a :class:`GuestFault`. Snapshots taken afterwards
-        reference the file (path + content hash); they never copy it.
+        The guest finds it with ``hl_mapped_file(name, &size)``; ``name``
+        defaults to the file's basename (1-47 bytes, printable, no '/'; a name
+        already mapped is refused). A guest write to it is a :class:`GuestFault`.
+        Snapshots taken afterwards reference the file (path + content hash);
+        they never copy it. The mapping lasts until the next restore (the one
+        after every call included) unless a snapshot is taken first: every call
+        starts from the snapshot, its mappings included (README, "Layered
+        snapshots and mapped files"). The file must not change while mapped:
+        each call first checks it (inode, size, mtime) and fails with
+        :class:`SnapshotParentError` if it did.
         """
         with self._lock:
             self._refuse_reentry("map_file")
             self._check_usable()
-            return self._mapped_files.map(path, guest_address)
+            return self._mapped_files.map(path, guest_address, name)
+
+    def unmap_file(self, name_or_path: str) -> None:
+        """Unmap a file mapped since the snapshot, by its guest name or its path.
+
+        A file of the snapshot this sandbox was made from cannot be unmapped
+        (:class:`HlpoolError`): calls must start from the snapshot.
+        """
+        with self._lock:
+            self._refuse_reentry("unmap_file")
+            self._check_usable()
+            self._mapped_files.unmap(name_or_path)
 
     def close(self) -> None:
         """Destroy the VM and release its memory (idempotent)."""
@@ -300,7 +325,15 @@ class Machine:
         return self._mapped_files.files
 
     def save_vcpu_state(self):
-        """The vCPU's full state, after completing the guest's last `out` (see :meth:`finish_pending_io`)."""
+        """The vCPU's full state, after completing the guest's last `out` (see :meth:`finish_pending_io`).
+
+        After a restore (and before the next call) the machine is at its snapshot: memory is
+        put back at once, registers only when the next call starts (``_reload_registers``), so
+        the vCPU still holds the last call's registers. The machine's state is then the
+        snapshot's, and that is what this returns, so a capture is of one consistent state.
+        """
+        if self._reload_registers:
+            return self.base_snapshot.vcpu
         self.finish_pending_io()
         return self.vcpu.save_state()
 
@@ -585,6 +618,8 @@ class Machine:
         try:
             self.finish_pending_io()
             self.memory.restore()
+            if self._mapped_files.extra:
+                self._mapped_files.reset()
             self._clear_io()
             self.vcpu.load_state(self.base_snapshot.vcpu)
             self._reload_registers = False

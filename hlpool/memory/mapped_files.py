@@ -4,13 +4,19 @@ Each file gets its own read-only KVM memory slot in the files window, backed
 by a shared read-only view of the file (page-cache pages, never copied), and
 read-only, no-execute page-table entries (the whole window is mapped that way
 from the start, so nothing is rebuilt). The guest learns its mappings from
-the files table in the system slot (``hl_mapped_file``).
+the files table in the system slot (``hl_mapped_file``), by name.
+
+The files of the snapshot a sandbox is made from stay mapped for its whole
+life; files mapped since are dropped by every restore (:meth:`SandboxFiles.reset`)
+or by :meth:`SandboxFiles.unmap`. Before each call the machine checks that no
+mapped file changed (:meth:`SandboxFiles.check`: one ``fstat`` per file).
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import os
 import stat
 from dataclasses import dataclass
@@ -38,10 +44,32 @@ class MappedFile:
     size: int
     sha256: bytes
     fingerprint: tuple[int, int, int] = (0, 0, 0)  # (inode, size, mtime_ns) when the hash was taken
+    name: str = ""  # what the guest looks it up by (hl_mapped_file); "" means the path's basename
 
-    @property
-    def name(self) -> str:
-        return os.path.basename(self.path)[:NAME_BYTES - 1]
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", basename_name(self.path))
+
+
+def basename_name(path: str) -> str:
+    """The guest name of a file recorded without one: its basename, cut to the table's 47 bytes."""
+    raw = os.path.basename(path).encode("utf-8", "replace")[:NAME_BYTES - 1]
+    return raw.decode("utf-8", "ignore")
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a mapping in the guest's files table (None if it can)."""
+    if not isinstance(name, str):
+        return "it is not a string"
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8"
+    if not 0 < size < NAME_BYTES:
+        return f"it must be 1-{NAME_BYTES - 1} bytes of UTF-8, not {size}"
+    if not name.isprintable() or "/" in name:
+        return "it must be printable and contain no '/'"
+    return None
 
 
 def fingerprint(st: os.stat_result) -> tuple[int, int, int]:
@@ -87,26 +115,37 @@ class _Attached:
 
 
 class SandboxFiles:
-    """The files mapped into one VM: their memory slots and the guest's files table."""
+    """The files mapped into one VM: their memory slots and the guest's files table.
+
+    The first ``inherited`` files are the snapshot's; the rest were mapped since.
+    ``extra`` (files mapped since the snapshot) and ``watched`` (any file mapped)
+    are plain attributes so that the machine's per-call checks cost one test when
+    they have nothing to do.
+    """
 
     def __init__(self, vm: Vm, memory: "GuestMemory", layout: Layout, inherited: tuple[MappedFile, ...]) -> None:
         self._vm = vm
         self._memory = memory
         self._window = layout.files
         self._attached: list[_Attached] = []
+        self._inherited = 0
+        self.extra = False
+        self.watched = False
         try:
             for f in inherited:
                 self._attach(f)
         except BaseException:
             self.close()
             raise
+        self._inherited = len(self._attached)
 
     @property
     def files(self) -> tuple[MappedFile, ...]:
         return tuple(a.file for a in self._attached)
 
-    def map(self, path: str, guest_address: int | None) -> tuple[int, int]:
+    def map(self, path: str, guest_address: int | None, name: str | None = None) -> tuple[int, int]:
         path = os.path.abspath(path)
+        name = self._new_name(path, name)
         try:
             fd, st = open_regular(path)
         except NotARegularFile:
@@ -119,11 +158,70 @@ class SandboxFiles:
             size = st.st_size
             address = self._place(page_up(size), guest_address, path)
             mapped = MappedFile(path=path, guest_address=address, size=size, sha256=hash_file(fd),
-                                fingerprint=fingerprint(st))
+                                fingerprint=fingerprint(st), name=name)
         finally:
             os.close(fd)
         self._attach(mapped)
+        self.extra = True
         return address, mapped.size
+
+    def _new_name(self, path: str, name: str | None) -> str:
+        if name is None:
+            name = os.path.basename(path)
+            problem = name_problem(name)
+            if problem:
+                raise HlpoolError(f"map_file: the basename of {path} cannot name it in the guest ({problem}); "
+                                  "pass name=")
+        else:
+            problem = name_problem(name)
+            if problem:
+                raise HlpoolError(f"map_file: invalid name {name!r}: {problem}")
+        for a in self._attached:
+            if a.file.name == name:
+                raise HlpoolError(f"map_file: a file named {name!r} is already mapped ({a.file.path}); "
+                                  f"pass another name= for {path}")
+        return name
+
+    def unmap(self, name_or_path: str) -> None:
+        """Unmap a file mapped since the snapshot, found by its guest name or else by its path."""
+        index = next((i for i, a in enumerate(self._attached) if a.file.name == name_or_path), None)
+        if index is None:
+            path = os.path.abspath(name_or_path)
+            index = next((i for i, a in enumerate(self._attached) if a.file.path == path), None)
+        if index is None:
+            raise HlpoolError(f"unmap_file: no mapped file is named {name_or_path!r} or has that path; mapped: "
+                              f"{[a.file.name for a in self._attached] or 'none'}")
+        if index < self._inherited:
+            f = self._attached[index].file
+            raise HlpoolError(f"unmap_file: {f.name!r} ({f.path}) belongs to the snapshot this sandbox was made "
+                              "from; only files mapped since the snapshot can be unmapped")
+        self._detach(index)
+        self.extra = len(self._attached) > self._inherited
+        self._write_table()
+
+    def reset(self) -> None:
+        """Back to the snapshot's mappings: unmap every file mapped since (on restore)."""
+        while len(self._attached) > self._inherited:
+            self._detach(len(self._attached) - 1)
+        self.extra = False
+        self._write_table()
+
+    def check(self) -> None:
+        """Raise :class:`SnapshotParentError` if a mapped file changed since it was hashed
+        (``fstat`` of the descriptor the slot maps: inode, size, mtime)."""
+        for a in self._attached:
+            f = a.file
+            try:
+                st = os.fstat(a.fd)
+            except OSError as exc:
+                raise SnapshotParentError(f"mapped file {f.path} cannot be checked: {exc.strerror}") from None
+            inode, size, mtime_ns = f.fingerprint
+            if st.st_mtime_ns != mtime_ns or st.st_size != size or st.st_ino != inode:
+                since = "since the snapshot" if self._attached.index(a) < self._inherited else "since map_file"
+                raise SnapshotParentError(
+                    f"mapped file {f.path} (guest name {f.name!r}) changed {since} (size or mtime differ); the "
+                    "call was not run. Put the file back, or unmap_file()/restore() if it was mapped since "
+                    "the snapshot")
 
     def describe(self, address: int) -> str | None:
         for a in self._attached:
@@ -166,7 +264,8 @@ class SandboxFiles:
         except BaseException:
             os.close(fd)
             raise
-        slot = SLOT_FIRST_FILE + len(self._attached)
+        used = {a.slot for a in self._attached}
+        slot = next(s for s in itertools.count(SLOT_FIRST_FILE) if s not in used)
         attached = _Attached(f, fd, view, page_up(f.size), slot)
         try:
             self._vm.set_memory_slot(MemorySlot(slot, f.guest_address, page_up(f.size), view, readonly=True))
@@ -175,7 +274,20 @@ class SandboxFiles:
             os.close(fd)
             raise
         self._attached.append(attached)
+        self.watched = True
         self._write_table()
+
+    def _detach(self, index: int) -> None:
+        """Delete the file's KVM slot (size 0), then release its view and descriptor."""
+        a = self._attached[index]
+        self._vm.set_memory_slot(MemorySlot(a.slot, a.file.guest_address, 0, 0, readonly=True))
+        self._vm.slots.pop(a.slot, None)
+        del self._attached[index]
+        self.watched = bool(self._attached)
+        try:
+            _mapping.unmap(a.view, a.view_size)
+        finally:
+            os.close(a.fd)
 
     def _write_table(self) -> None:
         table = bytearray(abi.FILES_TABLE_SIZE)
@@ -195,7 +307,7 @@ class SandboxFiles:
             finally:
                 os.close(a.fd)
         self._attached.clear()
-
+        self.extra = self.watched = False
 
 
 def check_unchanged(layers: "tuple[Layer, ...]", files: "tuple[MappedFile, ...]") -> None:

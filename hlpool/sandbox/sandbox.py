@@ -8,11 +8,10 @@ call path has no extra hop.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from hlpool.machine.machine import HostFunction, Machine, SandboxStatus
-from hlpool.snapshot.capture import capture
-from hlpool.snapshot.regions import Region
+from hlpool.snapshot.capture import Retain, capture
 from hlpool.snapshot.snapshot import Snapshot
 
 __all__ = ["HostFunction", "Sandbox", "SandboxStatus"]
@@ -48,13 +47,20 @@ class Sandbox(Machine):
                                      host_functions=host_functions)
         return cls(snapshot, host_functions=host_functions, **kwargs)
 
-    def snapshot(self, retain: Callable[[Region], bool | None] | None = None) -> Snapshot:
+    def snapshot(self, retain: Retain | None = None) -> Snapshot:
         """Take a new snapshot of the live sandbox, layered on this sandbox's snapshot.
 
         Pages that differ from the parent go into a new layer; the others stay
-        references to the parent's files. ``retain(region)`` may return True
-        (keep the parent's bytes for that region), False (copy the region
-        into the new layer) or None (default).
+        references to the parent's files. ``retain`` is either a callable, asked
+        once per :class:`~hlpool.Region` (a layout area with one backing):
+        ``retain(region)`` returns True (keep the parent's bytes for that region),
+        False (copy the region into the new layer) or None (default); or a list of
+        page ranges ``[(guest_address, size), ...]`` (page-aligned, inside the
+        snapshot's memory) whose pages keep the parent's bytes, whatever the guest
+        wrote there (ValueError/TypeError for a malformed range).
+
+        Right after a call that restored the sandbox, the snapshot is of the restored
+        state: the parent's registers with the parent's memory.
         """
         with self._lock:
             self._refuse_reentry("snapshot")

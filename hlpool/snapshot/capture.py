@@ -3,8 +3,11 @@
 For each run of the parent snapshot, pages the guest did not write stay
 references to the parent's layers; written pages go into one new layer unless
 they equal the parent's bytes (then a reference) or are zero (then a zero run).
-``retain(region)`` overrides that per region. Uses only the machine's public
-methods; the new snapshot is the parent with the captured fields replaced.
+``retain`` overrides that: a callable decides per region (layout area and
+backing), a list of ``(guest_address, size)`` page ranges keeps the parent's
+bytes for those pages. Uses only the machine's public methods; the new snapshot
+is the parent with the captured fields replaced. :func:`lay_out` (pieces ->
+runs + new layer) is shared with :mod:`hlpool.snapshot.flatten`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence, Union
 
 from hlpool import _mapping
 from hlpool.errors import SnapshotError
@@ -25,6 +28,9 @@ from hlpool.snapshot.regions import SLOTS, Region, regions_of
 MAX_RUNS_PER_SLOT = 64  # bounds the host mappings each sandbox needs
 
 REF, ZERO, NEW = "ref", "zero", "new"
+
+#: What ``retain`` may be: a callable asked per region, or page ranges ``[(guest_address, size), ...]``.
+Retain = Union[Callable[[Region], Union[bool, None]], Sequence[tuple[int, int]]]
 
 
 @dataclass
@@ -52,7 +58,7 @@ class _Piece:
 def capture(
     machine: Machine,
     *,
-    retain: Callable[[Region], bool | None] | None = None,
+    retain: Retain | None = None,
     flatten: bool = False,
     exports: tuple[str, ...] | None = None,
 ) -> SnapshotImage:
@@ -62,25 +68,44 @@ def capture(
     page (used for snapshots made from an ELF).
     """
     parent = machine.base_snapshot
+    ranges = None if retain is None or callable(retain) else _page_ranges(parent, retain)
     vcpu_state = machine.save_vcpu_state()
     dirty = {"main": machine.dirty_pages(),
              "system": [(FILES_TABLE - parent.layout.system.start) // PAGE]}
     new_index = 0 if flatten else len(parent.layers)
-    regions_by_slot = _regions_by_slot(parent) if retain else {}
-    chunks: list[bytes] = []
-    layer_size = 0
-    runs: dict[str, list[Run]] = {}
+    regions_by_slot = _regions_by_slot(parent) if callable(retain) else {}
+    pieces_by_slot: dict[str, list[_Piece]] = {}
     for slot in SLOTS:
         host = machine.slot_host_address(slot)
         pieces: list[_Piece] = []
         for run in parent.runs[slot]:
-            for first, count, decision in _decisions(run, regions_by_slot.get(slot, ()), retain):
+            if ranges is not None:
+                decisions = _range_decisions(run, ranges[slot])
+            else:
+                decisions = _decisions(run, regions_by_slot.get(slot, ()), retain)  # type: ignore[arg-type]
+            for first, count, decision in decisions:
                 offset = run.offset + (first - run.first_page) * PAGE if run.layer >= 0 else 0
                 span = Run(first, count, run.layer, offset)
                 pieces.extend(_classify(parent, host, span, dirty[slot], decision, flatten))
-        pieces = _bound(_merge(pieces))
+        pieces_by_slot[slot] = pieces
+    runs, layer = lay_out(pieces_by_slot, new_index)
+    layers: tuple[Layer, ...] = (layer,) if flatten else parent.layers + (layer,)
+    return dataclasses.replace(  # the parent's type and fields, with the captured state
+        parent, vcpu=vcpu_state, exports=exports if exports is not None else parent.exports,
+        layers=layers, runs=runs, mapped_files=machine.mapped_files, parent=None if flatten else parent,
+        path=None, info={**parent.info},
+    )
+
+
+def lay_out(pieces_by_slot: dict[str, list[_Piece]], new_index: int) -> tuple[dict[str, list[Run]], Layer]:
+    """Runs for each slot and the new layer (a sealed memfd) holding the ``new`` pieces' bytes,
+    at layer index ``new_index``; each slot's runs bounded to :data:`MAX_RUNS_PER_SLOT`."""
+    chunks: list[bytes] = []
+    layer_size = 0
+    runs: dict[str, list[Run]] = {}
+    for slot, pieces in pieces_by_slot.items():
         slot_runs: list[Run] = []
-        for piece in pieces:
+        for piece in _bound(_merge(pieces)):
             if piece.kind == NEW:
                 size = piece.count * PAGE
                 data = _mapping.read_bytes(piece.source, size) if piece.source else bytes(size)
@@ -92,13 +117,54 @@ def capture(
             else:
                 slot_runs.append(Run(piece.first, piece.count, piece.layer, piece.offset))
         runs[slot] = coalesce(slot_runs)
-    layer = Layer.from_pages(chunks, name="hlpool-snapshot")
-    layers: tuple[Layer, ...] = (layer,) if flatten else parent.layers + (layer,)
-    return dataclasses.replace(  # the parent's type and fields, with the captured state
-        parent, vcpu=vcpu_state, exports=exports if exports is not None else parent.exports,
-        layers=layers, runs=runs, mapped_files=machine.mapped_files, parent=None if flatten else parent,
-        path=None, info={**parent.info},
-    )
+    return runs, Layer.from_pages(chunks, name="hlpool-snapshot")
+
+
+def _page_ranges(snapshot: SnapshotImage, retain: Sequence[tuple[int, int]]) -> dict[str, list[tuple[int, int]]]:
+    """``[(guest_address, size), ...]`` -> per slot, sorted page ranges ``(first, end)`` in slot pages.
+
+    Addresses and sizes must be page-aligned and lie in the snapshot's memory (system or main slot).
+    """
+    out: dict[str, list[tuple[int, int]]] = {slot: [] for slot in SLOTS}
+    try:
+        items = list(retain)
+    except TypeError:
+        raise TypeError("retain must be a callable or a list of (guest_address, size) pairs") from None
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
+            raise TypeError(f"retain: expected (guest_address, size) pairs of ints, got {item!r}")
+        address, size = item
+        if address % PAGE or size % PAGE or size <= 0 or address < 0:
+            raise ValueError(f"retain: range {address:#x}+{size:#x} is not a positive, page-aligned range")
+        for slot in SLOTS:
+            area: Area = getattr(snapshot.layout, slot)
+            if area.start <= address and address + size <= area.end:
+                out[slot].append(((address - area.start) // PAGE, (address + size - area.start) // PAGE))
+                break
+        else:
+            raise ValueError(f"retain: range {address:#x}+{size:#x} is not inside the snapshot's memory "
+                             "(one system or main slot range per pair)")
+    for slot in SLOTS:
+        out[slot].sort()
+    return out
+
+
+def _range_decisions(run: Run, ranges: list[tuple[int, int]]) -> list[tuple[int, int, bool | None]]:
+    """Split ``run`` into pages inside ``ranges`` (True: keep the parent's bytes) and outside (None)."""
+    out: list[tuple[int, int, bool | None]] = []
+    cursor = run.first_page
+    for first, end in ranges:
+        lo, hi = max(cursor, first), min(run.end_page, end)
+        if lo >= hi:
+            continue
+        if lo > cursor:
+            out.append((cursor, lo - cursor, None))
+        out.append((lo, hi - lo, True))
+        cursor = hi
+    if cursor < run.end_page:
+        out.append((cursor, run.end_page - cursor, None))
+    return out
 
 
 def _regions_by_slot(snapshot: SnapshotImage) -> dict[str, list[Region]]:

@@ -16,6 +16,26 @@ header CRC, every offset and size against the file, the content hash, the
 metadata's types and bounds, the runs against the layers, and recursively
 every parent (found by the path recorded in the child, checked by hash)
 and every referenced host file (by hash).
+
+What a file needs (metadata ``requires``, checked on open for every file of a
+chain; a failure is a :class:`SnapshotCompatibilityError` naming the need):
+
+- ``hlpool``: the version that wrote it. Rule: same major.minor as this hlpool
+  (a patch release never changes what a file means; the byte layout has its
+  own FORMAT_VERSION, checked first).
+- ``abi``: the guest ABI version (``HL_ABI_VERSION``) its runtime was built
+  for. Rule: equal to this hlpool's.
+- ``kvm``: the KVM flavour ("pvm" or "hardware") its vCPU state was saved
+  under. Rule: equal to this host's.
+- ``cpu_vendor``: the CPUID vendor string its vCPU state assumes. Rule: equal.
+- ``xcr0`` and ``xsave``: the XSAVE components the vCPU state enables and
+  where its XSAVE area holds them. Rule: the vCPU state's XCR0 is within
+  what this host's KVM supports, and each enabled component has the same
+  offset and size here.
+
+Host facts come from ``/dev/kvm``; without KVM (nothing could run the file
+anyway) only ``hlpool`` and ``abi`` are checked. Files written before these
+checks (no ``requires``) open as before.
 """
 
 from __future__ import annotations
@@ -32,6 +52,8 @@ from typing import Any, Callable
 import msgspec
 
 from hlpool.errors import (
+    KvmError,
+    SnapshotCompatibilityError,
     SnapshotError,
     SnapshotFormatError,
     SnapshotIntegrityError,
@@ -39,12 +61,21 @@ from hlpool.errors import (
     SnapshotTooLargeError,
     SnapshotVersionError,
 )
+from hlpool.guest import abi as guest_abi
+from hlpool.guest.entry_stub import xcr0_of
 from hlpool.guest.layout import PAGE, Layout, MemoryConfig, page_up
 from hlpool.kvm.system import system
 from hlpool.kvm.vcpu import VcpuState
 from hlpool.memory.image import S
 from hlpool.memory.layers import Layer, Run, check_runs
-from hlpool.memory.mapped_files import MappedFile, fingerprint, hash_file, open_regular
+from hlpool.memory.mapped_files import (
+    MappedFile,
+    basename_name,
+    fingerprint,
+    hash_file,
+    name_problem,
+    open_regular,
+)
 from hlpool.version import __version__ as hlpool_version
 
 MAGIC = b"HLSNAP\r\n"
@@ -114,10 +145,11 @@ def write_snapshot(snapshot: S, path: str) -> S:
                  for slot, runs in snapshot.runs.items()},
         "parents": [{"sha256": layer.sha256, "path": _relative_path(layer.path, directory), "size": layer.size}
                     for layer in parents],
-        "mapped_files": [{"path": f.path, "guest_address": f.guest_address, "size": f.size, "sha256": f.sha256}
-                         for f in snapshot.mapped_files],
+        "mapped_files": [{"path": f.path, "guest_address": f.guest_address, "size": f.size, "sha256": f.sha256,
+                          "name": f.name} for f in snapshot.mapped_files],
         "info": {k: v for k, v in snapshot.info.items() if isinstance(v, (str, int, float, bool))},
         "host": {"kvm": system().info.flavour, "xsave_size": len(snapshot.vcpu.xsave)},
+        "requires": _requirements(snapshot.vcpu),
     }
     meta_bytes = msgspec.msgpack.encode(meta)
     data_offset = PAGE
@@ -172,6 +204,113 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+# ---- what a file needs (rules: the module docstring) ---------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Host:
+    kvm: str
+    cpu_vendor: str
+    xcr0: int  # the XSAVE components KVM lets a guest enable
+    xsave: dict[int, tuple[int, int]]  # component -> (offset, size) in the XSAVE area
+
+
+_host_facts: dict[int, _Host] = {}
+
+
+def _host() -> _Host | None:
+    """This host's facts (read once per process); None without a usable /dev/kvm (asked again next time)."""
+    pid = os.getpid()
+    if pid not in _host_facts:
+        try:
+            kvm = system()
+            cpuid = kvm.supported_cpuid
+            vendor = ""
+            for i in range(cpuid.nent):
+                entry = cpuid.entries[i]
+                if entry.function == 0 and entry.index == 0:
+                    vendor = struct.pack("<III", entry.ebx, entry.edx, entry.ecx).decode("latin-1").rstrip("\0")
+            _host_facts[pid] = _Host(kvm.info.flavour, vendor, kvm.supported_xcr0, dict(kvm.xsave_components))
+        except (KvmError, OSError):
+            return None
+    return _host_facts[pid]
+
+
+def _requirements(vcpu: VcpuState) -> dict[str, Any]:
+    host = _host()
+    if host is None:
+        raise SnapshotError("cannot persist a snapshot without /dev/kvm (the file records this host's KVM)")
+    xcr0 = xcr0_of(vcpu.xcrs)
+    return {"hlpool": hlpool_version, "abi": guest_abi.HL_ABI_VERSION, "kvm": host.kvm,
+            "cpu_vendor": host.cpu_vendor, "xcr0": xcr0,
+            "xsave": [[n, *host.xsave[n]] for n in sorted(host.xsave) if xcr0 >> n & 1]}
+
+
+def _major_minor(version: str) -> tuple[str, str] | None:
+    parts = version.split(".")
+    return (parts[0], parts[1]) if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit() else None
+
+
+def _check_requirements(path: str, meta: dict) -> dict | None:
+    """Refuse a file that needs another hlpool or guest ABI, KVM flavour or CPU vendor.
+    Returns the ``requires`` map (None for files written before it existed)."""
+    req = meta.get("requires")
+    if req is None:
+        return None
+
+    def need(key: str, kind: type) -> Any:
+        value = req.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise _fail(path, f"metadata field 'requires.{key}' is missing or has the wrong type")
+        return value
+
+    if not isinstance(req, dict):
+        raise _fail(path, "metadata field 'requires' is malformed")
+    written_by = need("hlpool", str)
+    if _major_minor(written_by) is None:
+        raise _fail(path, f"metadata field 'requires.hlpool' is not a version: {written_by[:40]!r}")
+    if _major_minor(written_by) != _major_minor(hlpool_version):
+        raise _fail(path, f"written by hlpool {written_by[:40]}; this is hlpool {hlpool_version}, which opens files "
+                    f"of hlpool {'.'.join(_major_minor(hlpool_version) or ())}.x only", SnapshotCompatibilityError)
+    abi_version = need("abi", int)
+    if abi_version != guest_abi.HL_ABI_VERSION:
+        raise _fail(path, f"built for guest ABI version {abi_version}; this hlpool speaks guest ABI version "
+                    f"{guest_abi.HL_ABI_VERSION} (rebuild the guest and its snapshot)", SnapshotCompatibilityError)
+    kvm, vendor = need("kvm", str), need("cpu_vendor", str)
+    need("xcr0", int)
+    layouts = need("xsave", list)
+    if not all(isinstance(c, list) and len(c) == 3 and all(type(v) is int for v in c) and 0 <= c[0] < 64
+               for c in layouts):
+        raise _fail(path, "metadata field 'requires.xsave' is malformed")
+    host = _host()
+    if host is None:
+        return req
+    if kvm != host.kvm:
+        raise _fail(path, f"written for KVM flavour {kvm[:40]!r}, this host is {host.kvm!r}",
+                    SnapshotCompatibilityError)
+    if vendor != host.cpu_vendor:
+        raise _fail(path, f"its vCPU state was saved on a {vendor[:40]!r} CPU, this host's is {host.cpu_vendor!r}",
+                    SnapshotCompatibilityError)
+    return req
+
+
+def _check_xsave(path: str, req: dict | None, vcpu: VcpuState) -> None:
+    """The vCPU state's XSAVE components must exist on this host, laid out as the file recorded."""
+    host = _host()
+    if req is None or host is None:
+        return
+    xcr0 = xcr0_of(vcpu.xcrs)
+    if xcr0 & ~host.xcr0:
+        missing = [n for n in range(64) if (xcr0 & ~host.xcr0) >> n & 1]
+        raise _fail(path, f"its vCPU state enables XSAVE components {missing} (XCR0 {xcr0:#x}); this host's KVM "
+                    f"supports XCR0 {host.xcr0:#x}", SnapshotCompatibilityError)
+    for n, offset, size in req["xsave"]:
+        if xcr0 >> n & 1 and host.xsave.get(n) != (offset, size):
+            here = host.xsave.get(n)
+            raise _fail(path, f"its XSAVE area holds component {n} at offset {offset}, size {size}; this host's at "
+                        f"{'offset %d, size %d' % here if here else 'nowhere'}", SnapshotCompatibilityError)
 
 
 # ---- reading ----------------------------------------------------------------------------
@@ -327,6 +466,7 @@ def read_snapshot(path: str, make: Callable[..., S], *, max_memory: int | None =
     layer, meta = _open_layer(path, _expected,
                               max_layer_size if max_layer_size is not None else DEFAULT_MAX_LAYER)
     try:
+        requires = _check_requirements(path, meta)
         config_raw = _get(meta, "config", dict, path)
         try:
             config = MemoryConfig(**{k: v for k, v in config_raw.items() if isinstance(k, str)})
@@ -347,6 +487,7 @@ def read_snapshot(path: str, make: Callable[..., S], *, max_memory: int | None =
                    and isinstance(s[2], str) for s in segments):
             raise _fail(path, "image segment list is malformed")
         vcpu = _parse_vcpu(meta.get("vcpu"), path)
+        _check_xsave(path, requires, vcpu)
         runs_raw = _get(meta, "runs", dict, path)
         runs = {slot: _parse_runs(runs_raw.get(slot), path, slot) for slot in ("system", "main")}
 
@@ -382,6 +523,8 @@ def read_snapshot(path: str, make: Callable[..., S], *, max_memory: int | None =
                     and type(f.get("size")) is int and isinstance(f.get("sha256"), bytes)):
                 raise _fail(path, "mapped file entry is malformed")
             files.append(_verify_mapped_file(path, f, layout))
+            if any(other.name == files[-1].name for other in files[:-1]):
+                raise _fail(path, f"two mapped files have the guest name {files[-1].name!r}")
         info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
         return make(layout=layout, vcpu=vcpu, exports=tuple(exports), layers=layers, runs=runs,
                     image_segments=tuple(tuple(s) for s in segments), mapped_files=tuple(files),
@@ -393,6 +536,11 @@ def read_snapshot(path: str, make: Callable[..., S], *, max_memory: int | None =
 
 def _verify_mapped_file(snapshot_path: str, f: dict, layout: Layout) -> MappedFile:
     file_path = f["path"]
+    name = f.get("name")
+    if name is None:  # written before mappings had names: the basename, as the guest saw it then
+        name = basename_name(file_path)
+    elif name_problem(name):
+        raise _fail(snapshot_path, f"mapped file {file_path} has an invalid guest name: {name_problem(name)}")
     if not (layout.files.start <= f["guest_address"] and f["guest_address"] + page_up(f["size"]) <= layout.files.end):
         raise _fail(snapshot_path, f"mapped file {file_path} lies outside the files window")
     try:
@@ -410,4 +558,4 @@ def _verify_mapped_file(snapshot_path: str, f: dict, layout: Layout) -> MappedFi
     finally:
         os.close(fd)
     return MappedFile(path=file_path, guest_address=f["guest_address"], size=f["size"], sha256=f["sha256"],
-                      fingerprint=fingerprint(st))
+                      fingerprint=fingerprint(st), name=name)

@@ -12,6 +12,8 @@ writes.
   only the pages that differ from the sandbox's snapshot in a new layer on top of it.
 - :meth:`Snapshot.persist` / :meth:`Snapshot.open` write and read snapshot
   files (the format and both functions: :mod:`hlpool.snapshot.snapfile`).
+- :meth:`Snapshot.flatten` copies a chain of layers into one standalone layer
+  (:mod:`hlpool.snapshot.flatten`).
 
 The class is a value: it sits below :class:`~hlpool.Sandbox`, and the modules
 that produce snapshots (initialise, capture, snapfile) never import it; they
@@ -20,17 +22,20 @@ build instances through the class they are given or ``dataclasses.replace``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from hlpool.defaults import INIT_TIMEOUT
+from hlpool.errors import SnapshotError
 from hlpool.guest.layout import PAGE, Layout, MemoryConfig
 from hlpool.kvm.vcpu import VcpuState
 from hlpool.machine.machine import HostFunction
 from hlpool.memory.layers import Layer, Run, check_runs
 from hlpool.memory.mapped_files import MappedFile
+from hlpool.snapshot.flatten import flatten_snapshot
 from hlpool.snapshot.initialise import snapshot_from_elf
 from hlpool.snapshot.regions import Region, regions_of
 from hlpool.snapshot.snapfile import read_snapshot, write_snapshot
@@ -38,7 +43,6 @@ from hlpool.snapshot.snapfile import read_snapshot, write_snapshot
 __all__ = ["Region", "Snapshot"]
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -95,14 +99,62 @@ class Snapshot:
 
         ``max_memory`` bounds the guest memory the file may describe (default 256 GiB),
         ``max_layer_size`` the page data each file of the chain may hold (default 8 GiB),
-        which bounds the time spent hashing. Every failure is a :class:`SnapshotError`.
+        which bounds the time spent hashing. Every failure is a :class:`SnapshotError`; a
+        file that needs what this host or this hlpool lacks (hlpool version, guest ABI
+        version, CPU vendor, XSAVE components, KVM flavour) is a
+        :class:`SnapshotCompatibilityError` naming which (rules: :mod:`hlpool.snapshot.snapfile`).
         """
         return read_snapshot(os.fspath(path), cls, max_memory=max_memory, max_layer_size=max_layer_size)
 
     def persist(self, path: str | os.PathLike) -> "Snapshot":
         """Write this snapshot's own layer to ``path`` (atomically, read-only) and return the
-        file-backed snapshot. Parents must be persisted first."""
-        return write_snapshot(self, os.fspath(path))
+        file-backed snapshot.
+
+        Parents still in memory are persisted first, next to ``path``: the parent at index
+        ``n`` of :attr:`layers` (0 is the base) is written to ``<stem>.parent-<n>.hlsnap``,
+        where ``<stem>`` is ``path`` without its ``.hlsnap`` suffix (``child.hlsnap`` ->
+        ``child.parent-1.hlsnap``). Like ``path`` itself, an existing file of that name is
+        replaced. Parents already in files stay where they are. The returned snapshot's
+        :attr:`parent` chain is the file-backed one.
+        """
+        path = os.path.abspath(os.fspath(path))
+        if all(layer.persisted for layer in self.layers[:-1]):
+            return write_snapshot(self, path)
+        chain = self._chain()
+        stem = path[:-len(".hlsnap")] if path.endswith(".hlsnap") else path
+        below: Snapshot | None = None
+        for n, snap in enumerate(chain[:-1]):
+            if below is not None:
+                snap = dataclasses.replace(snap, layers=below.layers + (snap.layers[-1],), parent=below)
+            if not snap.layers[-1].persisted:
+                snap = write_snapshot(snap, f"{stem}.parent-{n}.hlsnap")
+            below = snap
+        assert below is not None
+        return write_snapshot(dataclasses.replace(self, layers=below.layers + (self.layers[-1],), parent=below),
+                              path)
+
+    def _chain(self) -> list["Snapshot"]:
+        """This snapshot and its parents, base first; each one adds one layer to the one below."""
+        chain: list[Snapshot] = []
+        snap: Snapshot | None = self
+        while snap is not None:
+            chain.append(snap)
+            snap = snap.parent
+        chain.reverse()
+        if len(chain) != len(self.layers) or any(
+                len(snap.layers) != n + 1 or snap.layers[-1] is not self.layers[n] for n, snap in enumerate(chain)):
+            raise SnapshotError("cannot persist the parents of this snapshot: its parent chain does not match "
+                                "its layers (persist or flatten the parent first)")
+        return chain
+
+    def flatten(self) -> "Snapshot":
+        """One standalone layer with this snapshot's memory (the whole chain's pages merged).
+
+        The result is in memory, equal in guest-visible memory, vCPU state, exports and
+        mapped files, with no parent; ``flatten().persist(path)`` writes one file that opens
+        without any of the chain's files. Costs a copy of every non-zero page.
+        """
+        return flatten_snapshot(self)
 
     # ---- description --------------------------------------------------------------------
 
