@@ -41,3 +41,6 @@ MAX_GUEST_MEMORY = 1 << 30
 STORE_QUOTA = 16 << 30
 #: Snapshot builds a pool runs at once (more wait for a free slot).
 MAX_BUILDS = 4
+#: The layout areas a derived snapshot may keep from its parent (``retain``; see hlpool.snapshot.regions).
+SNAPSHOT_AREAS = ("system", "image", "heap", "stack", "exception_stack", "out", "log", "call", "guard", "input",
+                  "file")

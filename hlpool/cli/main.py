@@ -4,6 +4,8 @@
     hlpool guest examples                                 build the example guests, print their paths
     hlpool snapshot build GUEST.elf -o X.hlsnap           initialise a guest, persist its snapshot
     hlpool snapshot inspect X.hlsnap                      layers, regions, sizes, parents, files
+    hlpool snapshot derive X.hlsnap --call FN '[ARGS]' -o Y.hlsnap   run calls, keep their state as a child
+    hlpool snapshot ls|rm NAME|gc [--store DIR]            the snapshot store: list, delete, collect garbage
     hlpool run GUEST.elf|X.hlsnap FN [ARG_JSON ...]       call a guest function in this process
     hlpool demo                                           build the examples and call each one
     hlpool info                                           what this host's KVM offers
@@ -28,7 +30,7 @@ from typing import Any, Sequence
 
 from hlpool import defaults
 from hlpool.errors import HlpoolError
-from hlpool.guest.build import build_guest
+from hlpool.guest.build import build_guest, cache_dir
 from hlpool.guest.examples import EXAMPLE_HOST_FUNCTIONS, build_all, example_path
 from hlpool.guest.interpreters import build_interpreters
 from hlpool.guest.layout import MemoryConfig
@@ -148,6 +150,90 @@ def cmd_snapshot_inspect(args: argparse.Namespace) -> int:
     for r in info["regions"]:
         where = f"layer {r['layer']}" if r["layer"] is not None else r["backing"]
         print(f"  {r['address']:>14} {r['size']:>12}  {r['perms']:<4} {r['area']:<16} {where}")
+    return 0
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from hlpool.pool.store import SnapshotStore
+
+    directory = args.store or os.path.join(cache_dir(), "snapshots")
+    if not os.path.isdir(directory):
+        raise HlpoolError(f"--store {directory}: not a directory")
+    return SnapshotStore(directory)
+
+
+def cmd_snapshot_ls(args: argparse.Namespace) -> int:
+    store = _store(args)
+    files = store.files()
+    rows = []
+    for path, st in sorted(files.items(), key=lambda item: item[1].st_mtime):
+        parents = [os.path.basename(p) for p in store.parents_of(path, st)]
+        children = [os.path.basename(c) for c in store.children_of(path)]
+        rows.append({"name": os.path.basename(path)[:-len(".hlsnap")], "path": path, "bytes": st.st_size,
+                     "parents": parents, "children": children, "modified": st.st_mtime})
+    if args.json:
+        print(json.dumps({**store.describe(), "snapshots": rows}, indent=2))
+        return 0
+    for row in rows:
+        parent = f"  <- {', '.join(row['parents'])}" if row["parents"] else ""
+        print(f"{row['name']}  {row['bytes']:>12} bytes  {len(row['children'])} child(ren){parent}")
+    print(f"{len(rows)} snapshot(s), {sum(r['bytes'] for r in rows)} bytes in {store.directory}")
+    return 0
+
+
+def cmd_snapshot_rm(args: argparse.Namespace) -> int:
+    store = _store(args)
+    for target in args.targets:
+        path = target if os.sep in target or target.endswith(".hlsnap") else store.path_for(target)
+        path = os.path.abspath(path)
+        if not store.contains(path) or not os.path.isfile(path):
+            raise HlpoolError(f"{target}: not a snapshot file of the store {store.directory}")
+        children = store.children_of(path)
+        if children:
+            raise HlpoolError(f"{target}: {len(children)} layered snapshot(s) name it as their parent "
+                              f"({', '.join(os.path.basename(c) for c in children[:3])}); remove them first")
+        if not store.remove(path):
+            raise HlpoolError(f"{target}: in use by another process (a pool or server holds it); not removed")
+        print(f"removed {path}")
+    return 0
+
+
+def cmd_snapshot_gc(args: argparse.Namespace) -> int:
+    store = _store(args)
+    for path in store.collect():
+        print(f"removed {path}")
+    info = store.describe()
+    print(f"{info['files']} snapshot(s), {info['bytes']} bytes left in {store.directory}")
+    return 0
+
+
+def _parse_call(values: list[str]) -> tuple[str, list]:
+    if len(values) > 2:
+        raise HlpoolError(f"--call {' '.join(values)}: expected FN [ARGS_JSON] (the arguments as one JSON array)")
+    args = json.loads(values[1]) if len(values) == 2 else []
+    if not isinstance(args, list):
+        raise HlpoolError(f"--call {values[0]}: ARGS_JSON must be a JSON array, got {values[1]!r}")
+    return values[0], [from_json(a) for a in args]
+
+
+def cmd_snapshot_derive(args: argparse.Namespace) -> int:
+    from hlpool.pool.builder import retain_decisions
+
+    try:
+        calls = [_parse_call(c) for c in args.call]
+    except json.JSONDecodeError as exc:
+        raise HlpoolError(f"--call: ARGS_JSON is not JSON: {exc}") from None
+    base = Snapshot.open(args.base)
+    decisions = retain_decisions(base, args.retain or None)
+    retain = (lambda r: decisions.get((r.guest_address, r.size, r.area))) if decisions else None
+    with Sandbox(base, timeout=args.timeout) as sb:
+        for path in args.map_file:
+            sb.map_file(path)
+        for fn, call_args in calls:
+            sb.call(fn, *call_args, restore=False)
+        child = sb.snapshot(retain=retain)
+    persisted = child.persist(args.output)
+    print(f"{persisted.path}: {persisted.stored_bytes()} bytes of pages on {base.path}")
     return 0
 
 
@@ -281,6 +367,34 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("snapshot", help="snapshot file")
     si.add_argument("--json", action="store_true", help="print JSON")
     si.set_defaults(func=cmd_snapshot_inspect)
+    store_help = "the snapshot store directory (default ~/.cache/hlpool/snapshots, the pool's and the server's)"
+    sl = snap.add_parser("ls", help="list the snapshot store's files: sizes, parents, children")
+    sl.add_argument("--store", help=store_help)
+    sl.add_argument("--json", action="store_true", help="print JSON")
+    sl.set_defaults(func=cmd_snapshot_ls)
+    sr = snap.add_parser("rm", help="delete snapshot files from the store (refused while children or another "
+                                    "process need them)")
+    sr.add_argument("targets", nargs="+", metavar="NAME|PATH", help="a store name (hash) or a store file's path")
+    sr.add_argument("--store", help=store_help)
+    sr.set_defaults(func=cmd_snapshot_rm)
+    sg = snap.add_parser("gc", help="delete the store files no process and no layered child needs")
+    sg.add_argument("--store", help=store_help)
+    sg.set_defaults(func=cmd_snapshot_gc)
+    sd = snap.add_parser("derive", help="run calls keeping their state and persist the result as a child layer",
+                         description="Open BASE (a .hlsnap), map --map-file files read-only, run each --call with "
+                                     "its state kept, and write the result as a layered snapshot naming BASE as "
+                                     "its parent; every call into it starts from that state.")
+    sd.add_argument("base", help="the parent snapshot file (.hlsnap)")
+    sd.add_argument("--call", nargs="+", action="append", default=[], metavar=("FN", "ARGS_JSON"),
+                    help="a call to run: FN and its arguments as one JSON array (repeatable, run in order)")
+    sd.add_argument("--map-file", action="append", default=[], metavar="PATH", help="map a host file read-only "
+                                                                                    "(repeatable)")
+    sd.add_argument("--retain", action="append", default=[], metavar="AREA",
+                    help="a layout area (heap, image, stack...) whose bytes the child keeps from BASE (repeatable)")
+    sd.add_argument("--timeout", type=float, default=defaults.CALL_TIMEOUT, help="seconds per call "
+                                                                                 "(default %(default)g)")
+    sd.add_argument("-o", "--output", required=True, help="the child snapshot file to write (.hlsnap)")
+    sd.set_defaults(func=cmd_snapshot_derive)
 
     r = sub.add_parser("run", help="call a guest function in this process",
                        description="Call FN in a sandbox made from a guest ELF or snapshot file. Arguments are "

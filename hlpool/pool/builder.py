@@ -64,14 +64,14 @@ import msgspec
 import prctl
 
 from hlpool import defaults, errors
-from hlpool.errors import GuestImageError, HlpoolError, SnapshotError, SnapshotTooLargeError
+from hlpool.errors import CallError, GuestImageError, HlpoolError, SnapshotError, SnapshotTooLargeError
 from hlpool.guest.build import sdk_fingerprint
 from hlpool.guest.elf import MAX_FILE_SIZE as ELF_MAX_FILE_SIZE
 from hlpool.guest.interpreters import DEFAULT_CONFIG as SCRIPT_CONFIG
 from hlpool.guest.interpreters import interpreter_path
 from hlpool.guest.layout import PAGE, Layout, MemoryConfig, page_up
 from hlpool.pool.store import SnapshotStore
-from hlpool.sandbox import scripts
+from hlpool.sandbox import Sandbox, scripts
 from hlpool.snapshot.snapshot import Snapshot
 
 if TYPE_CHECKING:
@@ -238,6 +238,21 @@ class SnapshotBuilder:
         check_elf(elf, SCRIPT_CONFIG, self.limits.max_guest_memory)
         key = ("script", language, hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest())
         job = {"kind": "script", "language": language, "source": source, "load_timeout": load_timeout}
+        return self._once(key, lambda: self._build(job, what, SnapshotError))
+
+    def build_child(self, base: str, calls: list[tuple[str, list]], map_files: list[str],
+                    retain: dict[tuple[int, int, str], bool] | None, call_timeout: float) -> Snapshot:
+        """The stored layer of a sandbox of the store file ``base`` after mapping ``map_files`` and running
+        ``calls`` (name, args) with restore=False; ``retain``: decisions per parent region
+        (:func:`retain_decisions`). Errors of the calls raise as themselves (GuestError...)."""
+        if not self.store.contains(base):
+            raise SnapshotError(f"{base}: a derived snapshot's base must be in the snapshot store "
+                                f"{self.store.directory} (built from an ELF, a script or derived)")
+        what = f"a snapshot derived from {os.path.basename(base)}"
+        items = sorted((list(k) + [v]) for k, v in (retain or {}).items())
+        job = {"kind": "derive", "base": base, "calls": [[fn, list(args)] for fn, args in calls],
+               "map_files": list(map_files), "retain": items, "call_timeout": call_timeout}
+        key = ("derive", hashlib.sha256(msgspec.msgpack.encode(job)).hexdigest())
         return self._once(key, lambda: self._build(job, what, SnapshotError))
 
     def persist(self, snap: Snapshot) -> Snapshot:
@@ -531,6 +546,8 @@ def _build_in_builder(job: dict[str, Any], config: "WorkerConfig") -> tuple[str,
         snap = Snapshot.from_elf(job["elf"], config=MemoryConfig(**job["config"]),
                                  host_functions=config.host_functions, timeout=job["init_timeout"])
         return _store(snap, out, store, budget, job["elf"]), True
+    if job["kind"] == "derive":
+        return _derive_in_builder(job, config, store, budget)
     language = job["language"]
     for _attempt in range(3):
         base = scripts.persisted_base_snapshot(language, store.directory)
@@ -544,6 +561,52 @@ def _build_in_builder(job: dict[str, Any], config: "WorkerConfig") -> tuple[str,
     if store.pin(out):
         return out, False
     return _store(child, out, store, budget, f"{language} script"), True
+
+
+def _derive_in_builder(job: dict[str, Any], config: "WorkerConfig", store: SnapshotStore,
+                       budget: int | None) -> tuple[str, bool]:
+    base_path = job["base"]
+    if not store.pin(base_path):  # the child will name it as its parent
+        raise SnapshotError(f"{base_path}: no such file")
+    base = Snapshot.open(base_path)
+    decisions = {(a, s, area): d for a, s, area, d in job["retain"]}
+    retain = (lambda r: decisions.get((r.guest_address, r.size, r.area))) if decisions else None
+    with Sandbox(base, host_functions=config.host_functions, timeout=job["call_timeout"], name="derive") as sb:
+        for path in job["map_files"]:
+            sb.map_file(path)
+        for fn, args in job["calls"]:
+            sb.call(fn, *args, restore=False)
+        child = sb.snapshot(retain=retain)
+    out = store.path_for(content_name(child))
+    if store.pin(out):
+        return out, False
+    return _store(child, out, store, budget, "the derived snapshot"), True
+
+
+def retain_decisions(snapshot: Snapshot, retain: Any) -> dict[tuple[int, int, str], bool] | None:
+    """``retain`` for a derived snapshot as decisions per region of its base ``snapshot``: a callable on a
+    :class:`~hlpool.snapshot.regions.Region` (True: keep the parent's bytes, False: copy, None: default),
+    evaluated here, or layout area names (``["heap"]``) whose regions keep the parent's bytes."""
+    if retain is None:
+        return None
+    regions = snapshot.regions
+    if callable(retain):
+        decide = retain
+    else:
+        names = [retain] if isinstance(retain, str) else list(retain)
+        known = {r.area for r in regions} | set(defaults.SNAPSHOT_AREAS)
+        unknown = sorted(str(n) for n in names if n not in known)
+        if unknown:
+            raise CallError(f"retain: unknown area(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
+        decide = (lambda r: True if r.area in names else None)  # noqa: E731
+    out = {}
+    for region in regions:
+        decision = decide(region)
+        if decision not in (True, False, None):
+            raise TypeError(f"retain() must return True, False or None, not {decision!r}")
+        if decision is not None:
+            out[(region.guest_address, region.size, region.area)] = decision
+    return out
 
 
 def _store(snap: Snapshot, out: str, store: SnapshotStore, budget: int | None, what: str) -> str:

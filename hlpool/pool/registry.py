@@ -1,6 +1,7 @@
 """The snapshots a pool knows: handles by source, registration, removal and garbage collection.
 
-:class:`~hlpool.pool.supervisor.Pool` delegates here. A guest ELF or a script is built
+:class:`~hlpool.pool.supervisor.Pool` delegates here. A guest ELF, a script or a derived
+snapshot (calls run on a stored base with their state kept, captured as a layer) is built
 by a builder process (:mod:`hlpool.pool.builder`) into the snapshot store
 (:mod:`hlpool.pool.store`); a ``.hlsnap`` file is opened (validated) in place; an
 in-memory :class:`Snapshot` is written into the store. Every store file a handle
@@ -22,8 +23,9 @@ from typing import Any, Callable
 from hlpool.defaults import SCRIPT_LANGUAGES
 from hlpool.errors import CallError, SnapshotError, SnapshotTooLargeError
 from hlpool.guest import abi as guest_abi
+from hlpool.guest import codec
 from hlpool.guest.layout import MemoryConfig
-from hlpool.pool.builder import SnapshotBuilder
+from hlpool.pool.builder import SnapshotBuilder, retain_decisions
 from hlpool.pool.store import SnapshotStore
 from hlpool.snapshot.snapfile import looks_like_snapshot
 from hlpool.snapshot.snapshot import Snapshot
@@ -91,6 +93,34 @@ class SnapshotRegistry:
         if handle is not None:
             return handle
         return self._remember(key, self.builder.build_script(language, source, load_timeout), language)
+
+    def derive(self, base: SnapshotHandle, calls: Any, map_files: Any, retain: Any,
+               call_timeout: float) -> SnapshotHandle:
+        """A stored child of ``base``: files mapped, calls run with restore=False, captured (in a builder)."""
+        if base.path in self.removed:
+            raise SnapshotError(f"{base.path}: the snapshot was removed (Pool.remove_snapshot)")
+        checked = []
+        for item in calls:
+            fn, args = (item, ()) if isinstance(item, str) else item
+            if not isinstance(fn, str):
+                raise CallError(f"a call is (function name, args), not {item!r}")
+            if fn not in base.exports and base.language is not None:
+                fn, args = "call", (fn, list(args))  # a script's own function, as Pool.submit does
+            if fn not in base.exports:
+                raise CallError(f"unknown function {fn!r}; the snapshot exports {sorted(base.exports)}")
+            try:
+                codec.encode_args(tuple(args))
+            except codec.ValueTypeError as exc:
+                raise CallError(f"{fn}: {exc}") from None
+            checked.append((fn, list(args)))
+        files = [os.path.abspath(os.fspath(p)) for p in map_files]
+        for path in files:
+            if not os.path.isfile(path):
+                raise SnapshotError(f"{path}: not a regular file")
+        decisions = None if retain is None else retain_decisions(Snapshot.open(base.path,
+                                                                              max_memory=self.max_guest_memory), retain)
+        snap = self.builder.build_child(base.path, checked, files, decisions, call_timeout)
+        return self._remember(("derived", snap.path), snap, base.language)
 
     def _from_snapshot(self, snap: Snapshot) -> SnapshotHandle:
         if snap.layout.guest_memory_size > self.max_guest_memory:

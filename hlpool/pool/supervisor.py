@@ -20,7 +20,6 @@ import concurrent.futures
 import itertools
 import logging
 import os
-import resource
 import select
 import threading
 import time
@@ -49,6 +48,9 @@ from hlpool.guest.layout import MemoryConfig
 from hlpool.memory.guest_memory import RestorePolicy
 from hlpool.pool import channel as ipc
 from hlpool.pool.builder import BuildLimits, SnapshotBuilder, check_memory_config
+from hlpool.pool.procinfo import memory_of as _memory_of
+from hlpool.pool.procinfo import process_state as _process_state
+from hlpool.pool.procinfo import raise_fd_limit as _raise_fd_limit
 from hlpool.pool.registry import SnapshotHandle, SnapshotRegistry
 from hlpool.pool.spawner import Spawner
 from hlpool.pool.store import SnapshotStore
@@ -244,6 +246,16 @@ class Pool:
         """Delete the store's files that no handle (of any pool sharing the store) and no layered
         child needs; returns their paths."""
         return self._snapshots.collect()
+
+    def derive(self, base: Any, calls: Iterable[Any] = (), *, map_files: Iterable[Any] = (), retain: Any = None,
+               timeout: float | None | object = ...) -> SnapshotHandle:
+        """A stored child of ``base``: in a builder process, a sandbox of ``base`` maps ``map_files``, runs
+        ``calls`` (``(fn, args)`` pairs) keeping their state, and is captured as a layer (``retain``: a
+        callable on a Region, or layout area names such as ``["heap"]`` whose parent bytes are kept).
+        Errors of the calls raise here (GuestError...) and leave nothing behind (see SnapshotBuilder.build_child)."""
+        load_timeout = self.call_timeout if timeout is ... else timeout
+        return self._snapshots.derive(self.snapshot(base), list(calls), list(map_files), retain,
+                                      load_timeout or defaults.INIT_TIMEOUT)
 
     def _calls_using_locked(self, path: str) -> int:
         return sum(c.handle.path == path for w in self._workers for c in itertools.chain(w.queue, w.inflight))
@@ -644,28 +656,6 @@ class Pool:
         return len(self._workers)
 
 
-def _process_state(pid: int) -> str:
-    """The state letter of ``pid`` from /proc (R, S, D, T, t, Z...), or "" if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
-    except (OSError, IndexError):
-        return ""
-
-
-def _memory_of(pid: int) -> dict[str, int]:
-    values = {"rss_kib": 0, "pss_kib": 0}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("Rss", "Pss"):
-                    values[f"{key.lower()}_kib"] = int(rest.split()[0])
-    except OSError:
-        pass
-    return values
-
-
 def _rebuild_error(blob: bytes) -> BaseException:
     """Turn a worker's error report (see :func:`hlpool.pool.worker.error_blob`) back into the
     matching hlpool exception, with the worker's traceback as its cause."""
@@ -678,15 +668,6 @@ def _rebuild_error(blob: bytes) -> BaseException:
         return exc
     except Exception as exc:  # a corrupt blob must still fail the call clearly
         return WorkerCrashed(f"worker sent an unreadable error report: {exc}")
-
-
-def _raise_fd_limit(wanted: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < wanted:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
-        except (ValueError, OSError):
-            log.warning("cannot raise RLIMIT_NOFILE to %d (hard limit %d)", wanted, hard)
 
 
 def _emergency_stop(spawner: Spawner) -> None:

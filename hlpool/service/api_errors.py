@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from hlpool.errors import HlpoolError, KvmError
+from hlpool.errors import CallError, GuestError, GuestFault, GuestTimeout, HlpoolError, HostFunctionError, KvmError
 
 log = logging.getLogger("hlpool.server")
 
@@ -27,6 +27,7 @@ ERROR_STATUS: dict[str, int] = {
     "method_not_allowed": 405,
     "request_timeout": 408,
     "snapshot_exists": 409,
+    "snapshot_in_use": 409,
     "payload_too_large": 413,
     "guest_error": 422,
     "snapshot_error": 422,
@@ -95,6 +96,16 @@ def registration_error(exc: BaseException) -> ApiError:
     if isinstance(exc, OSError):
         return ApiError("snapshot_error", f"{exc.filename or 'file'}: {exc.strerror}")
     return api_error(exc)
+
+
+def derive_error(exc: BaseException) -> ApiError:
+    """Errors while deriving a snapshot: the calls' own errors as a call's (guest_error, timeout...), arguments the
+    guest refused as ``snapshot_error``, the others as :func:`registration_error`."""
+    if isinstance(exc, CallError):  # the request was well-formed; a call the guest refused failed the derivation
+        return ApiError("snapshot_error", f"a call failed: {exc}")
+    if isinstance(exc, (GuestError, GuestFault, GuestTimeout, HostFunctionError)):
+        return api_error(exc)
+    return registration_error(exc)
 
 
 def http_error(status: int, reason: str, max_body: int, headers: Mapping[str, str] | None = None) -> ApiError:

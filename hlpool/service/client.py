@@ -81,6 +81,7 @@ ERROR_CLASSES: dict[str, type[RemoteError]] = {
     "overloaded": RemotePoolOverloadedError,
     "shutting_down": RemotePoolClosedError,
     "snapshot_error": RemoteSnapshotError,
+    "snapshot_in_use": RemoteSnapshotError,
     "unknown_snapshot": RemoteSnapshotError,
 }
 
@@ -141,6 +142,24 @@ class Client:
         """Serve the guest ELF or .hlsnap at ``path`` (a file on the server's host, in a directory the server
         allows with ``--allow-dir``) as ``name``."""
         return self.request("POST", "/v1/snapshots", {"name": name, "path": os.fspath(path)})
+
+    def derive(self, name: str, base: str, calls: list[tuple[str, list]] = (), *, map_files: list[str] = (),
+               retain: list[str] = ()) -> dict[str, Any]:
+        """Serve as ``name`` a child of the served ``base``: ``map_files`` (on the server host, under an
+        ``--allow-dir``) mapped, ``calls`` ((fn, args) pairs) run keeping their state, ``retain``: areas whose
+        bytes the child keeps from ``base``."""
+        body = {"name": name, "base": base, "calls": [{"fn": fn, "args": [to_json(a) for a in args]}
+                                                      for fn, args in calls],
+                "map_files": [os.fspath(p) for p in map_files], "retain": list(retain)}
+        return self.request("POST", "/v1/snapshots", body)
+
+    def remove(self, name: str) -> dict[str, Any]:
+        """Stop serving ``name`` and delete its store file (refused while children or calls need it)."""
+        return self.request("DELETE", f"/v1/snapshots/{_quote(name)}")
+
+    def collect_garbage(self) -> dict[str, Any]:
+        """Delete the store files nothing needs: ``{"removed": [paths], "store": {...}}``."""
+        return self.request("POST", "/v1/store/gc")
 
     def upload(self, name: str, elf: bytes | str | os.PathLike) -> dict[str, Any]:
         """Upload a guest ELF (bytes, or a local file) and serve it as ``name``."""

@@ -17,22 +17,27 @@ import time
 from functools import partial
 from typing import Any, Callable, Mapping
 
+import msgspec
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from hlpool.errors import HlpoolError
-from hlpool.service.api_errors import ApiError, ClientGone, api_error, registration_error
+from hlpool.errors import HlpoolError, SnapshotError
+from hlpool.service.api_errors import ApiError, ClientGone, api_error, derive_error, registration_error
 from hlpool.service.config import ServerConfig
-from hlpool.service.jsonvalues import to_json
+from hlpool.service.jsonvalues import from_json, to_json
 from hlpool.service.metrics import Metrics
 from hlpool.service.openapi import openapi_document
 from hlpool.service.schema import (
     CallResult,
+    GarbageCollected,
     Health,
     Index,
     Readiness,
+    RegisterDerived,
     RegisterScript,
+    Removed,
     SnapshotList,
+    StoreInfo,
     decode_call,
     decode_register,
     encode,
@@ -166,6 +171,21 @@ class Service:
         build: Callable[[], SnapshotEntry]
         if isinstance(body, RegisterScript):
             build = partial(self.snapshots.build_script, body.name, body.language, body.source)
+        elif isinstance(body, RegisterDerived):
+            base = self.snapshots.get(body.base)
+            unknown = [c.fn for c in body.calls if c.fn not in base.handle.exports]
+            if unknown and base.handle.language is None:
+                raise ApiError("unknown_function", f"snapshot {body.base!r} has no function {unknown[0]!r}; it "
+                                                   f"exports {', '.join(base.handle.exports)}")
+            if body.map_files:
+                self.snapshots.check_path_registration()
+            try:
+                calls = [(c.fn, from_json(c.args)) for c in body.calls]
+            except HlpoolError as exc:  # a malformed {"base64": ...} or {"float": ...}
+                raise ApiError("bad_request", f"calls: {exc}") from None
+            build = partial(self.snapshots.build_derived, body.name, base, calls, body.map_files, body.retain,
+                            self.config.call_timeout)
+            return await self._register(body.name, build, derive_error)
         else:
             self.snapshots.check_path_registration()  # off without --allow-dir: say so before anything else
             build = partial(self.snapshots.build_path, body.name, body.path)
@@ -181,7 +201,30 @@ class Service:
                                              "`hlpool guest build`)")
         return await self._register(name, partial(self.snapshots.build_upload, name, data))
 
-    async def _register(self, name: str, build: Callable[[], SnapshotEntry]) -> web.Response:
+    async def remove(self, request: web.Request) -> web.Response:
+        """Stop serving a name; delete its store file unless another name serves it (see routes.ROUTES)."""
+        self._check_running()
+        name = request.match_info["name"]
+        entry = self.snapshots.get(name)
+        path = entry.handle.path
+        deleted = False
+        if not any(e.handle.path == path for n, e in self.snapshots.entries.items() if n != name):
+            try:  # quick (a directory scan, non-blocking locks) and atomic with the call handlers
+                deleted = self.pool.remove_snapshot(entry.handle)
+            except SnapshotError as exc:
+                raise ApiError("snapshot_in_use", str(exc)) from None
+        self.snapshots.entries.pop(name, None)
+        log.info("removed %s (%s%s)", name, path, "" if deleted else ", file kept")
+        return json_response(Removed(name=name, path=path, deleted=deleted))
+
+    async def collect_garbage(self, request: web.Request) -> web.Response:
+        self._check_running()
+        removed = await in_daemon_thread(self.pool.collect_garbage, "hlpool-gc")
+        return json_response(GarbageCollected(removed=removed, store=msgspec.convert(self.pool.store.describe(),
+                                                                                     StoreInfo)))
+
+    async def _register(self, name: str, build: Callable[[], SnapshotEntry],
+                        errors: Callable[[BaseException], ApiError] = registration_error) -> web.Response:
         """Reserve ``name``, build its snapshot in a daemon thread (holding no lock), then publish it."""
         if self.registering >= self.config.max_registrations:
             raise ApiError("overloaded", f"{self.registering} registrations are being built; try again later")
@@ -194,7 +237,7 @@ class Service:
                 raise
             except (HlpoolError, OSError) as exc:
                 self.metrics.registrations.labels("error").inc()
-                raise registration_error(exc) from None
+                raise errors(exc) from None
             finally:
                 self.registering -= 1
             self.snapshots.add(entry)

@@ -14,9 +14,11 @@ from hlpool.service.schema import (
     CallRequest,
     CallResult,
     FunctionName,
+    GarbageCollected,
     Health,
     Index,
     Readiness,
+    Removed,
     SnapshotInfo,
     SnapshotList,
     SnapshotName,
@@ -49,6 +51,7 @@ PATH_PARAMETERS = {"name": SnapshotName, "function": FunctionName}
 _CALL_ERRORS = ("bad_json", "bad_request", "unknown_snapshot", "unknown_function", "request_timeout",
                 "payload_too_large", "guest_error", "overloaded", "guest_fault", "worker_crashed",
                 "host_function_error", "shutting_down", "timeout", "internal")
+_DERIVE_ERRORS = ("guest_error", "guest_fault", "host_function_error", "timeout")
 _REGISTER_ERRORS = ("bad_request", "snapshot_exists", "request_timeout", "payload_too_large", "snapshot_error",
                     "overloaded", "shutting_down")
 
@@ -64,12 +67,25 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/snapshots", "list_snapshots", "listSnapshots", "List the snapshots served", SnapshotList,
           "snapshots"),
     Route("POST", "/v1/snapshots", "register", "registerSnapshot",
-          "Register a guest ELF or .hlsnap file on the server host, or a JavaScript/Lua script",
-          SnapshotInfo, "registered", status=201, request=REGISTER_BODIES, errors=("bad_json", "forbidden",
-                                                                                    *_REGISTER_ERRORS),
-          description="A path must lie (symbolic links resolved) in a directory the server allows with "
-                      "--allow-dir; without one, registration by path is off (403 forbidden). The file must be "
-                      "a regular file of at most {max_body} bytes."),
+          "Register a guest ELF or .hlsnap file on the server host, a JavaScript/Lua script, or a snapshot "
+          "derived from a served one", SnapshotInfo, "registered", status=201, request=REGISTER_BODIES,
+          errors=("bad_json", "forbidden", "unknown_snapshot", "unknown_function", *_REGISTER_ERRORS,
+                                                 *_DERIVE_ERRORS),
+          description="A path (and each of a derived snapshot's map_files) must lie (symbolic links resolved) in "
+                      "a directory the server allows with --allow-dir; without one, registration by path is off "
+                      "(403 forbidden). A file must be a regular file of at most {max_body} bytes. A derived "
+                      "snapshot (a body with base, calls, map_files, retain) runs its calls in a "
+                      "builder process keeping their state, each within {call_timeout:g} s; every call into it "
+                      "then starts from that state. A call's error answers as the call would (guest_error, "
+                      "timeout...), and nothing is registered."),
+    Route("DELETE", "/v1/snapshots/{name}", "remove", "removeSnapshot", "Stop serving a snapshot and delete its "
+          "store file", Removed, "removed", errors=("unknown_snapshot", "snapshot_in_use", "shutting_down"),
+          description="Refused (409 snapshot_in_use) while a layered snapshot in the store names it as its "
+                      "parent, or calls for it are queued or running. The file stays while another name serves "
+                      "it or another process uses it (deleted: false)."),
+    Route("POST", "/v1/store/gc", "collect_garbage", "collectGarbage",
+          "Delete the snapshot store's files that nothing served, no layered child and no other process needs",
+          GarbageCollected, "collected", errors=("shutting_down",)),
     Route("GET", "/v1/snapshots/{name}", "get_snapshot", "getSnapshot", "Describe a snapshot", SnapshotInfo,
           "the snapshot", errors=("unknown_snapshot",)),
     Route("PUT", "/v1/snapshots/{name}", "upload", "uploadSnapshot", "Register an uploaded guest ELF as NAME",

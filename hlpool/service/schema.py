@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from hlpool.defaults import SCRIPT_LANGUAGES
+from hlpool.defaults import SCRIPT_LANGUAGES, SNAPSHOT_AREAS
 from hlpool.errors import GuestFault, HlpoolError
 from hlpool.service.api_errors import ERROR_STATUS, ApiError
 from hlpool.service.jsonvalues import from_json
@@ -66,6 +66,10 @@ class CallRequest(Struct, forbid_unknown_fields=True):
             raise BodyError("timeout must be a finite number of seconds")
 
 
+AbsolutePath = Annotated[str, Meta(description="an absolute path on the server host",
+                                   extra_json_schema={"pattern": "^/[^\\u0000]*$"})]  # checked in __post_init__
+
+
 class RegisterPath(Struct, forbid_unknown_fields=True):
     """Serve a guest ELF or .hlsnap file that is on the server host."""
 
@@ -94,11 +98,38 @@ class RegisterScript(Struct, forbid_unknown_fields=True):
                             f"{' or '.join(SCRIPT_LANGUAGES)}")
 
 
-#: What POST /v1/snapshots accepts as JSON (a body with "language" is a script).
-REGISTER_BODIES = (RegisterPath, RegisterScript)
+class DeriveCall(Struct, forbid_unknown_fields=True):
+    """One call run while a snapshot is derived; its state is kept."""
+
+    fn: FunctionName
+    args: Annotated[list[Value], Meta(description="the function's arguments")] = []
+
+
+class RegisterDerived(Struct, forbid_unknown_fields=True):
+    """A child of a served snapshot: files mapped, calls run keeping their state, captured as a layer."""
+
+    name: SnapshotName
+    base: Annotated[SnapshotName, Meta(description="the served snapshot to derive from")]
+    calls: Annotated[list[DeriveCall], Meta(description="run in order; every later call into the child starts "
+                                                        "from their result")] = []
+    map_files: Annotated[list[AbsolutePath], Meta(description="files on the server host, in a directory the "
+                                                              "server allows (--allow-dir), mapped read-only")] = []
+    retain: Annotated[list[Literal[SNAPSHOT_AREAS]],  # type: ignore[valid-type]
+                      Meta(description="layout areas (e.g. heap, image) whose bytes the child keeps from the base, "
+                                       "whatever the calls wrote there")] = []
+
+    def __post_init__(self) -> None:
+        for path in self.map_files:
+            if not os.path.isabs(path) or "\x00" in path:
+                raise BodyError(f"map_files: {path!r} is not an absolute path")
+
+
+#: What POST /v1/snapshots accepts as JSON (a body with "language" is a script, one with "base" a derived one).
+REGISTER_BODIES = (RegisterPath, RegisterScript, RegisterDerived)
 REGISTER_HINT = ('expected {"name": "...", "path": "/absolute/path.elf or .hlsnap"} or {"name": "...", '
-                 f'"language": {" or ".join(map(json.dumps, SCRIPT_LANGUAGES))}, "source": "..."}} (upload an ELF '
-                 f"with PUT /v1/snapshots/NAME)")
+                 f'"language": {" or ".join(map(json.dumps, SCRIPT_LANGUAGES))}, "source": "..."}} or {{"name": '
+                 f'"...", "base": "...", "calls": [{{"fn": "...", "args": [...]}}]}} (upload an ELF with PUT '
+                 f"/v1/snapshots/NAME)")
 
 
 # ---- responses ------------------------------------------------------------------------------------
@@ -183,6 +214,30 @@ class SnapshotInfo(Struct):
 
 class SnapshotList(Struct):
     snapshots: list[SnapshotInfo]
+
+
+class Removed(Struct):
+    """A snapshot no longer served."""
+
+    name: str
+    path: str
+    deleted: Annotated[bool, Meta(description="its store file was deleted (false: the file is still used by "
+                                              "another name or process, or is not in the store)")]
+
+
+class StoreInfo(Struct):
+    directory: str
+    files: int
+    bytes: int
+    quota: int | None
+    pinned: Annotated[int, Meta(description="files this server holds")]
+
+
+class GarbageCollected(Struct):
+    """What garbage collection removed from the snapshot store, and the store afterwards."""
+
+    removed: list[str]
+    store: StoreInfo
 
 
 class ErrorInfo(Struct, omit_defaults=True):
@@ -303,10 +358,12 @@ def decode_call(value: Any, max_timeout: float) -> tuple[list, float]:
     return args, max_timeout if call.timeout is None else min(call.timeout, max_timeout)
 
 
-def decode_register(value: Any) -> RegisterPath | RegisterScript:
-    """A registration body: a script if it has a ``language``, else a path."""
-    cls = RegisterScript if isinstance(value, dict) and "language" in value else RegisterPath
-    return decode(value, cls, REGISTER_HINT)
+def decode_register(value: Any) -> RegisterPath | RegisterScript | RegisterDerived:
+    """A registration body: a script if it has a ``language``, derived if it has a ``base``, else a path."""
+    cls: type[Struct] = RegisterPath
+    if isinstance(value, dict):
+        cls = RegisterScript if "language" in value else RegisterDerived if "base" in value else RegisterPath
+    return decode(value, cls, REGISTER_HINT)  # type: ignore[return-value]
 
 
 _encoder = msgspec.json.Encoder()

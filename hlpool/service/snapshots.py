@@ -141,6 +141,18 @@ class Snapshots:
         return self._entry(name, self.pool.script(language, source),
                            f"{language} script ({len(source)} characters)")
 
+    def build_derived(self, name: str, base: SnapshotEntry, calls: list[tuple[str, list]], map_files: list[str],
+                      retain: list[str], timeout: float) -> SnapshotEntry:
+        """A child of ``base``: ``map_files`` (each checked as :meth:`open_allowed`) mapped, ``calls`` run keeping
+        their state, captured as a layer in the store (by the pool's builder)."""
+        files = []
+        for path in map_files:
+            fd, _st, real = self.open_allowed(path)
+            os.close(fd)
+            files.append(real)
+        handle = self.pool.derive(base.handle, calls, map_files=files, retain=retain or None, timeout=timeout)
+        return self._entry(name, handle, f"derived from {base.name} ({len(calls)} call(s), {len(files)} file(s))")
+
     def build_upload(self, name: str, data: bytes, source: str | None = None) -> SnapshotEntry:
         """Build an uploaded guest ELF (written to a private file in the snapshot directory meanwhile)."""
         tmp = Path(self.pool.snapshot_dir) / f".upload-{secrets.token_hex(8)}.elf"
