@@ -251,3 +251,46 @@ def test_the_files_window_is_read_only_at_stage_2(leaks_elf, tmp_path):
             sb.call("phys_write", address + 8)
         assert sb.call("cpu_features") in (0, 1, 2, 3)
     assert open(path, "rb").read() == data
+
+
+# ---- a snapshot moves with its data; a search path; always verified by hash ---------------------------------
+
+
+def _snapshot_with_file(faults_base, directory, content: bytes):
+    """A child of faults_base that maps directory/data.bin, persisted in directory (parents beside it)."""
+    data = _file(directory / "data.bin", content)
+    with Sandbox(faults_base) as sb:
+        sb.map_file(data)
+        sb.call("read_file", "data.bin", 1, restore=False)
+        child = sb.snapshot()
+    return child.persist(directory / "child.hlsnap").path
+
+
+def test_a_directory_holding_a_snapshot_and_its_files_can_move(faults_base, tmp_path):
+    import shutil
+
+    snap_dir = tmp_path / "bundle"
+    _snapshot_with_file(faults_base, snap_dir, b"moving data")
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(snap_dir), moved)  # the parent (tmp_path/faults.hlsnap) is named relative: "../faults.hlsnap"
+    assert not os.path.exists(snap_dir / "data.bin")  # the recorded absolute path is gone
+    snap = Snapshot.open(moved / "child.hlsnap")
+    assert snap.mapped_files[0].path == str(moved / "data.bin")
+    with Sandbox(snap) as sb:
+        assert sb.call("read_file", "data.bin", 6) == b"moving"
+
+
+def test_a_search_path_finds_a_moved_file_by_name_and_checks_its_hash(faults_base, tmp_path):
+    path = _snapshot_with_file(faults_base, tmp_path / "snap", b"searched data")
+    store = tmp_path / "files"
+    store.mkdir()
+    os.rename(tmp_path / "snap" / "data.bin", store / "data.bin")
+    with pytest.raises(SnapshotParentError, match="is not available"):
+        Snapshot.open(path)
+    snap = Snapshot.open(path, files_path=[tmp_path / "nothing-here", store])
+    assert snap.mapped_files[0].path == str(store / "data.bin")
+    with Sandbox(snap) as sb:
+        assert sb.call("read_file", "data.bin", 8) == b"searched"
+    (store / "data.bin").write_bytes(b"other content")  # a file of that name but not the one recorded
+    with pytest.raises(SnapshotParentError, match="changed since the snapshot was taken"):
+        Snapshot.open(path, files_path=[store])

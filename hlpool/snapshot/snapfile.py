@@ -47,7 +47,7 @@ import struct
 import threading
 import time
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import msgspec
 
@@ -145,7 +145,8 @@ def write_snapshot(snapshot: S, path: str) -> S:
                  for slot, runs in snapshot.runs.items()},
         "parents": [{"sha256": layer.sha256, "path": _relative_path(layer.path, directory), "size": layer.size}
                     for layer in parents],
-        "mapped_files": [{"path": f.path, "guest_address": f.guest_address, "size": f.size, "sha256": f.sha256,
+        "mapped_files": [{"path": f.path, "relpath": _relative_path(f.path, directory),
+                          "guest_address": f.guest_address, "size": f.size, "sha256": f.sha256,
                           "name": f.name} for f in snapshot.mapped_files],
         "info": {k: v for k, v in snapshot.info.items() if isinstance(v, (str, int, float, bool))},
         "host": {"kvm": system().info.flavour, "xsave_size": len(snapshot.vcpu.xsave)},
@@ -456,7 +457,7 @@ def _parse_vcpu(raw: Any, path: str) -> VcpuState:
 
 
 def read_snapshot(path: str, make: Callable[..., S], *, max_memory: int | None = None,
-                  max_layer_size: int | None = None, _expected: bytes | None = None,
+                  max_layer_size: int | None = None, files_path: Sequence[str] = (), _expected: bytes | None = None,
                   _depth: int = 0) -> S:
     """Validate and open the snapshot at ``path`` (and its parent chain); ``make`` builds the
     value (the :class:`~hlpool.Snapshot` class or a subclass) from its fields."""
@@ -500,6 +501,7 @@ def read_snapshot(path: str, make: Callable[..., S], *, max_memory: int | None =
                 raise _fail(path, "parent reference is malformed")
             parent_path = os.path.normpath(os.path.join(os.path.dirname(path), last["path"]))
             parent = read_snapshot(parent_path, make, max_memory=max_memory, max_layer_size=max_layer_size,
+                                   files_path=files_path,
                                    _expected=last["sha256"],
                                    _depth=_depth + 1)
             if len(parent.layers) != len(parents_raw) or any(
@@ -522,7 +524,7 @@ def read_snapshot(path: str, make: Callable[..., S], *, max_memory: int | None =
             if not (isinstance(f, dict) and isinstance(f.get("path"), str) and type(f.get("guest_address")) is int
                     and type(f.get("size")) is int and isinstance(f.get("sha256"), bytes)):
                 raise _fail(path, "mapped file entry is malformed")
-            files.append(_verify_mapped_file(path, f, layout))
+            files.append(_verify_mapped_file(path, f, layout, files_path))
             if any(other.name == files[-1].name for other in files[:-1]):
                 raise _fail(path, f"two mapped files have the guest name {files[-1].name!r}")
         info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
@@ -534,7 +536,13 @@ def read_snapshot(path: str, make: Callable[..., S], *, max_memory: int | None =
         raise
 
 
-def _verify_mapped_file(snapshot_path: str, f: dict, layout: Layout) -> MappedFile:
+def _verify_mapped_file(snapshot_path: str, f: dict, layout: Layout, files_path: Sequence[str]) -> MappedFile:
+    """Find a mapped file and check it is the one the snapshot was taken with (size and SHA-256).
+
+    Where it is looked for, in order: the absolute path recorded, the path recorded relative
+    to the snapshot file (so a directory holding both can move), then the recorded file name in
+    each directory of ``files_path``. The first candidate with the recorded content wins.
+    """
     file_path = f["path"]
     name = f.get("name")
     if name is None:  # written before mappings had names: the basename, as the guest saw it then
@@ -543,19 +551,32 @@ def _verify_mapped_file(snapshot_path: str, f: dict, layout: Layout) -> MappedFi
         raise _fail(snapshot_path, f"mapped file {file_path} has an invalid guest name: {name_problem(name)}")
     if not (layout.files.start <= f["guest_address"] and f["guest_address"] + page_up(f["size"]) <= layout.files.end):
         raise _fail(snapshot_path, f"mapped file {file_path} lies outside the files window")
-    try:
-        fd, st = open_regular(file_path)
-    except OSError as exc:
-        raise _fail(snapshot_path, f"mapped file {file_path} is not available: {exc.strerror}",
-                    SnapshotParentError) from None
-    try:
-        if st.st_size != f["size"] or hash_file(fd) != f["sha256"]:
-            raise _fail(snapshot_path, f"mapped file {file_path} changed since the snapshot was taken",
-                        SnapshotParentError)
-    except OSError as exc:
-        raise _fail(snapshot_path, f"mapped file {file_path} cannot be read: {exc.strerror}",
-                    SnapshotParentError) from None
-    finally:
-        os.close(fd)
-    return MappedFile(path=file_path, guest_address=f["guest_address"], size=f["size"], sha256=f["sha256"],
-                      fingerprint=fingerprint(st), name=name)
+    candidates = [file_path]
+    relpath = f.get("relpath")
+    if isinstance(relpath, str) and relpath and "\0" not in relpath:
+        candidates.append(os.path.normpath(os.path.join(os.path.dirname(snapshot_path), relpath)))
+    candidates += [os.path.join(os.fspath(d), os.path.basename(file_path)) for d in files_path]
+    candidates = list(dict.fromkeys(candidates))  # in order, without repeats
+    unavailable: str | None = None
+    changed = False
+    for candidate in candidates:
+        try:
+            fd, st = open_regular(candidate)
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in a recorded path
+            unavailable = unavailable or getattr(exc, "strerror", None) or str(exc)
+            continue
+        try:
+            if st.st_size == f["size"] and hash_file(fd) == f["sha256"]:
+                return MappedFile(path=candidate, guest_address=f["guest_address"], size=f["size"],
+                                  sha256=f["sha256"], fingerprint=fingerprint(st), name=name)
+            changed = True
+        except OSError as exc:
+            unavailable = unavailable or exc.strerror
+        finally:
+            os.close(fd)
+    looked = f" (looked in: {', '.join(candidates)})" if len(candidates) > 1 else ""
+    if changed:
+        raise _fail(snapshot_path, f"mapped file {file_path} changed since the snapshot was taken{looked}",
+                    SnapshotParentError)
+    raise _fail(snapshot_path, f"mapped file {file_path} is not available: {unavailable}{looked}",
+                SnapshotParentError)

@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from hlpool.defaults import INIT_TIMEOUT
 from hlpool.errors import SnapshotError
@@ -94,7 +94,7 @@ class Snapshot:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, max_memory: int | None = None,
-             max_layer_size: int | None = None) -> "Snapshot":
+             max_layer_size: int | None = None, files_path: "Sequence[str | os.PathLike]" = ()) -> "Snapshot":
         """Open and fully validate a snapshot file (and its parents) before anything is mapped.
 
         ``max_memory`` bounds the guest memory the file may describe (default 256 GiB),
@@ -103,8 +103,13 @@ class Snapshot:
         file that needs what this host or this hlpool lacks (hlpool version, guest ABI
         version, CPU vendor, XSAVE components, KVM flavour) is a
         :class:`SnapshotCompatibilityError` naming which (rules: :mod:`hlpool.snapshot.snapfile`).
+
+        Mapped host files are found at the path recorded, else at the path recorded relative
+        to the snapshot file (a directory holding both can move), else by file name in each
+        directory of ``files_path``; wherever found, a file must have the recorded SHA-256.
         """
-        return read_snapshot(os.fspath(path), cls, max_memory=max_memory, max_layer_size=max_layer_size)
+        return read_snapshot(os.fspath(path), cls, max_memory=max_memory, max_layer_size=max_layer_size,
+                             files_path=[os.fspath(d) for d in files_path])
 
     def persist(self, path: str | os.PathLike) -> "Snapshot":
         """Write this snapshot's own layer to ``path`` (atomically, read-only) and return the
