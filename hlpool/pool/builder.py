@@ -58,7 +58,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import msgspec
 import prctl
@@ -71,12 +71,9 @@ from hlpool.guest.interpreters import DEFAULT_CONFIG as SCRIPT_CONFIG
 from hlpool.guest.interpreters import interpreter_path
 from hlpool.guest.layout import PAGE, Layout, MemoryConfig, page_up
 from hlpool.pool.store import SnapshotStore
+from hlpool.pool.worker import WorkerConfig
 from hlpool.sandbox import Sandbox, scripts
 from hlpool.snapshot.snapshot import Snapshot
-
-if TYPE_CHECKING:
-    from hlpool.pool.spawner import Spawner
-    from hlpool.pool.worker import WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +195,10 @@ def elf_name(path: str, config: MemoryConfig) -> str:
 class SnapshotBuilder:
     """Runs builds for a pool: checks, deduplication, the builder process, quota admission."""
 
-    def __init__(self, spawner: "Spawner", store: SnapshotStore, limits: BuildLimits) -> None:
-        self.spawner = spawner
+    def __init__(self, spawn_builder: Callable[[int], int], store: SnapshotStore, limits: BuildLimits) -> None:
+        """``spawn_builder(fd)`` forks a builder talking over socket ``fd`` and returns its pid
+        (:meth:`hlpool.pool.spawner.Spawner.spawn_builder`)."""
+        self.spawn_builder = spawn_builder
         self.store = store
         self.limits = limits
         self._slots = threading.BoundedSemaphore(limits.concurrency)
@@ -336,7 +335,7 @@ class SnapshotBuilder:
         """Start a builder, give it ``job``, watch it; returns its answer (the result is pinned)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            pid = self.spawner.spawn_builder(theirs.fileno())
+            pid = self.spawn_builder(theirs.fileno())
         except BaseException:
             ours.close()
             raise
@@ -493,7 +492,7 @@ def _rebuild(reply: dict[str, Any], what: str, error: type[HlpoolError], limits:
 # ---- the builder process ----------------------------------------------------------------------
 
 
-def builder_main(fd: int, config: "WorkerConfig") -> None:
+def builder_main(fd: int, config: WorkerConfig) -> None:
     """The builder: forked by the spawner with one end of a socketpair (``fd``)."""
     sock = socket.socket(fileno=fd)
     try:
@@ -502,7 +501,7 @@ def builder_main(fd: int, config: "WorkerConfig") -> None:
         pass  # the supervisor went away (or killed us): nobody to answer
 
 
-def _serve_one_build(sock: socket.socket, config: "WorkerConfig") -> None:
+def _serve_one_build(sock: socket.socket, config: WorkerConfig) -> None:
     prctl.set_pdeathsig(signal.SIGKILL)  # dies with the spawner, which dies with the supervisor
     if os.getppid() == 1:
         return
@@ -536,7 +535,7 @@ def _serve_one_build(sock: socket.socket, config: "WorkerConfig") -> None:
         pass
 
 
-def _build_in_builder(job: dict[str, Any], config: "WorkerConfig") -> tuple[str, bool]:
+def _build_in_builder(job: dict[str, Any], config: WorkerConfig) -> tuple[str, bool]:
     store = SnapshotStore(job["store"])
     budget = job.get("budget")
     if job["kind"] == "elf":
@@ -563,7 +562,7 @@ def _build_in_builder(job: dict[str, Any], config: "WorkerConfig") -> tuple[str,
     return _store(child, out, store, budget, f"{language} script"), True
 
 
-def _derive_in_builder(job: dict[str, Any], config: "WorkerConfig", store: SnapshotStore,
+def _derive_in_builder(job: dict[str, Any], config: WorkerConfig, store: SnapshotStore,
                        budget: int | None) -> tuple[str, bool]:
     base_path = job["base"]
     if not store.pin(base_path):  # the child will name it as its parent

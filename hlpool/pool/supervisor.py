@@ -196,7 +196,7 @@ class Pool:
             confine=confine_workers, user=worker_user)
         self._max_warm = max_sandboxes_per_worker
         self._spawner = Spawner(self._worker_config)
-        self._snapshots = SnapshotRegistry(SnapshotBuilder(self._spawner, self.store, limits), self.memory_config)
+        self._snapshots = SnapshotRegistry(SnapshotBuilder(self._spawner.spawn_builder, self.store, limits), self.memory_config)
         self._workers = [_Worker(index=i, wakeup=threading.Condition(self._lock)) for i in range(workers)]
         try:
             for w in self._workers:
