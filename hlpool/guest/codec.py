@@ -23,6 +23,10 @@ INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
 # What one decoded guest value may take in Python objects (an estimate; see _msgcheck).
 # A 1 MiB result of empty lists would otherwise become ~73 MiB in the supervisor.
 MAX_DECODED_BYTES = 64 << 20
+# Values this small skip the bounds check (it costs a buffer acquisition per call): they cannot
+# expand past ~100x their size, and decoding them cannot exhaust the recursion limit
+# (RecursionError is caught anyway) before _check_decoded refuses the nesting.
+SMALL_VALUE = 512
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
@@ -94,9 +98,10 @@ def decode_value(data: bytes | memoryview) -> Any:
     would exhaust the recursion limit, extension types): no other exception type
     escapes, so no caller's thread can be ended by what a guest writes.
     """
-    problem = _msgcheck.check(data, HL_MAX_DEPTH + 1, MAX_DECODED_BYTES)
-    if problem is not None:
-        raise GuestProtocolError(f"malformed msgpack: {problem}")
+    if len(data) > SMALL_VALUE:
+        problem = _msgcheck.check(data, HL_MAX_DEPTH + 1, MAX_DECODED_BYTES)
+        if problem is not None:
+            raise GuestProtocolError(f"malformed msgpack: {problem}")
     try:
         value = _decoder.decode(data)
         _check_decoded(value, 0)

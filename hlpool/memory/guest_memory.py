@@ -208,7 +208,8 @@ class GuestMemory:
             self._resident, self._resident_count, self.policy.keep_resident_pages, self._hot_first)
         stats.dirty = copied + dropped
         stats.copied, stats.dropped, stats.resident = copied, dropped, self._resident_count
-        self._reset_vif_page()
+        if self._vif_host and not _mapping.pages_equal(self._vif_host, 0):
+            self._reset_vif_page()
         return stats
 
     def _reset_vif_page(self) -> None:
@@ -217,10 +218,9 @@ class GuestMemory:
         The hypervisor owns it (it must stay in a writable memory slot), and the
         host's page tables never map it, but a guest that loads its own page tables
         can reach it and leave data there for the next call. A fresh sandbox sees
-        zeros, and so does the next call: the check is one 4 KiB compare.
+        zeros, and so does the next call: the check (in :meth:`restore`) is one 4 KiB compare.
         """
-        if self._vif_host and not _mapping.pages_equal(self._vif_host, 0):
-            _mapping.zero_bytes(self._vif_host, PAGE)
+        _mapping.zero_bytes(self._vif_host, PAGE)
 
     def slot_runs_host(self, name: str) -> SlotMapping:
         return self._slots[name]
