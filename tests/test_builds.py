@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from leakcheck import hlpool_processes
 
 import hlpool
 from hlpool import GuestImageError, GuestTimeout, MemoryConfig, Pool, SnapshotError, SnapshotTooLargeError
@@ -18,30 +19,6 @@ from hlpool.pool.store import SnapshotStore
 pytestmark = pytest.mark.kvm
 
 MIB = 1 << 20
-
-
-def hlpool_processes() -> dict[int, str]:
-    """pid -> name of every live hlpool process descended from this test process."""
-    parents, names = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                name, rest = f.read().rsplit(")", 1)
-        except OSError:
-            continue
-        fields = rest.split()
-        if fields[0] != "Z":
-            parents[int(entry)], names[int(entry)] = int(fields[1]), name.split("(", 1)[1]
-    out = {}
-    for pid, name in names.items():
-        ancestor = parents.get(pid)
-        while ancestor and ancestor != os.getpid():
-            ancestor = parents.get(ancestor)
-        if ancestor and name.startswith("hlpool-"):
-            out[pid] = name
-    return out
 
 
 def builders() -> list[int]:

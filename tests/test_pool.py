@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from leakcheck import hlpool_processes
 
 import hlpool
 from hlpool import (
@@ -29,30 +30,6 @@ from hlpool import (
 from hlpool.pool.supervisor import RemoteTraceback
 
 pytestmark = pytest.mark.kvm
-
-
-def hlpool_processes() -> dict[int, str]:
-    """pid -> name of every live hlpool process (worker, spawner, builder) in this test run's session.
-
-    The session, not the parent chain: a leaked process whose parent died is reparented but
-    keeps its session; hlpool processes other people run on the machine are in other sessions.
-    """
-    session = os.getsid(0)
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/comm") as f:
-                comm = f.read().strip()
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        state, sid = fields[0], int(fields[4])
-        if comm.startswith("hlpool-") and state != "Z" and sid == session:
-            out[int(entry)] = comm
-    return out
 
 
 def shm_names() -> list[str]:
