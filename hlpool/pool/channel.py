@@ -28,6 +28,9 @@ from hlpool.errors import HlpoolError
 PREFIX = "hlpool-"
 HEADER = struct.Struct("<16Q")  # 128 bytes
 HEADER_SIZE = HEADER.size
+TAKEN = struct.Struct("<Q")  # the header's last field: the request id the worker took (see mark_taken)
+TAKEN_OFFSET = HEADER_SIZE - TAKEN.size
+RESPONSE = struct.Struct("<5Q")  # the response's fields at the start of the header (the rest unused)
 
 OP_CALL = 1
 OP_STOP = 2
@@ -35,7 +38,8 @@ STATUS_OK = 0
 STATUS_ERROR = 1
 
 # Request header: op, request id, timeout (ns from when the worker starts it, 0 = none), path length, function name
-# length, payload length. Response header: status, request id, data length, sandboxes held.
+# length, payload length, expiry (CLOCK_MONOTONIC ns by which the call must end, queue time included; 0 = none). Response header: status, request id, data length, sandboxes held, ns the worker
+# spent on the call (its service time: the supervisor's cost estimate for routing and batching).
 MAX_PATH = 4096
 MAX_NAME = 256
 
@@ -120,7 +124,7 @@ class Channel:
         return (index % self.depth) * self.slot_size
 
     def write_request(self, index: int, request_id: int, path: bytes, function: bytes, payload: bytes,
-                      timeout_ns: int) -> None:
+                      timeout_ns: int, expires_ns: int = 0) -> None:
         base = self._slot(index)
         data = base + HEADER_SIZE
         total = len(path) + len(function) + len(payload)
@@ -131,39 +135,50 @@ class Channel:
         v[data + len(path):data + len(path) + len(function)] = function
         v[data + len(path) + len(function):data + total] = payload
         HEADER.pack_into(v, base, OP_CALL, request_id, timeout_ns, len(path), len(function), len(payload),
-                         *([0] * 10))
+                         expires_ns, *([0] * 9))
 
     def write_stop(self, index: int) -> None:
         HEADER.pack_into(self.view, self._slot(index), OP_STOP, *([0] * 15))
 
-    def read_request(self, index: int) -> tuple[int, int, int, str, str, memoryview]:
-        """(op, request id, timeout ns, snapshot path, function, payload view) of slot ``index``."""
+    def read_request(self, index: int) -> tuple[int, int, int, int, str, str, memoryview]:
+        """(op, request id, timeout ns, expiry (CLOCK_MONOTONIC ns, 0: none), snapshot path, function,
+        payload view) of slot ``index``."""
         base = self._slot(index)
-        op, request_id, timeout, path_len, name_len, payload_len, *_ = HEADER.unpack_from(self.view, base)
+        op, request_id, timeout, path_len, name_len, payload_len, expires, *_ = HEADER.unpack_from(self.view, base)
         if op != OP_CALL:
-            return op, 0, 0, "", "", self.view[0:0]
+            return op, 0, 0, 0, "", "", self.view[0:0]
         data = base + HEADER_SIZE
         if path_len + name_len + payload_len > self.data_capacity:
             raise HlpoolError("corrupt request in the channel")
         path = bytes(self.view[data:data + path_len]).decode()
         function = bytes(self.view[data + path_len:data + path_len + name_len]).decode()
         start = data + path_len + name_len
-        return op, request_id, timeout, path, function, self.view[start:start + payload_len]
+        return op, request_id, timeout, expires, path, function, self.view[start:start + payload_len]
 
-    def write_response(self, index: int, request_id: int, status: int, data: bytes, sandboxes: int) -> None:
+    def mark_taken(self, index: int, request_id: int) -> None:
+        """Worker side: record that the request in slot ``index`` is being run (before running it)."""
+        TAKEN.pack_into(self.view, self._slot(index) + TAKEN_OFFSET, request_id)
+
+    def taken(self, index: int, request_id: int) -> bool:
+        """Supervisor side, once the worker is dead: did it start the request ``request_id`` in slot ``index``?
+        A request it never took had no effect, so it can be run by another worker."""
+        return TAKEN.unpack_from(self.view, self._slot(index) + TAKEN_OFFSET)[0] == request_id
+
+    def write_response(self, index: int, request_id: int, status: int, data: bytes, sandboxes: int,
+                       run_ns: int = 0) -> None:
         base = self._slot(index)
         if len(data) > self.data_capacity:
             raise ValueError("response does not fit the channel")
         self.view[base + HEADER_SIZE:base + HEADER_SIZE + len(data)] = data
-        HEADER.pack_into(self.view, base, status, request_id, len(data), sandboxes, *([0] * 12))
+        RESPONSE.pack_into(self.view, base, status, request_id, len(data), sandboxes, run_ns)
 
-    def read_response(self, index: int) -> tuple[int, int, bytes, int]:
-        """(status, request id, data, sandboxes held) of slot ``index``."""
+    def read_response(self, index: int) -> tuple[int, int, bytes, int, int]:
+        """(status, request id, data, sandboxes held, ns the worker spent on the call) of slot ``index``."""
         base = self._slot(index)
-        status, request_id, length, sandboxes, *_ = HEADER.unpack_from(self.view, base)
+        status, request_id, length, sandboxes, run_ns = RESPONSE.unpack_from(self.view, base)
         if length > self.data_capacity:
             raise HlpoolError("corrupt response in the channel")
-        return status, request_id, bytes(self.view[base + HEADER_SIZE:base + HEADER_SIZE + length]), sandboxes
+        return status, request_id, bytes(self.view[base + HEADER_SIZE:base + HEADER_SIZE + length]), sandboxes, run_ns
 
 
 def _unlink_quietly(names: ChannelNames) -> None:

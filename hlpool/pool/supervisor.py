@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import collections
 import concurrent.futures
 import itertools
 import logging
@@ -24,11 +23,9 @@ import select
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-import msgspec
 import posix_ipc
 
 from hlpool import defaults, errors
@@ -48,8 +45,8 @@ from hlpool.guest.layout import MemoryConfig
 from hlpool.memory.guest_memory import RestorePolicy
 from hlpool.pool import channel as ipc
 from hlpool.pool.builder import BuildLimits, SnapshotBuilder, check_memory_config
+from hlpool.pool.calls import Call, CallFuture, RemoteTraceback, WorkerLink, rebuild_error  # noqa: F401 (re-export)
 from hlpool.pool.procinfo import memory_of as _memory_of
-from hlpool.pool.procinfo import process_state as _process_state
 from hlpool.pool.procinfo import raise_fd_limit as _raise_fd_limit
 from hlpool.pool.registry import SnapshotHandle, SnapshotRegistry
 from hlpool.pool.spawner import Spawner
@@ -61,58 +58,11 @@ from hlpool.snapshot.snapshot import Snapshot
 log = logging.getLogger(__name__)
 
 WATCHDOG_GRACE = 5.0  # a worker silent this long past a call's deadline is killed
-PIPELINE_DEPTH = 2  # calls queued inside a worker's channel
+PIPELINE_DEPTH = 16  # calls in a worker's channel at once (answers are collected in batches)
 COLD_START_COST = 0.003  # seconds to make a sandbox in a worker that has none for the snapshot (measured ~2.5 ms)
+CALLER_GRACE = 0.0001  # how long the pool's thread leaves a lone call's answer to its caller (see CallFuture)
+BATCH_WAIT_MAX = 0.002  # longest a collector waits for answers to gather while a backlog is in the channel
 DEFAULT_CALL_COST = 0.001  # assumed duration of a call until one of its snapshot was measured
-
-
-class RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker (the cause of the re-raised error)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self) -> str:
-        return f"\n\"\"\"\n{self.text}\"\"\""
-
-
-@dataclass
-class _Call:
-    future: concurrent.futures.Future
-    handle: SnapshotHandle
-    function: str
-    payload: bytes
-    timeout_ns: int
-    request_id: int
-    started: float = 0.0
-    expires: float = 0.0  # monotonic time by which the whole call (queue + run) must end; 0: none
-
-
-@dataclass
-class _Worker:
-    index: int
-    channel: ipc.Channel | None = None
-    pid: int = 0
-    pidfd: int = -1
-    queue: collections.deque = field(default_factory=collections.deque)
-    inflight: collections.deque = field(default_factory=collections.deque)
-    warm: "collections.OrderedDict[str, None]" = field(default_factory=collections.OrderedDict)
-    sent: int = 0
-    received: int = 0
-    calls: int = 0
-    errors: int = 0
-    crashes: int = 0
-    sandboxes: int = 0
-    alive: bool = False
-    thread: threading.Thread | None = None
-    wakeup: threading.Condition | None = None  # shares the pool's lock
-    stopped_since: float = 0.0  # when the watchdog first saw the process stopped (0: running)
-    queued_deadlines: bool = False  # some queued call has a total deadline (see _expire_queued_locked)
-
-    @property
-    def load(self) -> int:
-        return len(self.queue) + len(self.inflight)
 
 
 class Pool:
@@ -174,11 +124,13 @@ class Pool:
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else cache_dir() / "snapshots"
         self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         self._max_payload = max_payload
-        self._pending = threading.BoundedSemaphore(max_pending)
         self._max_pending = max_pending
+        self._pending = 0  # calls submitted and not done (guarded by the pool's lock)
+        self._pending_waiters = 0
         # One re-entrant lock guards every worker's queue, in-flight list and channel writes
         # (re-entrant: a future's done-callback may submit again while it is held).
         self._lock = threading.RLock()
+        self._slot_free = threading.Condition(self._lock)  # a pending slot was freed
         self._closed = False
         self._broken: str | None = None
         self.collector_failures = 0  # host-side errors survived by a worker's thread (see _run_worker)
@@ -197,7 +149,7 @@ class Pool:
         self._max_warm = max_sandboxes_per_worker
         self._spawner = Spawner(self._worker_config)
         self._snapshots = SnapshotRegistry(SnapshotBuilder(self._spawner.spawn_builder, self.store, limits), self.memory_config)
-        self._workers = [_Worker(index=i, wakeup=threading.Condition(self._lock)) for i in range(workers)]
+        self._workers = [WorkerLink(index=i, wakeup=threading.Condition(self._lock)) for i in range(workers)]
         try:
             for w in self._workers:
                 self._start_worker(w)
@@ -272,6 +224,10 @@ class Pool:
         what is left. Errors in the arguments (unknown function, unencodable values,
         payload too large) raise here; errors of the call are set on the future.
         """
+        return self._submit(snapshot, fn, args, timeout, deadline, block=self.block)
+
+    def _submit(self, snapshot: Any, fn: str, args: Iterable[Any], timeout: float | None | object,
+                deadline: float | None, block: bool, eager: bool = False) -> concurrent.futures.Future:
         if self._closed:
             raise PoolClosedError("the pool is shut down")
         if self._broken:
@@ -294,12 +250,13 @@ class Pool:
             raise CallError(f"timeout must be positive, got {timeout}")
         if deadline is not None and not deadline > 0:
             raise CallError(f"deadline must be positive, got {deadline}")
-        if not self._pending.acquire(blocking=self.block):
-            raise PoolOverloadedError(f"{self._max_pending} calls are pending")
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        call = _Call(future, handle, fn, payload, int(timeout * 1e9) if timeout else 0, next(self._ids),
-                     expires=time.monotonic() + deadline if deadline else 0.0)
-        future.add_done_callback(self._release_pending)
+        self._take_pending_slot(block)
+        future = CallFuture()
+        call = Call(future, handle, fn, payload, int(timeout * 1e9) if timeout else 0, next(self._ids),
+                     expires=time.monotonic() + deadline if deadline else 0.0, eager=eager)
+        future._call = call
+        concurrent.futures.Future.add_done_callback(future, self._release_pending)
+        future._pool = self
         with self._lock:
             if self._closed or self._broken:
                 future.cancel()  # releases the pending slot
@@ -310,10 +267,12 @@ class Pool:
             worker = self._route(handle)
             if worker.alive and not worker.queue and len(worker.inflight) < PIPELINE_DEPTH:
                 self._dispatch_locked(worker, call)  # straight into the channel: no thread hop
+                if eager:  # else the caller collects in result(), or a callback/waiter wakes the thread
+                    worker.wakeup.notify()
             else:
                 worker.queue.append(call)
                 worker.queued_deadlines |= bool(call.expires)
-            worker.wakeup.notify()
+                worker.wakeup.notify()
         return future
 
     def map(self, snapshot: Any, fn: str, iterable: Iterable[Iterable[Any]], *,
@@ -334,18 +293,39 @@ class Pool:
     async def call(self, snapshot: Any, fn: str, *args: Any, timeout: float | None | object = ...,
                    deadline: float | None = None) -> Any:
         """``await pool.call(snap, "fn", 1, 2)``: submit without blocking the event loop."""
-        loop = asyncio.get_running_loop()
-        if self.block:
+        try:  # a free pending slot: submit right here (no executor thread on the way)
+            future = self._submit(snapshot, fn, args, timeout, deadline, block=False, eager=True)
+        except PoolOverloadedError:
+            if not self.block:
+                raise
+            loop = asyncio.get_running_loop()  # wait for a slot without blocking the event loop
             future = await loop.run_in_executor(
                 None, lambda: self.submit(snapshot, fn, args, timeout=timeout, deadline=deadline))
-        else:
-            future = self.submit(snapshot, fn, args, timeout=timeout, deadline=deadline)
         return await asyncio.wrap_future(future)
 
-    def _release_pending(self, _future: concurrent.futures.Future) -> None:
-        self._pending.release()
+    def _take_pending_slot(self, block: bool) -> None:
+        """Count a new pending call; at ``max_pending`` wait for one to finish (or refuse)."""
+        with self._lock:
+            while self._pending >= self._max_pending:
+                if not block:
+                    raise PoolOverloadedError(f"{self._max_pending} calls are pending")
+                if self._closed:
+                    raise PoolClosedError("the pool is shut down")
+                self._pending_waiters += 1
+                try:
+                    self._slot_free.wait(0.5)
+                finally:
+                    self._pending_waiters -= 1
+            self._pending += 1
 
-    def _route(self, handle: SnapshotHandle) -> _Worker:
+    def _release_pending(self, _future: concurrent.futures.Future) -> None:
+        """A call's future is done (result, error or cancelled): its pending slot is free."""
+        with self._lock:
+            self._pending -= 1
+            if self._pending_waiters:
+                self._slot_free.notify()
+
+    def _route(self, handle: SnapshotHandle) -> WorkerLink:
         """The worker expected to finish the call first: queued work (calls x their measured
         duration) plus the cost of a cold start where the worker has no warm VM for the snapshot."""
         per_call = self._call_cost.get(handle.path, DEFAULT_CALL_COST)
@@ -367,7 +347,7 @@ class Pool:
 
     # ---- workers -----------------------------------------------------------------------------
 
-    def _start_worker(self, w: _Worker) -> None:
+    def _start_worker(self, w: WorkerLink) -> None:
         channel = ipc.Channel.create(PIPELINE_DEPTH, self._max_payload + ipc.MAX_PATH + ipc.MAX_NAME)
         try:
             pid = self._spawner.spawn(w.index, channel.names)
@@ -383,9 +363,9 @@ class Pool:
         w.alive = True
         log.debug("worker %d started (pid %d)", w.index, pid)
 
-    def _dispatch_locked(self, w: _Worker, call: _Call) -> None:
+    def _dispatch_locked(self, w: WorkerLink, call: Call) -> None:
         """Write a call into the worker's channel (the caller holds the pool's lock)."""
-        if not call.future.set_running_or_notify_cancel():
+        if not call.retried and not call.future.set_running_or_notify_cancel():
             return  # cancelled while queued
         call.started = time.monotonic()
         if call.expires:
@@ -398,15 +378,16 @@ class Pool:
                 call.timeout_ns = max(1, int(left * 1e9))
         try:
             w.channel.write_request(w.sent, call.request_id, call.handle.path.encode(), call.function.encode(),
-                                    call.payload, call.timeout_ns)
+                                    call.payload, call.timeout_ns, int(call.expires * 1e9) if call.expires else 0)
         except ValueError as exc:
             call.future.set_exception(PayloadTooLargeError(str(exc)))
             return
         w.sent += 1
+        call.worker = w
         w.inflight.append(call)
         w.channel.requests.release()
 
-    def _run_worker(self, w: _Worker) -> None:
+    def _run_worker(self, w: WorkerLink) -> None:
         """Move queued calls into one worker's channel, resolve their futures, replace the worker if it dies.
 
         Nothing may end this thread while the pool is open: an unexpected exception
@@ -420,94 +401,154 @@ class Pool:
             except Exception as exc:
                 self.collector_failures += 1
                 log.exception("worker %d: collector failed; failing its calls in flight and replacing it", w.index)
-                self._kill(w)
+                w.kill()
                 self._replace(w, f"was replaced after a host-side error ({type(exc).__name__}: {exc})")
         self._stop_worker(w)
 
-    def _serve_worker_once(self, w: _Worker) -> bool:
+    def _serve_worker_once(self, w: WorkerLink) -> bool:
         """One round of :meth:`_run_worker`; False when the worker's thread should end."""
         with self._lock:
             while not w.queue and not w.inflight and not self._closed and not self._broken:
                 w.wakeup.wait(0.25)
-                if not self._worker_alive(w):
+                if not w.is_alive():
                     break
             if (self._closed or self._broken) and not w.queue and not w.inflight:
                 return False
             if w.queued_deadlines:
-                self._expire_queued_locked(w)
+                w.expire_queued()
             while w.queue and w.alive and len(w.inflight) < PIPELINE_DEPTH:
                 self._dispatch_locked(w, w.queue.popleft())
             busy = bool(w.inflight)
+            if busy and len(w.inflight) == 1 and not w.inflight[0].eager:
+                # A lone call: its caller is probably about to wait in result() and collect the
+                # answer itself (one wake-up less); give it a moment to take the reader lock.
+                left = w.inflight[0].started + CALLER_GRACE - time.monotonic()
+                if left > 0:
+                    w.wakeup.wait(left)
+                    return True
         if busy:
-            self._collect(w)
-        elif not self._worker_alive(w):
+            if w.reader.acquire(blocking=False):
+                try:
+                    self._collect(w)
+                finally:
+                    w.reader.release()
+            else:  # a caller reads the answers now; it wakes this thread when it stops
+                with self._lock:
+                    if w.inflight:
+                        w.wakeup.wait(0.05)
+        elif not w.is_alive():
             self._replace(w, None)
         return True
 
-    def _expire_queued_locked(self, w: _Worker) -> None:
-        """Fail the queued calls of ``w`` whose total deadline has passed (the pool's lock is held)."""
-        now = time.monotonic()
-        kept = collections.deque()
-        for call in w.queue:
-            if call.expires and call.expires <= now:
-                if call.future.set_running_or_notify_cancel():
-                    call.future.set_exception(GuestTimeout(f"{call.function}: deadline passed while the call "
-                                                           "was queued"))
-            else:
-                kept.append(call)
-        w.queue = kept
-        w.queued_deadlines = any(call.expires for call in kept)
+    def _collect(self, w: WorkerLink) -> None:
+        """Wait briefly for responses of ``w``; take every response that is ready in one batch.
 
-    def _stuck_reason(self, w: _Worker, call: _Call) -> str | None:
-        """Why the worker running ``call`` must be replaced, if it must: past the call's deadline
-        plus a grace period, or stopped (SIGSTOP, a debugger) for longer than the grace period."""
-        now = time.monotonic()
-        limit = call.timeout_ns / 1e9 if call.timeout_ns else None
-        if limit is not None and now - call.started > limit + WATCHDOG_GRACE:
-            return "stuck past a call's deadline"
-        if now - call.started > WATCHDOG_GRACE / 5:
-            stopped_since = w.stopped_since
-            if _process_state(w.pid) in ("T", "t"):
-                if not stopped_since:
-                    w.stopped_since = now
-                elif now - stopped_since > WATCHDOG_GRACE:
-                    return "stopped (no progress) while running a call"
-            else:
-                w.stopped_since = 0.0
-        return None
-
-    def _collect(self, w: _Worker) -> None:
-        """Wait briefly for the next response of ``w`` and resolve its future (outside the lock)."""
+        One wake-up of this thread serves as many responses as the worker has posted
+        by then: they are read under one acquisition of the lock, the channel is
+        refilled from the queue before any future is resolved (the worker never
+        waits for the callbacks), then the futures are resolved outside the lock.
+        """
+        responses = w.channel.responses
+        if len(w.inflight) > 2 and not responses.value:
+            # A backlog in the channel keeps the worker busy: let answers gather for about half
+            # of it instead of waking for each one (a wake-up costs more CPU than the answer).
+            head = w.inflight[0]
+            per_call = self._call_cost.get(head.handle.path, DEFAULT_CALL_COST)
+            time.sleep(min(BATCH_WAIT_MAX, per_call * (len(w.inflight) - 2)))
         try:
-            w.channel.responses.acquire(0.05)
+            responses.acquire(0.05)
         except posix_ipc.BusyError:
-            if not self._worker_alive(w):
+            if not w.is_alive():
                 self._replace(w, "died")
                 return
             with self._lock:
                 call = w.inflight[0] if w.inflight else None
-            reason = self._stuck_reason(w, call) if call is not None else None
+            reason = w.stuck_reason(call, WATCHDOG_GRACE) if call is not None else None
             if reason is not None:
                 log.error("worker %d (pid %d) is %s; killing it", w.index, w.pid, reason)
-                self._kill(w)
+                w.kill()
                 self._replace(w, f"was killed: {reason}")
             return
+        self._take_answers(w)
+
+    def _take_answers(self, w: WorkerLink) -> None:
+        """After one answer was signalled: take it and every answer already posted, refill the
+        channel from the queue, then resolve the futures outside the pool's lock (reader held)."""
+        responses = w.channel.responses
+        ready = 1
+        for _ in range(min(responses.value, PIPELINE_DEPTH - 1)):  # posted already: no waiting
+            responses.acquire(0)
+            ready += 1
+        batch = []
         with self._lock:
-            call = w.inflight.popleft()
-            status, request_id, data, sandboxes = w.channel.read_response(w.received)
-            w.received += 1
+            now = time.monotonic()
+            for _ in range(ready):
+                call = w.inflight.popleft()
+                status, request_id, data, sandboxes, run_ns = w.channel.read_response(w.received)
+                w.received += 1
+                w.calls += 1
+                if status != ipc.STATUS_OK:
+                    w.errors += 1
+                batch.append((call, status, request_id, data, run_ns))
             w.sandboxes = sandboxes
-            w.calls += 1
-            if status != ipc.STATUS_OK:
-                w.errors += 1
-        if request_id != call.request_id:
-            call.future.set_exception(WorkerCrashed(f"worker {w.index} answered out of order"))
-            self._kill(w)
-            self._replace(w, "answered out of order")
+            if w.inflight:  # the worker starts the next call about now (the watchdog measures from here)
+                w.inflight[0].started = now
+            if w.queue and w.alive:
+                if w.queued_deadlines:
+                    w.expire_queued()
+                while w.queue and len(w.inflight) < PIPELINE_DEPTH:
+                    self._dispatch_locked(w, w.queue.popleft())
+        for call, status, request_id, data, run_ns in batch:
+            if request_id != call.request_id:
+                call.future.set_exception(WorkerCrashed(f"worker {w.index} answered out of order"))
+                w.kill()
+                self._replace(w, "answered out of order")
+                return
+            self._resolve(call, status, data, run_ns)
+
+    def _wake_collector(self, call: Call) -> None:
+        """Make the pool's thread collect ``call``'s answer now (it may be waiting for a caller)."""
+        with self._lock:
+            w = call.worker
+            if w is not None:
+                w.wakeup.notify()
+
+    def _collect_for(self, call: "Call | None", timeout: float | None) -> None:
+        """In the caller's thread: read the answers of the call's worker until the call is done,
+        if no one else reads them now (see :class:`CallFuture`). Gives up on any trouble."""
+        w = call.worker if call is not None else None
+        if w is None:  # still queued: the pool's thread dispatches it and should answer at once
+            if call is not None:
+                call.eager = True
             return
-        elapsed = time.monotonic() - call.started
-        previous = self._call_cost.get(call.handle.path)
-        self._call_cost[call.handle.path] = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
+        if not w.reader.acquire(blocking=False):
+            if not call.eager:
+                call.eager = True
+                self._wake_collector(call)
+            return
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not call.future.done() and call.worker is w and w.channel is not None and w.inflight:
+                wait = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+                if wait <= 0:
+                    return
+                try:
+                    w.channel.responses.acquire(wait)
+                except posix_ipc.BusyError:
+                    return  # slow or stuck: the pool's thread watches the worker
+                self._take_answers(w)
+        finally:
+            w.reader.release()
+            if w.inflight:
+                with self._lock:
+                    w.wakeup.notify()
+
+    def _resolve(self, call: Call, status: int, data: bytes, run_ns: int) -> None:
+        """Set the future of a finished call from the worker's response."""
+        elapsed = min(run_ns / 1e9, 60.0)  # the worker's own time for it (a cost estimate, never trusted further)
+        path = call.handle.path
+        previous = self._call_cost.get(path)
+        self._call_cost[path] = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
         if status == ipc.STATUS_OK:
             try:
                 value = codec.decode_value(data)
@@ -517,28 +558,26 @@ class Pool:
                 return
             call.future.set_result(value)
         else:
-            call.future.set_exception(_rebuild_error(data))
+            call.future.set_exception(rebuild_error(data))
 
-    def _worker_alive(self, w: _Worker) -> bool:
-        if not w.alive:
-            return False
-        ready, _, _ = select.select([w.pidfd], [], [], 0)
-        return not ready
-
-    def _kill(self, w: _Worker) -> None:
-        try:
-            os.kill(w.pid, 9)
-        except ProcessLookupError:
-            pass
-
-    def _replace(self, w: _Worker, reason: str | None) -> None:
+    def _replace(self, w: WorkerLink, reason: str | None) -> None:
         """The worker died: fail its in-flight calls, start a replacement, keep its queue."""
-        with self._lock:
+        with w.reader, self._lock:  # a caller reading answers lets go within one wait slice
             w.alive = False
             w.crashes += 1
-            lost = list(w.inflight)
+            lost, retry = [], []
+            if w.channel is not None and w.inflight:
+                if w.pidfd >= 0:  # the worker must be gone before its marks are read
+                    select.select([w.pidfd], [], [], 2.0)
+                for offset, call in enumerate(w.inflight):
+                    # a call the worker never took had no effect anywhere: it goes to the queue again
+                    (lost if w.channel.taken(w.received + offset, call.request_id) else retry).append(call)
             w.inflight.clear()
-            self._close_channel(w)
+            for call in reversed(retry):
+                call.worker = None
+                call.retried = True
+                w.queue.appendleft(call)
+            w.close_channel()
         message = f"worker {w.index} (pid {w.pid}) {reason or 'died'} while running the call"
         for call in lost:
             call.future.set_exception(WorkerCrashed(message))
@@ -567,18 +606,10 @@ class Pool:
                 w.queue.clear()
                 w.wakeup.notify()
         for call in stranded:
-            if call.future.set_running_or_notify_cancel():
+            if call.retried or call.future.set_running_or_notify_cancel():
                 call.future.set_exception(WorkerCrashed(f"the pool is broken: {reason}"))
 
-    def _close_channel(self, w: _Worker) -> None:
-        if w.channel is not None:
-            w.channel.close()
-            w.channel = None
-        if w.pidfd >= 0:
-            os.close(w.pidfd)
-            w.pidfd = -1
-
-    def _stop_worker(self, w: _Worker) -> None:
+    def _stop_worker(self, w: WorkerLink) -> None:
         """Ask the worker to exit, wait briefly, then make sure it is gone."""
         if w.alive and w.channel is not None:
             try:
@@ -587,11 +618,12 @@ class Pool:
                 select.select([w.pidfd], [], [], 2.0)
             except (OSError, posix_ipc.Error):
                 pass
-            if self._worker_alive(w):
-                self._kill(w)
+            if w.is_alive():
+                w.kill()
                 select.select([w.pidfd], [], [], 2.0)
         w.alive = False
-        self._close_channel(w)
+        with w.reader:
+            w.close_channel()
 
     # ---- shutting down -------------------------------------------------------------------------
 
@@ -608,7 +640,8 @@ class Pool:
             for w in self._workers:
                 w.wakeup.notify()
         for call in cancelled:
-            call.future.cancel()
+            if not call.future.cancel():  # a call queued again after its worker died is running already
+                call.future.set_exception(PoolClosedError("the pool shut down before the call ran"))
         if already and not wait:
             return
         if wait:
@@ -654,20 +687,6 @@ class Pool:
     @property
     def workers(self) -> int:
         return len(self._workers)
-
-
-def _rebuild_error(blob: bytes) -> BaseException:
-    """Turn a worker's error report (see :func:`hlpool.pool.worker.error_blob`) back into the
-    matching hlpool exception, with the worker's traceback as its cause."""
-    try:
-        info = msgspec.msgpack.decode(blob)
-        exc = errors.from_wire(info)
-        cause = info.get("cause") if isinstance(info, dict) else None
-        trace = cause["traceback"] if isinstance(cause, dict) else info.get("traceback", "")
-        exc.__cause__ = RemoteTraceback(str(trace))
-        return exc
-    except Exception as exc:  # a corrupt blob must still fail the call clearly
-        return WorkerCrashed(f"worker sent an unreadable error report: {exc}")
 
 
 def _emergency_stop(spawner: Spawner) -> None:

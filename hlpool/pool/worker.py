@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import signal
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -24,7 +25,7 @@ from typing import Any, Mapping
 import msgspec
 import prctl
 
-from hlpool.errors import HlpoolError, SandboxBrokenError
+from hlpool.errors import GuestTimeout, HlpoolError, SandboxBrokenError
 from hlpool.memory.guest_memory import RestorePolicy
 from hlpool.pool import channel as ipc
 from hlpool.pool import confine
@@ -175,13 +176,22 @@ def serve(index: int, channel: ipc.Channel, config: WorkerConfig) -> None:
     try:
         while True:
             channel.requests.acquire()
-            op, request_id, timeout_ns, path, function, payload = channel.read_request(slot)
+            op, request_id, timeout_ns, expires_ns, path, function, payload = channel.read_request(slot)
             if op == ipc.OP_STOP:
                 channel.write_response(slot, 0, ipc.STATUS_OK, b"", len(cache))
                 channel.responses.release()
                 return
-            status, data = _run_one(cache, path, function, payload, timeout_ns)
-            channel.write_response(slot, request_id, status, data, len(cache))
+            channel.mark_taken(slot, request_id)  # from here a crash may have run part of it
+            began = time.monotonic_ns()
+            if expires_ns:  # the total deadline counts the time the call waited in the channel
+                left = expires_ns - began
+                timeout_ns = max(1, min(timeout_ns, left) if timeout_ns else left)
+            if expires_ns and began >= expires_ns:
+                status, data = ipc.STATUS_ERROR, error_blob(GuestTimeout(
+                    f"{function}: deadline passed while the call was queued"))
+            else:
+                status, data = _run_one(cache, path, function, payload, timeout_ns)
+            channel.write_response(slot, request_id, status, data, len(cache), time.monotonic_ns() - began)
             channel.responses.release()
             slot += 1
     finally:

@@ -1,0 +1,214 @@
+"""A pool call on its way: the call record, its Future, a worker's link state, worker errors.
+
+:class:`CallFuture` is the ``concurrent.futures.Future`` that :meth:`Pool.submit
+<hlpool.pool.supervisor.Pool.submit>` returns. A caller blocked in ``result()``
+on a call already in a worker's channel takes that channel's reader lock if it
+is free and waits for the worker's answer itself: the answer wakes the caller,
+not the pool's thread first (one process wake-up less per call). A callback,
+``wait()`` or ``as_completed()`` marks the call *eager*: the pool's thread then
+collects its answer as soon as it comes. The pool is reached only through the
+two methods named in :class:`CallCollector`, so this module imports nothing of
+the supervisor.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import os
+import select
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgspec
+
+from hlpool import errors
+from hlpool.errors import GuestTimeout, WorkerCrashed
+from hlpool.pool import channel as ipc
+from hlpool.pool.procinfo import process_state
+from hlpool.pool.registry import SnapshotHandle
+
+
+class CallCollector(Protocol):
+    """What a :class:`CallFuture` needs of its pool."""
+
+    def _collect_for(self, call: "Call | None", timeout: float | None) -> None: ...
+
+    def _wake_collector(self, call: "Call") -> None: ...
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker (the cause of the re-raised error)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f"\n\"\"\"\n{self.text}\"\"\""
+
+
+class CallFuture(concurrent.futures.Future):
+    """The Future of a pool call: ``result()`` may collect the answer in the caller's thread.
+
+    A caller blocked in ``result()`` on a call that is in a worker's channel takes
+    that channel's reader lock if it is free and waits on the worker's answer
+    itself: the answer then wakes the caller directly, not the pool's thread
+    first. When the lock is taken, or on any trouble (a timeout slice passes, the
+    worker is replaced), it falls back to the plain wait and the pool's thread
+    does the rest.
+    """
+
+    _pool: CallCollector | None = None
+    _call: "Call | None" = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiters = WaiterList(self)  # concurrent.futures.wait/as_completed register here
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._pool is not None and not self.done():
+            self._pool._collect_for(self._call, timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._pool is not None and not self.done():
+            self._pool._collect_for(self._call, timeout)
+        return super().exception(timeout)
+
+    def add_done_callback(self, fn: Any) -> None:
+        super().add_done_callback(fn)
+        self._wants_collector()
+
+    def _wants_collector(self) -> None:
+        """Someone waits without calling result() (a callback, wait(), as_completed()): from now
+        on the pool's thread collects this call's answer as soon as it comes."""
+        call, pool = self._call, self._pool
+        if call is not None and pool is not None and not call.eager:
+            call.eager = True
+            pool._wake_collector(call)
+
+
+class WaiterList(list):
+    """``Future._waiters`` of a :class:`CallFuture`: an added waiter wakes the pool's thread."""
+
+    def __init__(self, future: CallFuture) -> None:
+        super().__init__()
+        self.future = future
+
+    def append(self, waiter: Any) -> None:
+        super().append(waiter)
+        self.future._wants_collector()
+
+
+@dataclass
+class Call:
+    future: concurrent.futures.Future
+    handle: SnapshotHandle
+    function: str
+    payload: bytes
+    timeout_ns: int
+    request_id: int
+    started: float = 0.0
+    expires: float = 0.0  # monotonic time by which the whole call (queue + run) must end; 0: none
+    worker: "WorkerLink | None" = None  # set when the call is written into a worker's channel
+    eager: bool = False  # the pool's thread collects the answer at once (no waiting for result())
+    retried: bool = False  # queued again after its worker died without taking it (already running)
+
+
+@dataclass
+class WorkerLink:
+    index: int
+    channel: ipc.Channel | None = None
+    pid: int = 0
+    pidfd: int = -1
+    queue: collections.deque = field(default_factory=collections.deque)
+    inflight: collections.deque = field(default_factory=collections.deque)
+    warm: "collections.OrderedDict[str, None]" = field(default_factory=collections.OrderedDict)
+    sent: int = 0
+    received: int = 0
+    calls: int = 0
+    errors: int = 0
+    crashes: int = 0
+    sandboxes: int = 0
+    alive: bool = False
+    thread: threading.Thread | None = None
+    wakeup: threading.Condition | None = None  # shares the pool's lock
+    stopped_since: float = 0.0  # when the watchdog first saw the process stopped (0: running)
+    queued_deadlines: bool = False  # some queued call has a total deadline (see _expire_queued_locked)
+    # Held by whoever waits on and reads the channel's answers: the pool's thread, or a caller
+    # in result() (see CallFuture). Taken before the pool's lock, never after it.
+    reader: threading.RLock = field(default_factory=threading.RLock)
+
+    @property
+    def load(self) -> int:
+        return len(self.queue) + len(self.inflight)
+
+    def is_alive(self) -> bool:
+        """The worker process exists (its pidfd is not readable yet)."""
+        if not self.alive:
+            return False
+        ready, _, _ = select.select([self.pidfd], [], [], 0)
+        return not ready
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, 9)
+        except ProcessLookupError:
+            pass
+
+    def close_channel(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+    def expire_queued(self) -> None:
+        """Fail the queued calls whose total deadline has passed (the pool's lock is held)."""
+        now = time.monotonic()
+        kept: collections.deque = collections.deque()
+        for call in self.queue:
+            if call.expires and call.expires <= now:
+                if call.retried or call.future.set_running_or_notify_cancel():
+                    call.future.set_exception(GuestTimeout(f"{call.function}: deadline passed while the call "
+                                                           "was queued"))
+            else:
+                kept.append(call)
+        self.queue = kept
+        self.queued_deadlines = any(call.expires for call in kept)
+
+    def stuck_reason(self, call: Call, grace: float) -> str | None:
+        """Why the worker running ``call`` must be replaced, if it must: past the call's deadline
+        plus ``grace``, or stopped (SIGSTOP, a debugger) for longer than ``grace``."""
+        now = time.monotonic()
+        limit = call.timeout_ns / 1e9 if call.timeout_ns else None
+        if limit is not None and now - call.started > limit + grace:
+            return "stuck past a call's deadline"
+        if now - call.started > grace / 5:
+            if process_state(self.pid) in ("T", "t"):
+                if not self.stopped_since:
+                    self.stopped_since = now
+                elif now - self.stopped_since > grace:
+                    return "stopped (no progress) while running a call"
+            else:
+                self.stopped_since = 0.0
+        return None
+
+
+
+def rebuild_error(blob: bytes) -> BaseException:
+    """Turn a worker's error report (see :func:`hlpool.pool.worker.error_blob`) back into the
+    matching hlpool exception, with the worker's traceback as its cause."""
+    try:
+        info = msgspec.msgpack.decode(blob)
+        exc = errors.from_wire(info)
+        cause = info.get("cause") if isinstance(info, dict) else None
+        trace = cause["traceback"] if isinstance(cause, dict) else info.get("traceback", "")
+        exc.__cause__ = RemoteTraceback(str(trace))
+        return exc
+    except Exception as exc:  # a corrupt blob must still fail the call clearly
+        return WorkerCrashed(f"worker sent an unreadable error report: {exc}")

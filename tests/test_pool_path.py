@@ -1,0 +1,111 @@
+"""The per-call path of a Pool: answers collected by the caller or in batches, calls the worker never
+took run again after a crash, deadlines count time in the channel. Real workers, real VMs."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from hlpool import GuestTimeout, Pool, WorkerCrashed
+
+pytestmark = pytest.mark.kvm
+
+LONG = 3 * 10**8  # fib.c compute(): ~0.5 s here
+
+
+def test_every_way_of_waiting_gets_the_right_answer(example, tmp_path):
+    """result() (collected in the caller's thread), callbacks, wait(), as_completed() and asyncio."""
+    with Pool(workers=2, snapshot_dir=tmp_path) as pool:
+        echo = pool.snapshot(example("echo"))
+        assert [pool.submit(echo, "echo", (i,)).result(timeout=30) for i in range(50)] == list(range(50))
+
+        got: dict[int, object] = {}
+        lock = threading.Lock()
+
+        def keep(i: int):
+            def done(f: concurrent.futures.Future) -> None:
+                with lock:
+                    got[i] = f.result()
+            return done
+
+        futures = []
+        for i in range(100):
+            f = pool.submit(echo, "echo", (i,))
+            f.add_done_callback(keep(i))
+            futures.append(f)
+        concurrent.futures.wait(futures, timeout=30)
+        assert got == {i: i for i in range(100)}
+
+        lone = pool.submit(echo, "echo", ("lone",))  # nobody calls result(): wait() must still see it
+        done, _ = concurrent.futures.wait([lone], timeout=30)
+        assert lone in done and lone.result() == "lone"
+
+        futures = {pool.submit(echo, "echo", (i,)): i for i in range(60)}
+        assert sorted(f.result() for f in concurrent.futures.as_completed(futures, timeout=30)) == list(range(60))
+
+        async def many() -> list:
+            return await asyncio.gather(*(pool.call(echo, "echo", i) for i in range(40)))
+
+        assert asyncio.run(many()) == list(range(40))
+
+
+def test_caller_waiting_in_result_sees_the_worker_die(example, tmp_path):
+    with Pool(workers=1, snapshot_dir=tmp_path, call_timeout=None) as pool:
+        fib = pool.snapshot(example("fib"))
+        pool.submit(fib, "fib", (5,)).result(timeout=30)
+        slow = pool.submit(fib, "compute", (LONG * 20,))
+        pid = pool.stats()[0]["pid"]
+        threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
+        with pytest.raises(WorkerCrashed):
+            slow.result(timeout=60)
+        assert pool.submit(fib, "fib", (10,)).result(timeout=60) == 55
+
+
+def test_calls_the_dead_worker_never_took_run_again(example, tmp_path):
+    """A crash fails the call the worker was running; the calls behind it in its channel had no
+    effect anywhere, so they run on the replacement instead of failing."""
+    with Pool(workers=1, snapshot_dir=tmp_path, call_timeout=None) as pool:
+        fib = pool.snapshot(example("fib"))
+        pool.submit(fib, "fib", (5,)).result(timeout=30)
+        slow = pool.submit(fib, "compute", (LONG * 20,))
+        behind = [pool.submit(fib, "fib", (n,)) for n in range(10, 20)]
+        with pool._lock:  # they are in the worker's channel, not in the pool's queue
+            assert len(pool._workers[0].inflight) == 1 + len(behind)
+        time.sleep(0.3)
+        os.kill(pool.stats()[0]["pid"], signal.SIGKILL)
+        with pytest.raises(WorkerCrashed):
+            slow.result(timeout=60)
+        fib_of = {10: 55, 11: 89, 12: 144, 13: 233, 14: 377, 15: 610, 16: 987, 17: 1597, 18: 2584, 19: 4181}
+        assert [f.result(timeout=60) for f in behind] == [fib_of[n] for n in range(10, 20)]
+        assert pool.stats()[0]["crashes"] == 1
+
+
+def test_calls_in_the_channel_count_their_wait_against_the_deadline(example, tmp_path):
+    with Pool(workers=1, snapshot_dir=tmp_path, call_timeout=None) as pool:
+        fib = pool.snapshot(example("fib"))
+        busy = pool.submit(fib, "compute", (LONG,))
+        late = pool.submit(fib, "fib", (10,), deadline=0.05)  # in the channel behind ``busy``
+        with pytest.raises(GuestTimeout, match="queued"):
+            late.result(timeout=60)
+        busy.result(timeout=60)
+
+
+def test_cancel_shutdown_resolves_calls_queued_again_after_a_crash(example, tmp_path):
+    pool = Pool(workers=1, snapshot_dir=tmp_path, call_timeout=None)
+    fib = pool.snapshot(example("fib"))
+    pool.submit(fib, "fib", (5,)).result(timeout=30)
+    slow = pool.submit(fib, "compute", (LONG * 20,))
+    behind = [pool.submit(fib, "compute", (LONG * 20,)) for _ in range(3)]
+    time.sleep(0.3)
+    os.kill(pool.stats()[0]["pid"], signal.SIGKILL)
+    with pytest.raises(WorkerCrashed):
+        slow.result(timeout=60)
+    pool.shutdown(wait=True, cancel_futures=True)
+    for f in behind:  # each is resolved: cancelled, failed, or (if it ran) finished
+        assert f.done()
