@@ -22,6 +22,13 @@ extensions = [
         extra_compile_args=["-O2"],
     ),
     Extension(
+        "hlpool.memory._dirty",
+        ["hlpool/memory/_dirty.pyx"],
+        include_dirs=[GUEST_INCLUDE],
+        depends=[KVM_PXD, GUEST_ABI_PXD, f"{GUEST_INCLUDE}/hlpool_abi.h", *SYSTEM_HEADERS],
+        extra_compile_args=["-O2"],
+    ),
+    Extension(
         "hlpool.kvm._vcpu_run",
         ["hlpool/kvm/_vcpu_run.pyx"],
         include_dirs=["hlpool/kvm"],

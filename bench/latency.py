@@ -8,6 +8,10 @@ Rows (p50 / p99 in microseconds, and ratios to the floor):
 - ``Sandbox.call``: ``noop()``, ``echo(1)``, ``echo(b"x"*4096)``, and
   ``touch(n)`` dirtying n = 1, 16, 256 pages (restore included: every call
   starts from the snapshot); ``noop()`` with ``restore=False`` for reference;
+  ``touch(16)`` with the restore working set off (``max_wholesale_pages=0``:
+  every written page write-protected again, one fault per page per call);
+  the JavaScript guest's ``call("add", [1, 2])`` on a loaded script's snapshot
+  (skipped with a note if the interpreter guest cannot be built);
 - restore alone: ``touch(n, restore=False)`` (untimed), then ``sandbox.restore()``
   timed by itself, n = 1, 16, 256;
 - sandbox creation from a persisted snapshot: ``Sandbox(Snapshot.open(path))``
@@ -23,6 +27,9 @@ All cases are measured interleaved, in rounds (``ROUND`` calls of each cheap
 case, fewer of the expensive ones), so machine noise and drift hit them
 alike. Every result is checked (echo returns its argument, touch its
 checksum, which is wrong if a restore missed a page).
+
+Ratios printed at the end (p50 / p50, targets from issue 12): ``touch(16)``
+(the same 16 pages every call) / ``noop()`` <= 1.5, JS ``add`` / ``noop()`` <= 1.3.
 
 Also reported per sandbox-call row: the pages each call dirtied
 (``sandbox.last_restore``), and from a separate instrumented pass the
@@ -59,6 +66,9 @@ DEFAULT_ITERATIONS = 5000
 QUICK_ITERATIONS = 300
 ROUND = 100  # calls of each (weight 1) case per interleaved round
 TOUCH_NS = (1, 16, 256)
+JS_ADD_SCRIPT = "function add(a, b) { return a + b; }"
+# (numerator row, denominator row, target): printed and stored as "ratios".
+RATIO_TARGETS = (("touch(16)", "noop()", 1.5), ('JS call("add", [1, 2])', "noop()", 1.3))
 
 GROUPS = {
     "floor": "bare KVM floor",
@@ -323,6 +333,18 @@ def run_benchmark(iterations: int, warmup: int, with_pool: bool = True, with_was
             call_case('echo(b"x"*4096)', echo_sb, "echo", (big,), big),
         ]
         cases += [call_case(f"touch({n})", touch_sb, "touch", (n,), _touch_checksum(n)) for n in TOUCH_NS]
+        no_ws = hlpool.Sandbox(touch, name="bench-touch-no-ws",
+                               restore_policy=hlpool.RestorePolicy(max_wholesale_pages=0))
+        sandboxes.append(no_ws)
+        cases.append(call_case("touch(16), no working set", no_ws, "touch", (16,), _touch_checksum(16)))
+        try:
+            from hlpool.sandbox.scripts import base_snapshot, load_script
+
+            js = load_script(base_snapshot("js"), JS_ADD_SCRIPT)
+            cases.append(call_case('JS call("add", [1, 2])', sandbox(js, "js"), "call", ("add", [1, 2]), 3))
+        except Exception as exc:  # noqa: BLE001 - the interpreter guest needs a download and a build
+            notes.append(f"JS add row skipped: {exc}")
+            status(notes[-1])
         # The same noop without restoring memory or reloading registers afterwards (the guest simply
         # serves the next call): what restore + dirty tracking cost. On its own sandbox.
         cases.append(call_case("noop(), restore=False", sandbox(echo, "echo-norestore"), "noop", (), None,
@@ -403,6 +425,10 @@ def run_benchmark(iterations: int, warmup: int, with_pool: bool = True, with_was
                 "sandbox_resident_pages": c.resident,
             }
         out_cases.append(entry)
+    p50 = {c["label"]: c["latency"]["p50_us"] for c in out_cases}
+    ratios = [{"what": f"{num} / {den}", "ratio_p50": p50[num] / p50[den], "target": target,
+               "met": p50[num] / p50[den] <= target}
+              for num, den, target in RATIO_TARGETS if num in p50 and den in p50]
     return {
         "iterations": iterations,
         "warmup": warmup,
@@ -417,6 +443,7 @@ def run_benchmark(iterations: int, warmup: int, with_pool: bool = True, with_was
         "wasmtime": {"version": wasm_guest.wasmtime_version(), "config": wasm_guest.ENGINE_CONFIG}
         if with_wasm else None,
         "pool_stats": pool_stats,
+        "ratios": ratios,
         "notes": notes,
     }
 
@@ -450,6 +477,10 @@ def print_report(data: dict[str, Any]) -> None:
                   f"{p['first_call']['p50_us']:,.0f} us (p50); close {p['close']['p50_us']:,.0f} us.")
     print("dirty pg = pages restore put back per call (the n touched + the pages every call writes); "
           "exits = userspace exits per call; restore rows time sandbox.restore() alone.")
+    ratios = data.get("ratios") or []
+    if ratios:
+        print_table("Ratios of p50 latencies (targets: issue 12)", ["what", "ratio", "target", "met"],
+                    [[r["what"], r["ratio_p50"], f"<= {r['target']}", "yes" if r["met"] else "NO"] for r in ratios])
     for note in data.get("notes", []):
         print(note)
 

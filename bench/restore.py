@@ -25,7 +25,10 @@ depends only on the slot size: the bitmap KVM scans and copies out), and the
 rest of ``restore()`` (the copy/drop loop, the hot pages, Python) estimated as
 ``restore() - empty GET`` since restore() itself starts with a GET that then
 finds nothing new. It calls ``sandbox.memory.collect_dirty()``, which moves
-the dirty log into the pending set exactly as restore() does.
+the dirty log into the pending set exactly as restore() does. (In the default
+bitmap mode, ``RestorePolicy.dirty_log``, KVM_GET_DIRTY_LOG only reads the
+log, so the second GET sees the same bits and costs the same bitmap copy;
+restore() clears the bits itself, KVM_CLEAR_DIRTY_LOG, counted in "rest".)
 
 Usage: ``python bench/restore.py [--quick]``; writes bench/results/restore.json.
 """
@@ -296,7 +299,8 @@ def print_report(data: dict[str, Any]) -> None:
                 ["n", "GET(n dirty) 16M", "GET(n dirty) 1G", "GET(empty) 16M", "GET(empty) 1G",
                  "rest 16M", "rest 1G", "GET(empty) 1G-16M"], rows)
         lay = data["layouts"]
-        print("GET = collecting dirty pages (harvesting KVM's dirty ring, or KVM_GET_DIRTY_LOG where there is no ring) "
+        print("GET = collecting dirty pages (KVM_GET_DIRTY_LOG in bitmap mode, the default here; harvesting "
+              "KVM's dirty ring in ring mode) "
               f"(logged slot: {lay['16MiB']['logged_slot_bytes'] / MIB:.1f} MiB vs "
               f"{lay['1GiB']['logged_slot_bytes'] / MIB:.1f} MiB); rest = restore() - empty GET "
               "(copy/drop loop incl. bitmap scan, hot pages, Python).")

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Low-level guest memory work: host mappings, page tables, dirty pages, restore.
+"""Low-level guest memory work: host mappings, page tables, guest buffers.
 
 This is one of the few modules that touches raw memory. Each unsafe step says
 why it is safe. Callers (hlpool.memory, hlpool.machine, hlpool.snapshot) pass only addresses
@@ -10,8 +10,7 @@ of mappings they created and keep alive.
   address space, then overlays MAP_PRIVATE mappings of snapshot files (and
   anonymous zero memory) on it with MAP_FIXED.
 - ``build_page_tables``: the guest's 4-level identity page tables.
-- ``DirtySet``: the pages a call dirtied (from KVM's dirty ring or bitmap) and
-  ``DirtySet.restore``, which puts them back (copy or drop).
+- Dirty pages and their restore live in ``hlpool.memory._dirty``.
 - ``write_record`` / ``read_bytes`` / ``zero_bytes`` / ``pages_equal``: guest buffers.
 """
 
@@ -21,8 +20,6 @@ from libc.errno cimport errno
 from posix.mman cimport (mmap, munmap, madvise, MAP_PRIVATE, MAP_SHARED, MAP_ANONYMOUS,
                          MAP_FIXED, MAP_FAILED, PROT_NONE, PROT_READ, PROT_WRITE,
                          MADV_DONTNEED)
-from hlpool.kvm cimport kvm
-from hlpool.kvm.kvm cimport kvm_dirty_log, kvm_dirty_gfn
 from hlpool cimport guest_abi
 from hlpool.guest_abi cimport HL_PAGE_SIZE, hl_msg_header
 import os
@@ -375,186 +372,126 @@ def _merge(list mappings):
     return out
 
 
-# ---- dirty pages ----------------------------------------------------------------------
+# ==== switch: a live sandbox moves to another snapshot of its family (hlpool.memory.switch) ====
+#
+# A run list is a flat int64 array of (first_page, count, ident, base) records that tile a slot:
+# ``ident`` names the bytes' layer (-1: zero pages), ``base`` is the byte offset in that layer of
+# page 0 of the slot (so page p's bytes are at ``base + p*4096``): two runs show the same bytes on
+# their overlap iff ident and base are equal. The caller builds them from snapshots' runs.
 
-cdef extern from "sys/ioctl.h":
-    int ioctl(int fd, unsigned long request, ...) nogil
-
-# KVM ioctl numbers, flags and structs below come from <linux/kvm.h> (hlpool/kvm/kvm.pxd).
-
-
-def get_dirty_log(int vm_fd, uint32_t slot, uint64_t[:] bitmap):
-    """KVM_GET_DIRTY_LOG for ``slot`` straight into ``bitmap`` (one bit per page of the slot;
-    its first words are overwritten). KVM write-protects the reported pages again."""
-    cdef kvm_dirty_log log
-    memset(&log, 0, sizeof(log))
-    log.slot = slot
-    log.dirty_bitmap = &bitmap[0]
-    if ioctl(vm_fd, kvm.KVM_GET_DIRTY_LOG, &log) != 0:
-        raise _oserror("KVM_GET_DIRTY_LOG")
+cdef inline bint _same_source(const int64_t[:] a, Py_ssize_t i, const int64_t[:] b, Py_ssize_t j) noexcept:
+    return a[i + 2] == b[j + 2] and (a[i + 2] < 0 or a[i + 3] == b[j + 3])
 
 
-cdef extern from *:
-    int __builtin_ctzll(unsigned long long) nogil
-    int __builtin_popcountll(unsigned long long) nogil
-    void __sync_synchronize() nogil
+cdef int _emit(list out, int64_t first, int64_t count, int64_t ident, int64_t base) except -1:
+    cdef Py_ssize_t n = len(out)
+    if n and out[n - 2] == ident and (ident < 0 or out[n - 1] == base) and out[n - 4] + out[n - 3] == first:
+        out[n - 3] = out[n - 3] + count
+        return 0
+    out.extend((first, count, ident, base if ident >= 0 else 0))
+    return 0
 
 
+cdef int _check_tiling(const int64_t[:] runs, int64_t npages) except -1:
+    cdef Py_ssize_t i
+    cdef int64_t pos = 0
+    if runs.shape[0] % 4:
+        raise ValueError("malformed run array")
+    for i in range(0, runs.shape[0], 4):
+        if runs[i] != pos or runs[i + 1] <= 0:
+            raise ValueError("run array does not tile the slot")
+        pos += runs[i + 1]
+    if pos != npages:
+        raise ValueError("run array does not cover the slot")
+    return 0
 
-cdef class DirtySet:
-    """The set of main-area pages to put back, with the words that hold them.
 
-    Filled from KVM's dirty ring (O(pages dirtied)) or from a dirty bitmap
-    (O(bitmap)), plus pages the caller always adds (the hot slot). Restoring
-    visits only the words that were touched, so its cost follows the number
-    of dirty pages, not the size of guest memory.
+def switch_slot(uintptr_t host, int64_t npages, const int64_t[:] mapped, const int64_t[:] current,
+                const int64_t[:] target, const int64_t[:] t_src, const int64_t[:] t_fd, const int64_t[:] t_foff,
+                uint8_t[:] resident, int64_t resident_count, int64_t copy_max):
+    """Make every page of a slot show ``target``'s bytes, given that it shows ``current``'s.
+
+    ``mapped`` says which file range is mapped under each page (what MADV_DONTNEED reverts a
+    page to). The invariant on entry and exit: a page whose mapping is not its snapshot's
+    source is resident (``resident[p]``), and restore never drops a resident page. For each
+    span where current and target differ (n pages): n <= ``copy_max``: copy the target's
+    bytes (from ``t_src[r]``, the host address of target run r's first page in a read-only
+    view, 0 for zeros) and mark the pages resident (pinned); otherwise, if the mapping is
+    already the target's, drop the private copies (MADV_DONTNEED) and unmark them, else map
+    the target's file range there (``t_fd[r]``, ``t_foff[r]`` the file offset of run r's
+    first page; anonymous memory for zero runs) and unmark them. Spans where the two agree
+    are not touched: the cost follows the differing pages and the number of runs.
+
+    Safe because the three lists are checked to tile ``npages`` pages, ``resident`` covers
+    them, every written page is inside ``[host, host + npages*4096)`` (the caller's slot
+    mapping) and every source page inside its run's view. Returns (copied, dropped,
+    remapped pages, remap calls, resident_count, new mapped list as a flat list).
     """
-
-    cdef uint64_t[::1] bits
-    cdef uint32_t[::1] words
-    cdef Py_ssize_t nwords_used
-    cdef uint64_t npages
-    cdef uint64_t fetch  # next dirty-ring entry to read
-
-    def __init__(self, uint64_t npages):
-        cdef Py_ssize_t nwords = (npages + 63) // 64
-        import array as _array
-        self.bits = _array.array("Q", bytes(8 * nwords))
-        self.words = _array.array("I", bytes(4 * nwords))
-        self.nwords_used = 0
-        self.npages = npages
-        self.fetch = 0
-
-    cdef inline void _add(self, uint64_t page) noexcept:
-        cdef uint64_t w = page >> 6
-        if self.bits[w] == 0:
-            self.words[self.nwords_used] = <uint32_t>w
-            self.nwords_used += 1
-        self.bits[w] |= (<uint64_t>1) << (page & 63)
-
-    @property
-    def empty(self):
-        return self.nwords_used == 0
-
-    def add_range(self, uint64_t first, uint64_t count):
-        """Add pages ``[first, first+count)``."""
-        cdef uint64_t p
-        if first + count > self.npages:
-            raise ValueError("page range outside the area")
-        for p in range(first, first + count):
-            self._add(p)
-
-    def add_bitmap(self, const uint64_t[:] bitmap):
-        """Add the pages set in a KVM dirty bitmap (its first words cover this area's first pages)."""
-        cdef Py_ssize_t w, n = min(bitmap.shape[0], self.bits.shape[0])
-        for w in range(n):
-            if bitmap[w]:
-                if self.bits[w] == 0:
-                    self.words[self.nwords_used] = <uint32_t>w
-                    self.nwords_used += 1
-                self.bits[w] |= bitmap[w]
-
-    def harvest_ring(self, int vm_fd, uintptr_t ring, uint32_t entries, uint32_t slot_id):
-        """Collect the dirty-ring entries KVM published for memory slot ``slot_id``.
-
-        Each harvested entry is marked for reset; KVM_RESET_DIRTY_RINGS then
-        write-protects those pages again, so the guest's next write to them is
-        logged. ``entries`` is a power of two; ``ring`` is the vCPU's mapped
-        ring (``entries`` struct kvm_dirty_gfn), which KVM writes and this reads: every
-        index is masked into it, every page checked against the area.
-        Returns the number of entries harvested.
-        """
-        cdef volatile kvm_dirty_gfn *e
-        cdef uint32_t harvested = 0
-        cdef uint64_t page
-        while True:
-            e = <volatile kvm_dirty_gfn *>(ring + (self.fetch & (entries - 1)) * sizeof(kvm_dirty_gfn))
-            if not (e.flags & kvm.KVM_DIRTY_GFN_F_DIRTY):
-                break
-            __sync_synchronize()  # read the entry only after seeing its DIRTY flag
-            page = e.offset
-            # slot is (address space << 16) | slot id; <linux/kvm.h> has no macro for the split.
-            if (e.slot & 0xFFFF) == slot_id and page < self.npages:
-                self._add(page)
-            __sync_synchronize()
-            e.flags = kvm.KVM_DIRTY_GFN_F_RESET
-            self.fetch += 1
-            harvested += 1
-        if harvested and ioctl(vm_fd, kvm.KVM_RESET_DIRTY_RINGS, 0) < 0:
-            raise _oserror("KVM_RESET_DIRTY_RINGS")
-        return harvested
-
-    def pages(self):
-        """The pages in the set, ascending."""
-        out = []
-        cdef Py_ssize_t i
-        cdef uint64_t word, w
-        for w in sorted(self.words[i] for i in range(self.nwords_used)):
-            word = self.bits[w]
-            while word:
-                out.append(w * 64 + __builtin_ctzll(word))
-                word &= word - 1
-        return out
-
-    def restore(self, uintptr_t host_base,
-                const uint64_t[:] run_first, const uint64_t[:] run_count, const uint64_t[:] run_source,
-                uint8_t[:] resident, int64_t resident_count, int64_t keep_resident, uint64_t always_copy_from):
-        """Put every page in the set back to its snapshot contents, then empty the set.
-
-        Mechanism: page ``i`` of the area lives at ``host_base + i*4096``. The
-        snapshot's runs (sorted, covering the area) say where its pristine bytes
-        are: ``run_source[r]`` is the host address of the run's first page in a
-        read-only view of the backing file, or 0 for zero pages.
-
-        Policy: a page is copied back (and stays resident, so the guest's next
-        touch costs no page fault) if it is already resident or fewer than
-        ``keep_resident`` pages are; otherwise it is dropped with MADV_DONTNEED
-        (memory returned; the next touch faults the page in again). Pages from
-        ``always_copy_from`` on (the hot slot, written by every call) are always
-        copied, outside the budget.
-
-        Safe because every page in the set is below ``npages`` (checked when
-        added), the area's host mapping spans ``npages`` pages, and every source
-        page lies inside a view of the file its run was built from.
-
-        Returns (copied, dropped, resident_count).
-        """
-        cdef Py_ssize_t i, lo, hi, mid, r, nruns = run_first.shape[0]
-        cdef uint64_t w, word, page, src
-        cdef int64_t copied = 0, dropped = 0
-        cdef uintptr_t dst
-        if resident.shape[0] < <Py_ssize_t>self.npages:
-            raise ValueError("resident map smaller than the area")
-        for i in range(self.nwords_used):
-            w = self.words[i]
-            word = self.bits[w]
-            self.bits[w] = 0
-            while word:
-                page = w * 64 + __builtin_ctzll(word)
-                word &= word - 1
-                lo, hi = 0, nruns  # binary search: the run holding this page
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    if run_first[mid] + run_count[mid] <= page:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-                r = lo
-                if r == nruns or run_first[r] > page:
-                    raise ValueError("dirty page %d is not covered by the snapshot" % page)
-                dst = host_base + (<uintptr_t>page << PAGE_SHIFT)
-                if resident[page] or resident_count < keep_resident or page >= always_copy_from:
-                    src = run_source[r]
-                    if src:
-                        memcpy(<void *>dst, <const void *>(src + ((page - run_first[r]) << PAGE_SHIFT)), PAGE)
-                    else:
-                        memset(<void *>dst, 0, PAGE)
-                    if not resident[page]:
-                        resident[page] = 1
-                        resident_count += 1
-                    copied += 1
+    cdef Py_ssize_t im = 0, ic = 0, it = 0
+    cdef Py_ssize_t nm = mapped.shape[0], nc = current.shape[0], nt = target.shape[0]
+    cdef int64_t pos = 0, end, e, n, p, copied = 0, dropped = 0, remapped = 0, calls = 0
+    cdef uintptr_t dst, src
+    cdef void *r
+    out = []
+    if t_src.shape[0] * 4 != nt or t_fd.shape[0] * 4 != nt or t_foff.shape[0] * 4 != nt:
+        raise ValueError("malformed target source arrays")
+    if resident.shape[0] < npages:
+        raise ValueError("resident map smaller than the slot")
+    _check_tiling(mapped, npages)
+    _check_tiling(current, npages)
+    _check_tiling(target, npages)
+    while pos < npages:
+        end = mapped[im] + mapped[im + 1]
+        e = current[ic] + current[ic + 1]
+        if e < end:
+            end = e
+        e = target[it] + target[it + 1]
+        if e < end:
+            end = e
+        n = end - pos
+        if _same_source(current, ic, target, it):
+            _emit(out, pos, n, mapped[im + 2], mapped[im + 3])
+        elif n <= copy_max:
+            src = <uintptr_t>t_src[it // 4]
+            for p in range(pos, end):
+                dst = host + (<uintptr_t>p << PAGE_SHIFT)
+                if src:
+                    memcpy(<void *>dst, <const void *>(src + (<uintptr_t>(p - target[it]) << PAGE_SHIFT)), PAGE)
                 else:
-                    madvise(<void *>dst, PAGE, MADV_DONTNEED)
-                    dropped += 1
-        self.nwords_used = 0
-        return copied, dropped, resident_count
+                    memset(<void *>dst, 0, PAGE)
+                if not resident[p]:
+                    resident[p] = 1
+                    resident_count += 1
+            copied += n
+            _emit(out, pos, n, mapped[im + 2], mapped[im + 3])
+        else:
+            dst = host + (<uintptr_t>pos << PAGE_SHIFT)
+            if _same_source(mapped, im, target, it):
+                if madvise(<void *>dst, n * PAGE, MADV_DONTNEED) != 0:
+                    raise _oserror("madvise(MADV_DONTNEED)")
+                dropped += n
+                _emit(out, pos, n, mapped[im + 2], mapped[im + 3])
+            else:
+                if target[it + 2] < 0:
+                    r = mmap(<void *>dst, n * PAGE, PROT_READ | PROT_WRITE,
+                             MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+                else:
+                    r = mmap(<void *>dst, n * PAGE, PROT_READ | PROT_WRITE, MAP_FIXED | MAP_PRIVATE,
+                             <int>t_fd[it // 4], t_foff[it // 4] + (pos - target[it]) * PAGE)
+                if r == MAP_FAILED:
+                    raise _oserror("mmap(switch %d pages)" % n)
+                remapped += n
+                calls += 1
+                _emit(out, pos, n, target[it + 2], target[it + 3])
+            for p in range(pos, end):
+                if resident[p]:
+                    resident[p] = 0
+                    resident_count -= 1
+        pos = end
+        if mapped[im] + mapped[im + 1] == end:
+            im += 4
+        if current[ic] + current[ic + 1] == end:
+            ic += 4
+        if target[it] + target[it + 1] == end:
+            it += 4
+    return copied, dropped, remapped, calls, resident_count, out

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from hlpool import _mapping
+from hlpool.memory import _dirty
 from hlpool.guest import boot, pagetables
 from hlpool.guest.layout import MIB, PAGE_TABLES, Layout, MemoryConfig
 
@@ -105,7 +106,7 @@ def test_dirty_scan(benchmark, dirty):
         bitmap[p // 64] |= 1 << (p % 64)
 
     def setup():
-        return (_mapping.DirtySet(AREA_PAGES),), {}
+        return (_dirty.DirtySet(AREA_PAGES),), {}
 
     def scan(ds):
         ds.add_bitmap(bitmap)
@@ -145,7 +146,7 @@ class _Area:
         self.run_source = array("Q", [self.src, 0])
         self.resident = bytearray(pages)
         self.resident_count = 0
-        self.dirty = _mapping.DirtySet(pages)
+        self.dirty = _dirty.DirtySet(pages)
 
     def expected(self, page: int) -> bytes:
         if page < self.pages // 2:

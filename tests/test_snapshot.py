@@ -267,7 +267,7 @@ writes = st.lists(st.tuples(st.integers(0, 3000 * PAGE // 8 - 1), st.integers(-(
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pattern=writes)
 def test_restore_is_exact(snapshots, touch_reference, keep, ring, pattern):
-    policy = RestorePolicy(keep_resident_pages=keep, dirty_ring_entries=ring)
+    policy = RestorePolicy(keep_resident_pages=keep, dirty_ring_entries=ring, dirty_log="ring" if ring else "bitmap")
     with Sandbox(snapshots("touch"), restore_policy=policy) as sb:
         offsets = [w * 8 for w, _ in pattern]
         values = [v for _, v in pattern]
@@ -283,7 +283,8 @@ def test_restore_is_exact(snapshots, touch_reference, keep, ring, pattern):
 
 
 def test_restore_is_exact_across_dirty_ring_full_exits(snapshots, touch_reference):
-    with Sandbox(snapshots("touch"), restore_policy=RestorePolicy(dirty_ring_entries=512)) as sb:
+    with Sandbox(snapshots("touch"), restore_policy=RestorePolicy(dirty_ring_entries=512,
+                                                                          dirty_log="ring")) as sb:
         assert sb.vm.dirty_ring_entries == 512
         assert sb.call("touch", 2000, 7) == sum(7 + i for i in range(2000))  # several ring-full exits
         assert sb.last_restore.dirty >= 2000

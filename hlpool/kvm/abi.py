@@ -260,6 +260,7 @@ KVM_GET_XCRS = _ior(0xA6, KvmXcrs)
 KVM_SET_XCRS = _iow(0xA7, KvmXcrs)
 KVM_RESET_DIRTY_RINGS = _io(0xC7)
 KVM_DIRTY_LOG_PAGE_OFFSET = 64  # pages into the vCPU mapping where the dirty ring starts
+# KVM_CLEAR_DIRTY_LOG itself is issued from Cython (hlpool/memory/_dirty.pyx, via kvm.pxd).
 
 # ---- capabilities ----------------------------------------------------------------
 
@@ -272,6 +273,10 @@ KVM_CAP_READONLY_MEM = 81
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
 KVM_CAP_DIRTY_LOG_RING = 192
+# KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 arguments: GET_DIRTY_LOG stops clearing and write-protecting
+# (KVM_CLEAR_DIRTY_LOG does that, page by page); INITIALLY_SET starts with every bit set.
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 
 KVM_SYNC_X86_REGS = 1 << 0
 KVM_SYNC_X86_SREGS = 1 << 1

@@ -54,6 +54,10 @@ cdef extern from "<linux/kvm.h>" nogil:
         KVM_MSR_FILTER_DEFAULT_DENY
         KVM_MSR_FILTER_MAX_RANGES
 
+        # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 flags.
+        KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+        KVM_DIRTY_LOG_INITIALLY_SET
+
     # ---- flags defined as (1UL << n) ----
     const unsigned long KVM_SYNC_X86_REGS
     const unsigned long KVM_SYNC_X86_SREGS
@@ -95,6 +99,7 @@ cdef extern from "<linux/kvm.h>" nogil:
     const unsigned long KVM_GET_XCRS
     const unsigned long KVM_SET_XCRS
     const unsigned long KVM_RESET_DIRTY_RINGS
+    const unsigned long KVM_CLEAR_DIRTY_LOG
     const unsigned long KVM_X86_SET_MSR_FILTER
 
     # ---- register state (x86, <asm/kvm.h>); fields listed only where hlpool reads them ----
@@ -213,6 +218,13 @@ cdef extern from "<linux/kvm.h>" nogil:
         uint32_t slot
         uint32_t padding1
         void *dirty_bitmap  # in an anonymous union with a u64 (so the struct is 16 bytes on any ABI)
+
+    # KVM_CLEAR_DIRTY_LOG (manual protect): clear these bits, write-protect those pages again.
+    struct kvm_clear_dirty_log:
+        uint32_t slot
+        uint32_t num_pages
+        uint64_t first_page
+        void *dirty_bitmap  # in an anonymous union with a u64
 
     # One entry of a vCPU's dirty ring (mapped at KVM_DIRTY_LOG_PAGE_OFFSET pages).
     struct kvm_dirty_gfn:

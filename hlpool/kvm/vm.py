@@ -41,6 +41,7 @@ class Vm:
         self.fd = self.kvm.create_vm_fd()
         self.slots: dict[int, MemorySlot] = {}
         self.dirty_ring_entries = 0
+        self.manual_dirty_protect = False  # see enable_manual_dirty_protect
         try:
             if self.kvm.info.flavour == "hardware":
                 # VMX needs a 3-page TSS region outside guest memory for real-mode
@@ -83,6 +84,26 @@ class Vm:
             return 0
         self.dirty_ring_entries = entries
         return entries
+
+    def enable_manual_dirty_protect(self) -> bool:
+        """Turn on KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (before any logged slot is added).
+
+        From then on KVM_GET_DIRTY_LOG only reads the dirty bitmap; a page is
+        write-protected again (and its bit cleared) only by KVM_CLEAR_DIRTY_LOG
+        (``hlpool.memory._dirty.DirtySet.restore``). Returns False if this KVM lacks it.
+        """
+        if self.manual_dirty_protect:
+            return True
+        if self.dirty_ring_entries or not self.kvm.check_extension(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2):
+            return False
+        cap = abi.KvmEnableCap(cap=abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+        cap.args[0] = abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE  # not INITIALLY_SET: a new slot starts clean
+        try:
+            abi.ioctl(self.fd, abi.KVM_ENABLE_CAP, cap)
+        except OSError:
+            return False
+        self.manual_dirty_protect = True
+        return True
 
     def deny_guest_msr_writes(self) -> None:
         """Make every guest ``wrmsr`` fault (#GP) and allow ``rdmsr`` only in the architectural ranges.
