@@ -68,6 +68,14 @@ class SnapshotError(HlpoolError):
     code = "snapshot_error"
 
 
+class SnapshotIncompatibleError(SnapshotError):
+    """A sandbox cannot switch to this snapshot: it is not of the sandbox's family (another
+    layout, memory configuration or base layer, or not a finished snapshot); the message
+    names what differs. The sandbox stays usable on the snapshot it holds."""
+
+    code = "snapshot_error"  # the wire form names the class; the HTTP status is that of every snapshot error
+
+
 class SnapshotFormatError(SnapshotError):
     """The file is not a snapshot, is truncated, or its header or tables are inconsistent."""
 
@@ -183,6 +191,10 @@ class WorkerCrashed(HlpoolError):
     """The worker process running a call died before answering."""
 
     code = "worker_crashed"
+
+
+class NodeLostError(WorkerCrashed):
+    """The cluster node (or its hlpool actor) running a call was lost before answering (:mod:`hlpool.ray`)."""
 
 
 class PoolOverloadedError(HlpoolError):

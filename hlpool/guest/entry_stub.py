@@ -91,7 +91,8 @@ def restore_image(xsave: bytes, xcr0: int, components: dict[int, tuple[int, int]
     return bytes(image), mask
 
 
-def control_page(resume_rip: int, rax: int, rdx: int, image: bytes, *, cr8: int | None = None) -> bytes:
+def control_page(resume_rip: int, rax: int, rdx: int, image: bytes, *, cr8: int | None = None,
+                 kernel_gs_base: int | None = None) -> bytes:
     """The control page for a snapshot whose vCPU stopped at ``resume_rip`` with ``rax``/``rdx``.
 
     The host enters it with RAX = mask & 0xffffffff and RDX = mask >> 32 (the
@@ -107,6 +108,11 @@ def control_page(resume_rip: int, rax: int, rdx: int, image: bytes, *, cr8: int 
     if cr8 is not None:
         code += b"\x48\xb8" + struct.pack("<Q", cr8)  # movabs $cr8, %rax
         code += b"\x44\x0f\x22\xc0"  # mov %rax, %cr8
+    if kernel_gs_base is not None:  # KERNEL_GS_BASE without an MSR write (needs CR4.FSGSBASE): after a switch
+        code += b"\x0f\x01\xf8"  # swapgs
+        code += b"\x48\xb8" + struct.pack("<Q", kernel_gs_base)  # movabs $kgs, %rax
+        code += b"\xf3\x48\x0f\xae\xd8"  # wrgsbase %rax
+        code += b"\x0f\x01\xf8"  # swapgs (GS base back to the sregs' value)
     code += b"\x48\xb8" + struct.pack("<Q", rax)  # movabs $rax, %rax
     code += b"\x48\xba" + struct.pack("<Q", rdx)  # movabs $rdx, %rdx
     jmp_end = len(code) + 6

@@ -40,7 +40,7 @@ from hlpool.errors import (
     SandboxClosedError,
     SnapshotFormatError,
 )
-from hlpool.guest import abi, codec, entry_stub, faults
+from hlpool.guest import abi, codec, faults
 from hlpool.guest.boot import CR0_WP
 from hlpool.guest.layout import PAGE, VIF_PAGE
 from hlpool.guest.log import GuestLog, LogHandler
@@ -48,9 +48,11 @@ from hlpool.kvm import _vcpu_run
 from hlpool.kvm import abi as kvm_abi
 from hlpool.kvm.vcpu import Vcpu
 from hlpool.kvm.vm import Vm
+from hlpool.machine.switching import entry_for, switch_machine
 from hlpool.memory.guest_memory import GuestMemory, RestorePolicy, RestoreStats
 from hlpool.memory.image import SnapshotImage
 from hlpool.memory.mapped_files import MappedFile, SandboxFiles, check_unchanged
+from hlpool.memory.switch import MemorySwitcher, SwitchStats
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,7 @@ class Machine:
         self.timeout = timeout
         self.max_host_calls = max_host_calls
         self.strict_cpu_reset = strict_cpu_reset
+        self._private_memory = private_memory
         self.status = SandboxStatus.READY
         self.last_restore = RestoreStats()
         self._log = GuestLog(self.name, log_handler, max_log_bytes)
@@ -132,7 +135,7 @@ class Machine:
         try:
             self.vm = Vm()
             policy = restore_policy or RestorePolicy()
-            GuestMemory.enable_dirty_ring(self.vm, policy)
+            GuestMemory.enable_dirty_ring(self.vm, policy, layout.logged.size)
             self.memory = GuestMemory(self.vm, layout, snapshot.runs, snapshot.layers, policy,
                                       private_copy=private_memory)
             self._mapped_files = SandboxFiles(self.vm, self.memory, layout, snapshot.mapped_files)
@@ -165,18 +168,11 @@ class Machine:
         self._reload_registers = False
         self._host_calls = 0
         self._entry_regs = b""
+        self._switcher: MemorySwitcher | None = None  # made at the first switch
+        self._control_after_switch: bytes | None = None  # the plain control page, put back after that call
         if snapshot.exports is not None:  # a finished snapshot: calls enter through the stub
-            regs = kvm_abi.KvmRegs.from_buffer_copy(snapshot.vcpu.regs)
-            xcr0 = entry_stub.xcr0_of(snapshot.vcpu.xcrs)
-            if self.vm.kvm.info.flavour == "pvm":  # PVM runs guest code under the host's XCR0, not the guest's
-                xcr0 |= self.vm.kvm.supported_xcr0
-            image, mask = entry_stub.restore_image(snapshot.vcpu.xsave, xcr0, self.vm.kvm.xsave_components)
-            cr8 = kvm_abi.KvmSregs.from_buffer_copy(snapshot.vcpu.sregs).cr8 if strict_cpu_reset else None
-            self.memory.write(layout.control.start,
-                              entry_stub.control_page(regs.rip, regs.rax, regs.rdx, image, cr8=cr8))
-            regs.rip = layout.control.start
-            regs.rax, regs.rdx = mask & 0xFFFFFFFF, mask >> 32
-            self._entry_regs = bytes(regs)
+            page, self._entry_regs, _ = entry_for(self, snapshot)
+            self.memory.write(layout.control.start, page)
 
     # ---- public API -------------------------------------------------------------------
 
@@ -260,6 +256,36 @@ class Machine:
         self._reload_registers = True
         self.last_restore = stats
         return stats
+
+    def switch(self, target: SnapshotImage) -> SwitchStats:
+        """Move this sandbox to ``target``, another snapshot of its family (hlpool.memory.switch).
+
+        Afterwards the sandbox behaves exactly like a fresh sandbox of ``target`` with this
+        sandbox's options (host functions, timeout, policies): the guest sees the target's
+        memory (every page it can reach, the VIF page included), its mapped files, empty I/O
+        buffers and the target's vCPU state; :meth:`restore` returns to ``target``
+        (:attr:`base_snapshot`). Only the pages where the two snapshots (and the last call's
+        writes) differ are put back. Switching to the snapshot held is a :meth:`restore` that
+        also resets the vCPU state a call leaves (debug registers, CR8, ...) as a switch does.
+
+        A target of another family (layout, memory configuration, base layer, or a boot image)
+        raises :class:`SnapshotIncompatibleError` naming what differs; a target whose files
+        changed raises :class:`SnapshotIntegrityError`/:class:`SnapshotParentError`. Either way
+        nothing was changed and the sandbox goes on serving its snapshot. A broken sandbox is
+        refused (:class:`SandboxBrokenError`), as by every other method; if the switch itself
+        fails half-way (an mmap or KVM error) the sandbox is marked broken.
+
+        vCPU state: debug registers and XCR0 are loaded with one ioctl each, other MSRs only if
+        the target's differ (the guest cannot write them: the host denies MSR writes), general,
+        segment and control registers through sync regs at the next call, and the first call
+        after the switch enters through a control page that also loads the target's XSAVE
+        image, CR8 (KVM_SET_SREGS does not reach it on PVM) and KERNEL_GS_BASE (swapgs can
+        change it without an MSR write); the plain control page is put back after that call.
+        """
+        with self._lock:
+            self._refuse_reentry("switch")
+            self._check_usable()
+            return switch_machine(self, target)
 
     def map_file(self, path: str, *, name: str | None = None,
                  guest_address: int | None = None) -> tuple[int, int]:
@@ -395,6 +421,9 @@ class Machine:
             if deadline:
                 _vcpu_run.arm_deadline(0)
             self._log.end_call()
+            if self._control_after_switch is not None:  # the first call after a switch is done
+                self.memory.write(self.layout.control.start, self._control_after_switch)
+                self._control_after_switch = None
         if restore:
             self._restore_locked()
         else:
@@ -612,6 +641,11 @@ class Machine:
             self.vcpu.run_struct.immediate_exit = 0
         if reason != _vcpu_run.RUN_INTERRUPTED:
             raise SandboxBrokenError(f"{self.name}: vCPU ran although immediate_exit was set")
+
+    def mark_broken(self, why: str) -> None:
+        """Mark the machine unusable (it could not be put into a known state): discard it."""
+        self.status = SandboxStatus.BROKEN
+        log.error("%s: %s", self.name, why)
 
     def _recover(self) -> None:
         """After a failed call: back to the snapshot, or mark the sandbox broken."""

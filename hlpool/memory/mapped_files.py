@@ -15,6 +15,7 @@ mapped file changed (:meth:`SandboxFiles.check`: one ``fstat`` per file).
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import itertools
 import os
@@ -206,6 +207,30 @@ class SandboxFiles:
         self.extra = False
         self._write_table()
 
+    def switch(self, files: tuple[MappedFile, ...], table_intact: bool = False) -> None:
+        """Hold exactly ``files`` (another snapshot's), as a fresh sandbox of it would (on a switch).
+
+        Files the two lists share in the same place stay attached; the others are detached
+        and attached. The files table is rewritten whatever it holds now, unless
+        ``table_intact`` (nothing wrote the table's page since it was last written) and the
+        files are the ones attached already.
+        """
+        if table_intact and len(self._attached) == self._inherited == len(files) and all(
+                a.file == f for a, f in zip(self._attached, files)):
+            return
+        keep = 0
+        while (keep < len(files) and keep < len(self._attached) and keep < self._inherited
+               and self._attached[keep].file == files[keep]):
+            keep += 1
+        while len(self._attached) > keep:
+            self._detach(len(self._attached) - 1)
+        for f in files[keep:]:
+            self._attach(f)
+        self._inherited = len(self._attached)
+        self.extra = False
+        self.watched = bool(self._attached)
+        self._write_table()
+
     def check(self) -> None:
         """Raise :class:`SnapshotParentError` if a mapped file changed since it was hashed
         (``fstat`` of the descriptor the slot maps: inode, size, mtime)."""
@@ -290,15 +315,10 @@ class SandboxFiles:
             os.close(a.fd)
 
     def _write_table(self) -> None:
-        table = bytearray(abi.FILES_TABLE_SIZE)
-        abi.FILES_TABLE_HEADER.pack_into(table, 0, len(self._attached), len(self._attached))
-        for i, a in enumerate(self._attached):
-            name = a.file.name.encode("utf-8", "replace")[:NAME_BYTES - 1]
-            abi.FILE_ENTRY.pack_into(table, abi.FILES_TABLE_HEADER.size + i * abi.FILE_ENTRY.size,
-                                     a.file.guest_address, a.file.size, name)
+        table = _table_bytes(tuple((a.file.guest_address, a.file.size, a.file.name) for a in self._attached))
         current = self._memory.read(FILES_TABLE, len(table))
-        if current != bytes(table):
-            self._memory.write(FILES_TABLE, bytes(table))
+        if current != table:
+            self._memory.write(FILES_TABLE, table)
 
     def close(self) -> None:
         for a in self._attached:
@@ -308,6 +328,17 @@ class SandboxFiles:
                 os.close(a.fd)
         self._attached.clear()
         self.extra = self.watched = False
+
+
+@functools.lru_cache(maxsize=256)
+def _table_bytes(entries: tuple[tuple[int, int, str], ...]) -> bytes:
+    """The guest's files table (hlpool_abi.h struct hl_files_table) for (address, size, name) entries."""
+    table = bytearray(abi.FILES_TABLE_SIZE)
+    abi.FILES_TABLE_HEADER.pack_into(table, 0, len(entries), len(entries))
+    for i, (address, size, name) in enumerate(entries):
+        raw = name.encode("utf-8", "replace")[:NAME_BYTES - 1]
+        abi.FILE_ENTRY.pack_into(table, abi.FILES_TABLE_HEADER.size + i * abi.FILE_ENTRY.size, address, size, raw)
+    return bytes(table)
 
 
 def check_unchanged(layers: "tuple[Layer, ...]", files: "tuple[MappedFile, ...]") -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from hlpool.machine.machine import HostFunction, Machine, SandboxStatus
+from hlpool.memory.switch import SwitchStats
 from hlpool.snapshot.capture import Retain, capture
 from hlpool.snapshot.snapshot import Snapshot
 
-__all__ = ["HostFunction", "Sandbox", "SandboxStatus"]
+__all__ = ["HostFunction", "Sandbox", "SandboxStatus", "SwitchStats"]
 
 
 class Sandbox(Machine):
@@ -46,6 +47,24 @@ class Sandbox(Machine):
         snapshot = Snapshot.from_elf(path, heap_size=heap_size, stack_size=stack_size,
                                      host_functions=host_functions)
         return cls(snapshot, host_functions=host_functions, **kwargs)
+
+    def switch(self, target: Snapshot) -> SwitchStats:
+        """Move this sandbox to ``target``, a snapshot of the same family (:attr:`Snapshot.family`):
+        afterwards it behaves exactly like ``Sandbox(target)`` with this sandbox's options, at a cost
+        that follows the pages the two differ in (:meth:`Machine.switch <hlpool.machine.machine.Machine.switch>`).
+
+        >>> a, b = load_script(base, "function f() { return 1 }"), load_script(base, "function f() { return 2 }")
+        >>> sb = Sandbox(a); sb.switch(b); sb.call("call", "f", [])
+        2
+        """
+        if not isinstance(target, Snapshot):
+            raise TypeError(f"Sandbox.switch needs a Snapshot, not {type(target).__name__}")
+        return super().switch(target)
+
+    @property
+    def snapshot_in_use(self) -> Snapshot:
+        """The snapshot the sandbox is at (what :meth:`restore` returns to; changed by :meth:`switch`)."""
+        return self.base_snapshot  # type: ignore[return-value]
 
     def snapshot(self, retain: Retain | None = None) -> Snapshot:
         """Take a new snapshot of the live sandbox, layered on this sandbox's snapshot.

@@ -121,8 +121,11 @@ def _relative_path(target: str, directory: str) -> str:
     return os.path.relpath(target, directory)
 
 
-def write_snapshot(snapshot: S, path: str) -> S:
-    """Persist ``snapshot``'s top layer to ``path``; returns the file-backed snapshot."""
+def write_snapshot(snapshot: S, path: str, *, sync: bool = True) -> S:
+    """Persist ``snapshot``'s top layer to ``path``; returns the file-backed snapshot.
+
+    ``sync=False`` skips the fsyncs (file and directory): for content-addressed files whose
+    writer can tell a torn file after a crash from its content hash and write it again."""
     if snapshot.exports is None:
         raise SnapshotError("a boot snapshot (before hl_main ran) cannot be persisted")
     path = os.path.abspath(path)
@@ -176,7 +179,8 @@ def write_snapshot(snapshot: S, path: str) -> S:
                          data_offset, data_size, file_size, content.digest(), 0)
         struct.pack_into("<I", header, HEADER_CRC_OFFSET, zlib.crc32(header[:HEADER_CRC_OFFSET]))
         os.pwrite(fd, bytes(header), 0)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
         os.fchmod(fd, 0o444)
         os.close(fd)
         fd = -1
@@ -189,11 +193,12 @@ def write_snapshot(snapshot: S, path: str) -> S:
         except FileNotFoundError:
             pass
         raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    if sync:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     read_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     layer = Layer(read_fd, data_size, content.digest(), path=path, data_offset=data_offset)
@@ -458,9 +463,13 @@ def _parse_vcpu(raw: Any, path: str) -> VcpuState:
 
 def read_snapshot(path: str, make: Callable[..., S], *, max_memory: int | None = None,
                   max_layer_size: int | None = None, files_path: Sequence[str] = (), _expected: bytes | None = None,
-                  _depth: int = 0) -> S:
+                  _depth: int = 0, parents: "dict[bytes, S] | None" = None) -> S:
     """Validate and open the snapshot at ``path`` (and its parent chain); ``make`` builds the
-    value (the :class:`~hlpool.Snapshot` class or a subclass) from its fields."""
+    value (the :class:`~hlpool.Snapshot` class or a subclass) from its fields.
+
+    ``parents``: snapshots opened (and validated) before, by the content hash of their top layer;
+    a parent found there is used as it is (a child names its parent by that hash), and parents
+    opened here are added: a worker opening many children of one base reads and hashes it once."""
     path = os.path.abspath(path)
     if _depth > MAX_DEPTH:
         raise _fail(path, f"parent chain deeper than {MAX_DEPTH}", SnapshotParentError)
@@ -500,10 +509,13 @@ def read_snapshot(path: str, make: Callable[..., S], *, max_memory: int | None =
                     and isinstance(last.get("sha256"), bytes)):
                 raise _fail(path, "parent reference is malformed")
             parent_path = os.path.normpath(os.path.join(os.path.dirname(path), last["path"]))
-            parent = read_snapshot(parent_path, make, max_memory=max_memory, max_layer_size=max_layer_size,
-                                   files_path=files_path,
-                                   _expected=last["sha256"],
-                                   _depth=_depth + 1)
+            parent = parents.get(last["sha256"]) if parents is not None else None
+            if parent is None:
+                parent = read_snapshot(parent_path, make, max_memory=max_memory, max_layer_size=max_layer_size,
+                                       files_path=files_path, _expected=last["sha256"], _depth=_depth + 1,
+                                       parents=parents)
+                if parents is not None:
+                    parents[parent.layers[-1].sha256] = parent
             if len(parent.layers) != len(parents_raw) or any(
                     not isinstance(p, dict) or p.get("sha256") != pl.sha256
                     for p, pl in zip(parents_raw, parent.layers)):

@@ -23,6 +23,7 @@ build instances through the class they are given or ``dataclasses.replace``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from hlpool.kvm.vcpu import VcpuState
 from hlpool.machine.machine import HostFunction
 from hlpool.memory.layers import Layer, Run, check_runs
 from hlpool.memory.mapped_files import MappedFile
+from hlpool.memory.switch import family_of
 from hlpool.snapshot.flatten import flatten_snapshot
 from hlpool.snapshot.initialise import snapshot_from_elf
 from hlpool.snapshot.regions import Region, regions_of
@@ -94,7 +96,8 @@ class Snapshot:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, max_memory: int | None = None,
-             max_layer_size: int | None = None, files_path: "Sequence[str | os.PathLike]" = ()) -> "Snapshot":
+             max_layer_size: int | None = None, files_path: "Sequence[str | os.PathLike]" = (),
+             parents: "dict[bytes, Snapshot] | None" = None) -> "Snapshot":
         """Open and fully validate a snapshot file (and its parents) before anything is mapped.
 
         ``max_memory`` bounds the guest memory the file may describe (default 256 GiB),
@@ -107,9 +110,11 @@ class Snapshot:
         Mapped host files are found at the path recorded, else at the path recorded relative
         to the snapshot file (a directory holding both can move), else by file name in each
         directory of ``files_path``; wherever found, a file must have the recorded SHA-256.
+        ``parents``: a cache of snapshots opened before, by their top layer's hash, used for and
+        filled with this file's parents (see :func:`hlpool.snapshot.snapfile.read_snapshot`).
         """
         return read_snapshot(os.fspath(path), cls, max_memory=max_memory, max_layer_size=max_layer_size,
-                             files_path=[os.fspath(d) for d in files_path])
+                             files_path=[os.fspath(d) for d in files_path], parents=parents)
 
     def persist(self, path: str | os.PathLike) -> "Snapshot":
         """Write this snapshot's own layer to ``path`` (atomically, read-only) and return the
@@ -162,6 +167,15 @@ class Snapshot:
         return flatten_snapshot(self)
 
     # ---- description --------------------------------------------------------------------
+
+    @functools.cached_property
+    def family(self) -> str:
+        """Which sandboxes can :meth:`Sandbox.switch` to this snapshot: those at a snapshot of the
+        same family, i.e. finished snapshots with the same layout (memory configuration and image
+        size) and the same base layer (``layers[0]``, by content hash): an interpreter base and the
+        scripts loaded on it, a C base and its children. Mapped files and vCPU state may differ.
+        A flattened snapshot starts a family of its own. Computed once per snapshot object."""
+        return family_of(self)
 
     @property
     def persisted(self) -> bool:

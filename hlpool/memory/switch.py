@@ -1,0 +1,230 @@
+"""Switching a live sandbox's memory between snapshots of one family.
+
+A *family* is the set of snapshots one warm VM can serve one after the other:
+finished snapshots (their exports known) with the same layout (memory
+configuration and image size, so every slot has the same size and place) and
+the same base layer (``layers[0]``, by content hash): an interpreter base and
+every script loaded on it, or a C base and its children. Two snapshots of a
+family differ only where their own layers put pages, so a switch costs what
+differs, not what the guest has. (Snapshots with equal layouts but different
+bases could be switched by the same mechanism, at the cost of most of their
+memory; they are kept apart on purpose.)
+
+The mechanism: the sandbox first restores the last call's dirty pages (to the
+current snapshot; nothing to do when no guest code ran since the last restore),
+then :class:`MemorySwitcher` compares, run by run, where each page's bytes
+come from in the current and in the target snapshot, and puts back only the
+pages whose source differs (``_mapping.switch_slot``):
+
+- a span of at most :data:`COPY_MAX_PAGES` pages is copied from the target's
+  layer and stays resident (the guest touches it at native speed);
+- a longer span is re-mapped from the target's layer file (``mmap MAP_FIXED``,
+  one call per span; the guest pays one page fault per page it touches), or,
+  when the target's file is already mapped there, its private copies are
+  dropped.
+
+The invariant that makes this safe with restore's MADV_DONTNEED (which reverts
+a page to the file mapped under it): **the host mapping under every page of
+the main slot shows the current snapshot's bytes for that page, or the page is
+pinned resident** (``GuestMemory._resident``; restore copies resident pages
+back and never drops them). A copy over a mapping of another file pins the
+page; a re-map or a drop unpins it. :class:`MemorySwitcher` remembers which
+file range is mapped under each page (``mapped``) to keep the invariant across
+any number of switches. The system slot (read-only to the guest, never
+restored) is always copied.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+from hlpool import _mapping
+from hlpool.guest.layout import PAGE
+from hlpool.memory.image import SnapshotImage
+from hlpool.memory.layers import Layer, Run
+
+#: Spans of differing pages up to this size are copied; longer ones are re-mapped.
+#: Measured by bench/switch.py on the PVM development host (2 vCPUs, loaded): putting back
+#: a span costs the host ~2.5 us + ~0.25 us per page by copy, ~9 us + ~0.06 us per page by
+#: re-map (one mmap; the two meet near 64 pages), and each re-mapped page the guest then
+#: reads costs it a page fault (~12 us) that a copied page does not. So up to 64 pages a copy
+#: is cheaper for the switch and for the guest; beyond, re-mapping keeps the switch's cost
+#: flat and the pages shared (copied pages are private memory of the VM).
+COPY_MAX_PAGES = 64
+
+_SYSTEM_COPY_ALL = 1 << 62  # the system slot is never restored: copying is always safe there
+
+
+@dataclass
+class SwitchStats:
+    """What one :meth:`Sandbox.switch` did."""
+
+    pages_copied: int = 0      # pages copied from the target's layers (now resident)
+    pages_remapped: int = 0    # pages re-mapped from the target's layer files (or dropped to them)
+    runs_remapped: int = 0     # mmap calls made for those pages
+    dirty_restored: int = 0    # pages the last call dirtied, put back first
+    microseconds: float = 0.0  # wall time of the whole switch (memory, vCPU, files)
+
+
+# ---- families -----------------------------------------------------------------------------
+
+
+def family_of(image: SnapshotImage) -> str:
+    """The family key of a snapshot (see the module docstring): equal keys can be switched."""
+    layout = image.layout
+    config = layout.config.to_dict()
+    root = image.layers[0].sha256.hex() if image.layers else "-"
+    finished = "finished" if image.exports is not None else "boot"
+    parts = [finished, f"image={layout.image_size}", *(f"{k}={config[k]}" for k in sorted(config)), f"root={root}"]
+    return ";".join(parts)
+
+
+def incompatibility(current: SnapshotImage, target: SnapshotImage) -> str | None:
+    """Why a sandbox at ``current`` cannot switch to ``target`` (None if it can)."""
+    if target.exports is None:
+        return "the target is a boot image (not a finished snapshot: its exports are unknown)"
+    if current.exports is None:
+        return "the sandbox runs a boot image"
+    a, b = current.layout, target.layout
+    if a.image_size != b.image_size:
+        return f"image size differs ({a.image_size} here, {b.image_size} in the target)"
+    ca, cb = a.config.to_dict(), b.config.to_dict()
+    differ = [f"{k} ({ca[k]} here, {cb[k]} in the target)" for k in sorted(ca) if ca[k] != cb[k]]
+    if differ:
+        return "memory configuration differs: " + ", ".join(differ)
+    if not target.layers or not current.layers or target.layers[0].sha256 != current.layers[0].sha256:
+        here = current.layers[0].sha256.hex()[:12] if current.layers else "none"
+        there = target.layers[0].sha256.hex()[:12] if target.layers else "none"
+        return f"base layer differs ({here} here, {there} in the target): not the same family"
+    return None
+
+
+# ---- run arrays ---------------------------------------------------------------------------
+
+_idents: dict[bytes, int] = {}  # layer content hash -> small integer (the same bytes: the same ident)
+_idents_lock = threading.Lock()
+
+
+def _ident(layer: Layer) -> int:
+    with _idents_lock:
+        return _idents.setdefault(layer.sha256, len(_idents))
+
+
+@dataclass
+class SlotRuns:
+    """One slot's runs as ``_mapping.switch_slot`` reads them."""
+
+    runs: array       # flat (first, count, ident, base) int64 records
+    src: array        # host address of each run's first page in its layer's view (0: zeros)
+    fd: array         # the layer's descriptor (-1: zeros)
+    foff: array       # file offset of each run's first page
+
+
+def slot_runs(runs: list[Run], layers: tuple[Layer, ...]) -> SlotRuns:
+    flat, src, fd, foff = array("q"), array("q"), array("q"), array("q")
+    for r in runs:
+        if r.layer < 0:
+            flat.extend((r.first_page, r.count, -1, 0))
+            src.append(0)
+            fd.append(-1)
+            foff.append(0)
+        else:
+            layer = layers[r.layer]
+            flat.extend((r.first_page, r.count, _ident(layer), r.offset - r.first_page * PAGE))
+            src.append(layer.view() + r.offset)
+            fd.append(layer.fd)
+            foff.append(layer.file_offset(r.offset))
+    return SlotRuns(flat, src, fd, foff)
+
+
+_cache: dict[int, tuple[Any, dict[Any, Any]]] = {}
+_cache_lock = threading.Lock()
+
+
+def derived(image: SnapshotImage) -> dict[Any, Any]:
+    """A dict of values computed from a snapshot, kept while the snapshot object lives (a
+    snapshot is immutable: its runs, layers and vCPU state never change). The switch caches
+    its run arrays, family key and entry pages here, so a switch to a tenant served before
+    recomputes nothing."""
+    key = id(image)
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None and hit[0]() is image:
+            return hit[1]
+        values: dict[Any, Any] = {}
+        try:
+            ref = weakref.ref(image, lambda _r, k=key: _cache.pop(k, None))
+        except TypeError:  # an image type without weak references: not cached
+            return values
+        _cache[key] = (ref, values)
+        return values
+
+
+def snapshot_runs(image: SnapshotImage) -> dict[str, SlotRuns]:
+    """Both slots' run arrays of a snapshot (cached, see :func:`derived`)."""
+    values = derived(image)
+    runs = values.get("runs")
+    if runs is None:
+        runs = values["runs"] = {slot: slot_runs(image.runs[slot], image.layers) for slot in ("system", "main")}
+    return runs
+
+
+def restore_inputs(image: SnapshotImage) -> tuple[array, array, array]:
+    """The main slot's (first pages, counts, source addresses) arrays restore reads (cached)."""
+    values = derived(image)
+    inputs = values.get("restore")
+    if inputs is None:
+        main, layers = image.runs["main"], image.layers
+        inputs = values["restore"] = (
+            array("Q", (r.first_page for r in main)), array("Q", (r.count for r in main)),
+            array("Q", (layers[r.layer].view() + r.offset if r.layer >= 0 else 0 for r in main)))
+    return inputs
+
+
+def cached_family(image: SnapshotImage) -> str:
+    values = derived(image)
+    family = values.get("family")
+    if family is None:
+        family = values["family"] = family_of(image)
+    return family
+
+
+# ---- the switch ---------------------------------------------------------------------------
+
+
+class MemorySwitcher:
+    """Which file range is mapped under each page of a sandbox, and the switch that keeps it.
+
+    Made from the snapshot the sandbox's memory was mapped from (its runs are mapped
+    under every page then).
+    """
+
+    def __init__(self, image: SnapshotImage, copy_max: int | None = None) -> None:
+        runs = snapshot_runs(image)
+        self.copy_max = COPY_MAX_PAGES if copy_max is None else copy_max
+        self.mapped = {slot: array("q", runs[slot].runs) for slot in runs}
+        self._system_resident = bytearray(image.layout.system.size // PAGE)  # required by switch_slot, unused
+
+    def switch(self, main_host: int, system_host: int, current: SnapshotImage, target: SnapshotImage,
+               resident: bytearray, resident_count: int) -> tuple[int, int, int, int, int]:
+        """Switch the main slot at ``main_host`` (restored to ``current``) and the system slot at
+        ``system_host`` to ``target``. Returns (copied, remapped or dropped pages, remap calls,
+        resident_count, system pages copied)."""
+        cur, tgt = snapshot_runs(current), snapshot_runs(target)
+        t = tgt["main"]
+        copied, dropped, remapped, calls, resident_count, mapped = _mapping.switch_slot(
+            main_host, len(resident), self.mapped["main"], cur["main"].runs, t.runs, t.src, t.fd, t.foff,
+            resident, resident_count, self.copy_max)
+        self.mapped["main"] = array("q", mapped)
+        t = tgt["system"]
+        system = 0
+        if cur["system"].runs != t.runs:  # children usually share their base's system pages
+            system, _d, _r, _c, _n, mapped = _mapping.switch_slot(
+                system_host, len(self._system_resident), self.mapped["system"], cur["system"].runs, t.runs,
+                t.src, t.fd, t.foff, self._system_resident, 0, _SYSTEM_COPY_ALL)
+            self.mapped["system"] = array("q", mapped)
+        return copied + system, dropped + remapped, calls, resident_count, system

@@ -1,0 +1,328 @@
+"""Switching a live sandbox between snapshots of one family (Sandbox.switch).
+
+The isolation guarantee is checked against the definition: after a switch the guest sees
+byte for byte what a fresh ``Sandbox(target)`` sees, in every page of every memory slot
+(read through the host mappings, the VIF page included), in every piece of CPU state the
+guest can write (read by the guest itself: tests/guests/tenant.c ``state``), in its mapped
+files and its buffers. Tenants are children of one C base that planted secrets in data,
+heap, stack, vector registers, debug registers, CR8 and KERNEL_GS_BASE.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hlpool import _mapping
+from hlpool.errors import SandboxBrokenError, SnapshotIncompatibleError
+from hlpool.guest.layout import PAGE, MemoryConfig
+from hlpool.machine.machine import SandboxStatus
+from hlpool.memory import switch as switch_module
+from hlpool.memory.guest_memory import RestorePolicy
+from hlpool.sandbox.sandbox import Sandbox
+from hlpool.snapshot.snapshot import Snapshot
+
+
+KIB, MIB = 1024, 1024 * 1024
+CONFIG = MemoryConfig(heap_size=1 * MIB, stack_size=256 * KIB, in_size=64 * KIB, out_size=64 * KIB,
+                      reply_size=64 * KIB, log_size=16 * KIB)
+SLOTS = ("vif", "system", "main", "io")
+
+
+@pytest.fixture(scope="module")
+def family(kvm, test_guest, tmp_path_factory):
+    """The base snapshot and its tenants: children with a few different pages and CPU state each,
+    one with a mapped file, one a grandchild (a layer on a layer)."""
+    base = Snapshot.from_elf(test_guest("tenant"), config=CONFIG)
+    data = tmp_path_factory.mktemp("switch") / "tenant-file.bin"
+    data.write_bytes(os.urandom(3 * PAGE + 100))
+    tenants = [base]
+    for k, pages in enumerate((1, 5, 12)):
+        with Sandbox(base, timeout=10) as sb:
+            if k == 1:
+                sb.map_file(str(data), name="tenant-file")
+            sb.call("plant", 1000 + k, pages, restore=False)
+            tenants.append(sb.snapshot())
+    with Sandbox(tenants[2], timeout=10) as sb:
+        sb.call("plant", 2000, 3, restore=False)
+        tenants.append(sb.snapshot())
+    assert len({t.family for t in tenants}) == 1
+    return Tenants(tenants)
+
+
+class Tenants(list):
+    """The family's snapshots (a short repr: hypothesis prints its arguments)."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} tenants>"
+
+
+def _image(sb: Sandbox) -> dict[str, bytes]:
+    out = {}
+    for slot in SLOTS:
+        m = sb.memory.slot_runs_host(slot)
+        out[slot] = _mapping.read_bytes(m.host, m.size)
+    return out
+
+
+def _control_page_offset(sb: Sandbox) -> int:
+    return sb.layout.control.start - sb.layout.io.start
+
+
+def _diff(a: dict[str, bytes], b: dict[str, bytes], skip_control: int | None = None) -> list[str]:
+    bad = []
+    for slot in SLOTS:
+        x, y = a[slot], b[slot]
+        assert len(x) == len(y)
+        for off in range(0, len(x), PAGE):
+            if slot == "io" and off == skip_control:
+                continue
+            if x[off:off + PAGE] != y[off:off + PAGE]:
+                bad.append(f"{slot} page {off // PAGE}")
+    return bad
+
+
+def assert_like_fresh(sb: Sandbox, target: Snapshot, **options) -> None:
+    """The switched sandbox ``sb`` is indistinguishable from a fresh Sandbox(target)."""
+    with Sandbox(target, timeout=10, **options) as fresh:
+        skip = _control_page_offset(sb)  # holds the first call's extra CR8/KERNEL_GS_BASE loads (the target's own)
+        assert _diff(_image(sb), _image(fresh), skip) == []
+        assert sb.mapped_files == fresh.mapped_files
+        assert sb.exports == fresh.exports
+        assert sb.snapshot_in_use is target
+        assert sb.call("state") == fresh.call("state")
+        assert sb.call("digest") == fresh.call("digest")
+        assert _diff(_image(sb), _image(fresh)) == []  # after a call each: the control pages too
+
+
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("switch"), st.integers(0, 4)),
+    st.tuples(st.just("hostile"), st.integers(1, 10**6)),   # secrets in memory and CPU state, then restore
+    st.tuples(st.just("keep"), st.integers(1, 10**6)),      # a call with restore=False, then switch away
+    st.tuples(st.just("scribble"), st.integers(0, 150)),    # many dirty pages: restore drops some
+    st.tuples(st.just("vif"), st.integers(1, 10**6)),       # data in the VIF page, outside the snapshot
+), min_size=1, max_size=6)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(start=st.integers(0, 4), ops=OPS, copy_max=st.sampled_from([0, 4, 16, 1 << 20]),
+       strict=st.sampled_from([False, False, True]))
+def test_a_switched_sandbox_is_a_fresh_sandbox_of_the_target(family, monkeypatch, start, ops, copy_max, strict):
+    monkeypatch.setattr(switch_module, "COPY_MAX_PAGES", copy_max)
+    options = dict(strict_cpu_reset=strict, restore_policy=RestorePolicy(keep_resident_pages=4))
+    with Sandbox(family[start], timeout=10, **options) as sb:
+        for op, arg in ops:
+            if op == "switch":
+                stats = sb.switch(family[arg])
+                assert stats.microseconds > 0
+                assert_like_fresh(sb, family[arg], **options)
+            elif op == "hostile":
+                sb.call("plant", arg, arg % 40)
+            elif op == "vif":
+                sb.call("vif_write", arg, restore=False)  # the VIF page is put back by the switch itself
+            elif op == "keep":
+                sb.call("plant", arg, arg % 40, restore=False)
+            else:
+                assert sb.call("scribble", arg, arg) == arg
+
+
+def test_switching_puts_back_only_what_differs(family):
+    base, a, b = family[0], family[1], family[3]
+    with Sandbox(a, timeout=10) as sb:
+        stats = sb.switch(b)
+        own = sum(r.count for r in a.runs["main"] if r.layer == 1) + sum(
+            r.count for r in b.runs["main"] if r.layer == 1)
+        assert 0 < stats.pages_copied + stats.pages_remapped <= own
+        assert stats.pages_copied + stats.pages_remapped < sb.layout.main.size // PAGE // 10
+        again = sb.switch(b)  # the snapshot held: a restore
+        assert again.pages_copied == again.pages_remapped == 0
+        to_base = sb.switch(base)
+        assert to_base.pages_copied + to_base.pages_remapped <= sum(
+            r.count for r in b.runs["main"] if r.layer == 1)
+
+
+@pytest.mark.parametrize("copy_max", [0, 1 << 20], ids=["remap", "copy"])
+def test_pages_copied_over_another_file_survive_restore_drops(family, monkeypatch, copy_max):
+    """The MADV_DONTNEED hazard: a page whose target bytes were copied over a mapping of another
+    snapshot's file must never be dropped (it would revert to that file). With a resident budget
+    of 0 pages restore drops every page it may; the tenant's data pages must still be its own."""
+    monkeypatch.setattr(switch_module, "COPY_MAX_PAGES", copy_max)
+    policy = RestorePolicy(keep_resident_pages=0)
+    order = [3, 1, 4, 0, 3, 2, 3]
+    with Sandbox(family[order[0]], timeout=10, restore_policy=policy) as sb:
+        for k in order[1:]:
+            sb.switch(family[k])
+            for seed in (7, 8):  # dirty every data page and many heap pages; restore drops them
+                sb.call("scribble", seed, 150)
+            assert_like_fresh(sb, family[k], restore_policy=policy)
+
+
+def test_an_incompatible_target_is_refused_and_the_sandbox_goes_on(family, test_guest):
+    other_config = Snapshot.from_elf(test_guest("tenant"), config=MemoryConfig(
+        heap_size=2 * MIB, stack_size=256 * KIB, in_size=64 * KIB, out_size=64 * KIB, reply_size=64 * KIB,
+        log_size=16 * KIB))
+    other_base = family[2].flatten()  # the same memory, another base layer
+    with Sandbox(family[2], timeout=10) as sb:
+        before = sb.call("digest")
+        with pytest.raises(SnapshotIncompatibleError, match="heap_size"):
+            sb.switch(other_config)
+        with pytest.raises(SnapshotIncompatibleError, match="base layer"):
+            sb.switch(other_base)
+        assert other_base.family != family[2].family != other_config.family
+        assert sb.status is SandboxStatus.READY and sb.snapshot_in_use is family[2]
+        assert sb.call("digest") == before
+        assert_like_fresh(sb, family[2])
+        sb.switch(family[1])  # and it can still switch within its family
+        assert_like_fresh(sb, family[1])
+
+
+def test_a_target_whose_file_changed_is_refused_before_anything_changes(family, tmp_path):
+    from hlpool.errors import SnapshotParentError
+
+    data = tmp_path / "changing.bin"
+    data.write_bytes(b"x" * 5000)
+    with Sandbox(family[0], timeout=10) as sb:
+        sb.map_file(str(data), name="changing")
+        sb.call("plant", 77, 2, restore=False)
+        target = sb.snapshot()
+    data.write_bytes(b"y" * 6000)
+    with Sandbox(family[3], timeout=10) as sb:
+        with pytest.raises(SnapshotParentError):
+            sb.switch(target)
+        assert sb.status is SandboxStatus.READY
+        assert_like_fresh(sb, family[3])
+
+
+def test_a_private_memory_sandbox_refuses_to_switch(family):
+    with Sandbox(family[1], timeout=10, private_memory=True) as sb, Sandbox(family[1], timeout=10) as fresh:
+        with pytest.raises(SnapshotIncompatibleError, match="private_memory"):
+            sb.switch(family[2])
+        assert sb.call("digest") == fresh.call("digest")
+
+
+def test_a_broken_sandbox_refuses_to_switch(family):
+    with Sandbox(family[1], timeout=10) as sb:
+        sb.status = SandboxStatus.BROKEN  # as after a failed restore
+        with pytest.raises(SandboxBrokenError):
+            sb.switch(family[2])
+
+
+def test_switches_leak_no_mappings_or_descriptors(family):
+    def counts():
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f), len(os.listdir("/proc/self/fd"))
+
+    with Sandbox(family[0], timeout=10) as sb:
+        for k in range(3 * len(family)):
+            sb.switch(family[k % len(family)])
+        maps, fds = counts()
+        for k in range(20 * len(family)):
+            sb.switch(family[(k * 3) % len(family)])
+            sb.call("plant", k, 3)
+        maps2, fds2 = counts()
+        assert fds2 == fds
+        assert maps2 <= maps + 8  # the host mappings under the slots do not fragment without bound
+
+
+def test_js_tenants_each_get_their_own_results(kvm):
+    from hlpool.sandbox.scripts import base_snapshot, load_script
+
+    base = base_snapshot("js")
+    sources = {
+        "one": "var n = 1; function f(x) { return n + x }",
+        "two": "var table = []; for (var i = 0; i < 2000; i++) table.push('t' + i);"
+               " function f(x) { return table.length + x }",
+        "three": "function f(x) { return 'three:' + x }",
+    }
+    expected = {"one": 6, "two": 2005, "three": "three:5"}
+    tenants = {name: load_script(base, src) for name, src in sources.items()}
+    assert len({t.family for t in tenants.values()}) == 1
+    with Sandbox(tenants["one"], timeout=10) as sb:
+        for name in ("two", "three", "one", "three", "two", "one", "two"):
+            sb.switch(tenants[name])
+            assert sb.call("call", "f", [5]) == expected[name]
+            assert sb.call("call", "f", [5]) == expected[name]
+        sb.switch(base)
+        with pytest.raises(Exception, match="f"):
+            sb.call("call", "f", [5])  # the base has no script loaded
+
+
+# ---- the mechanism alone (no KVM): _mapping.switch_slot against a model ------------------------------
+
+MODEL_PAGES = 48
+
+
+def _model_runs(draw_runs, layers):
+    """Runs tiling MODEL_PAGES pages from (first, count, layer or -1, page offset) choices."""
+    from hlpool.memory.layers import Run
+
+    runs, first = [], 0
+    for count, layer, offset in draw_runs:
+        count = min(count, MODEL_PAGES - first)
+        if count <= 0:
+            break
+        offset = min(offset, MODEL_PAGES - count)
+        runs.append(Run(first, count, layer, offset * PAGE if layer >= 0 else 0))
+        first += count
+    if first < MODEL_PAGES:
+        runs.append(Run(first, MODEL_PAGES - first, -1, 0))
+    return runs
+
+
+def _expected(runs, page: int) -> bytes:
+    for r in runs:
+        if r.first_page <= page < r.end_page:
+            if r.layer < 0:
+                return bytes(PAGE)
+            return bytes([r.layer + 1, (r.offset // PAGE + page - r.first_page) % 251]) * (PAGE // 2)
+    raise AssertionError(page)
+
+
+RUN_LISTS = st.lists(st.lists(st.tuples(st.integers(1, 20), st.integers(-1, 2), st.integers(0, MODEL_PAGES)),
+                              min_size=1, max_size=6), min_size=2, max_size=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(snapshots=RUN_LISTS, order=st.lists(st.integers(0, 5), min_size=1, max_size=10),
+       copy_max=st.sampled_from([0, 1, 3, 8, 1 << 20]))
+def test_switch_slot_shows_the_target_and_survives_drops(snapshots, order, copy_max):
+    """Every page shows the target's bytes after a switch, and still does after every page that is
+    not resident is dropped (what restore may do): the mapping under it is the target's."""
+    from hlpool.memory.layers import Layer
+    from hlpool.memory.switch import slot_runs
+
+    layers = tuple(Layer.from_pages([b"".join(bytes([k + 1, i % 251]) * (PAGE // 2) for i in range(MODEL_PAGES))])
+                   for k in range(3))
+    snaps = [_model_runs(s, layers) for s in snapshots]
+    host = _mapping.reserve(MODEL_PAGES * PAGE)
+    try:
+        for r in snaps[0]:
+            if r.layer < 0:
+                _mapping.map_anonymous_fixed(host + r.first_page * PAGE, r.count * PAGE)
+            else:
+                _mapping.map_file_fixed(host + r.first_page * PAGE, r.count * PAGE, layers[r.layer].fd, r.offset)
+        mapped = slot_runs(snaps[0], layers).runs
+        resident, count, current = bytearray(MODEL_PAGES), 0, snaps[0]
+        for index in order:
+            target = snaps[index % len(snaps)]
+            cur, tgt = slot_runs(current, layers), slot_runs(target, layers)
+            _c, _d, _r, _calls, count, out = _mapping.switch_slot(
+                host, MODEL_PAGES, mapped, cur.runs, tgt.runs, tgt.src, tgt.fd, tgt.foff, resident, count, copy_max)
+            mapped = array("q", out)
+            assert count == sum(resident)
+            for p in range(MODEL_PAGES):
+                assert _mapping.read_bytes(host + p * PAGE, PAGE) == _expected(target, p), f"page {p} after switch"
+            for p in range(MODEL_PAGES):  # restore with no resident budget: drop whatever is not pinned
+                if not resident[p]:
+                    _mapping.drop(host + p * PAGE, PAGE)
+            for p in range(MODEL_PAGES):
+                assert _mapping.read_bytes(host + p * PAGE, PAGE) == _expected(target, p), f"page {p} after drop"
+            current = target
+    finally:
+        _mapping.unmap(host, MODEL_PAGES * PAGE)
+        for layer in layers:
+            layer.close()
