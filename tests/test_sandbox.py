@@ -467,3 +467,16 @@ def test_one_sandbox_shared_by_threads(snapshots):
         for t in threads:
             t.join()
     assert len(results) == 800 and all(results)
+
+
+def test_private_memory_never_drops_pages_to_zeros(snapshots):
+    """A private copy has no file under its pages: restore must copy every page back, whatever
+    the resident budget (dropping one brought back zeros and the guest triple-faulted)."""
+    from hlpool import RestorePolicy
+
+    with Sandbox(snapshots("touch"), private_memory=True,
+                 restore_policy=RestorePolicy(keep_resident_pages=0)) as sb:
+        first = sb.call("touch", 64)
+        for _ in range(5):
+            assert sb.call("touch", 64) == first
+            assert sb.call("touch", 1) == sb.call("touch", 1)

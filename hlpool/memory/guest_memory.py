@@ -198,6 +198,10 @@ class GuestMemory:
         if vm.manual_dirty_protect:  # bitmap mode: restore re-protects pages itself, keeps a working set
             self._pending.track(vm.fd, SLOT_MAIN, logged_pages)
         self._hot_first = logged_pages  # the hot slot's pages: always restored, outside the budget
+        # Pages copied back stay resident up to the policy's budget and beyond it are dropped to
+        # the mapping under them. A private copy has no file under its pages (a dropped page would
+        # come back as zeros), so there every page is copied back.
+        self._keep_resident = self.main_pages if private_copy else policy.keep_resident_pages
         self._resident = bytearray(self.main_pages)
         self._resident_count = 0
         # Dirty tracking: KVM's dirty ring when the vCPU exists and KVM has one (cost follows
@@ -289,7 +293,7 @@ class GuestMemory:
         pending, policy = self._pending, self.policy
         copied, dropped, self._resident_count = pending.restore(
             self.main_host, self._run_first, self._run_count, self._run_source,
-            self._resident, self._resident_count, policy.keep_resident_pages, self._hot_first,
+            self._resident, self._resident_count, self._keep_resident, self._hot_first,
             policy.max_wholesale_pages, policy.promote_after, policy.demote_after)
         stats = RestoreStats(copied + dropped, copied, dropped, self._resident_count, pending.last_unchanged,
                              pending.last_protected, pending.last_promoted, pending.last_demoted,
