@@ -163,7 +163,7 @@ def encode(value):
 def start_server(directory: Path, *args: str, token: str | None = None, store: Path | None = None) -> Server:
     directory.mkdir(parents=True, exist_ok=True)
     log_path = directory / f"server-{time.monotonic_ns()}.log"
-    command = [*HLPOOL, "serve", "--workers", "2", "--port", "0",
+    command = [*HLPOOL, "serve", "--workers", "2", "--frontends", "1", "--port", "0",  # later --frontends win
                "--snapshot-dir", str(store or directory / "store"), *args]
     if token:
         command += ["--token", token]

@@ -301,7 +301,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from hlpool.service.serve import serve  # aiohttp takes ~0.2 s to import: only `hlpool serve` pays for it
+    # aiohttp takes ~0.2 s to import: only `hlpool serve` pays for it
+    from hlpool.service.frontends import run_server as serve
 
     logging.getLogger("hlpool").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:
@@ -314,6 +315,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                           build_timeout=args.build_timeout, build_memory=args.build_memory,
                           max_guest_memory=args.max_guest_memory, store_quota=args.store_quota)
+    config.frontends = args.frontends
+    if args.ray:  # one process fronting the Ray cluster's nodes (each node runs its own workers)
+        from hlpool.service.serve import serve as serve_ray
+
+        return serve_ray(config, ray_address=args.ray)
     return serve(config)
 
 
@@ -419,6 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "SIGTERM or Ctrl-C stops accepting, lets calls in flight finish within --grace seconds, "
                     "and exits.")
     sv.add_argument("--workers", type=int, default=ServerConfig.workers, help="worker processes (default %(default)s)")
+    sv.add_argument("--frontends", type=int, metavar="K",
+                    help="HTTP front-end processes sharing the port (SO_REUSEPORT), each with its own share of "
+                         "the workers and all serving the same snapshots (default: half the CPUs, at least 1, "
+                         "at most --workers; 1: a single process as before)")
+    sv.add_argument("--ray", metavar="ADDRESS",
+                    help="front a Ray cluster (ADDRESS: 'auto' or HOST:PORT of its head): one pool of --workers "
+                         "workers on every node, snapshots shipped to the nodes by content hash (pip install "
+                         "'hlpool[ray]'; see docs/ray.md)")
     sv.add_argument("--host", default=defaults.HOST,
                     help="address to listen on (default %(default)s; others need --token or --insecure)")
     sv.add_argument("--port", type=int, default=defaults.PORT, help="port (default %(default)s; 0 picks a free one)")

@@ -25,8 +25,10 @@ The modules, lowest first: :mod:`.jsonvalues` (values <-> JSON),
 (the bodies as msgspec Structs), :mod:`.routes` (the route table),
 :mod:`.openapi` (the document, derived from both), :mod:`.config`
 (ServerConfig), :mod:`.metrics`, :mod:`.snapshots` (the snapshots served),
-:mod:`.handlers` (Service), :mod:`.app` (aiohttp app and middleware),
-:mod:`.serve` (process lifecycle); :mod:`.client` needs only the standard library.
+:mod:`.names` (the names shared by front ends), :mod:`.handlers` (Service),
+:mod:`.app` (aiohttp app and middleware), :mod:`.serve` (process lifecycle),
+:mod:`.frontends` (``--frontends K``: a supervisor of K front-end processes);
+:mod:`.client` needs only the standard library.
 
 May import: :mod:`hlpool.pool` and everything below it.
 """

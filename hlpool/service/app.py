@@ -65,10 +65,15 @@ def routes(service: Service) -> list[tuple[str, str, Any]]:
 def make_app(service: Service) -> web.Application:
     token = _header_bytes(service.config.token) if service.config.token else None
     public = {route.path for route in ROUTES if route.public}
+    frontend = service.frontend
 
+    # One middleware (each one is a coroutine layer on every request): the token check, then the handler,
+    # every error as a JSON answer.
     @web.middleware
     async def errors(request: web.Request, handler) -> web.StreamResponse:
         try:
+            if token and request.path not in public:
+                check_token(request)
             response = await handler(request)
         except ApiError as exc:
             response = error_response(service, exc)
@@ -88,19 +93,18 @@ def make_app(service: Service) -> web.Application:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         method = request.method if request.method in _METHODS else "other"  # a label a client cannot grow
-        service.metrics.http_requests.labels(method, route, str(response.status)).inc()
+        service.metrics.count_request(method, route, response.status)
+        if frontend is not None:
+            response.headers["X-Hlpool-Frontend"] = frontend
         return response
 
-    @web.middleware
-    async def auth(request: web.Request, handler) -> web.StreamResponse:
-        if token and request.path not in public:
-            scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(_header_bytes(value.strip()), token):
-                raise ApiError("unauthorized", "missing or wrong bearer token (send Authorization: Bearer TOKEN)",
-                               headers={"WWW-Authenticate": 'Bearer realm="hlpool"'})
-        return await handler(request)
+    def check_token(request: web.Request) -> None:
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(_header_bytes(value.strip()), token):
+            raise ApiError("unauthorized", "missing or wrong bearer token (send Authorization: Bearer TOKEN)",
+                           headers={"WWW-Authenticate": 'Bearer realm="hlpool"'})
 
-    app = web.Application(middlewares=[errors, auth], client_max_size=service.config.max_body)
+    app = web.Application(middlewares=[errors], client_max_size=service.config.max_body)
     for method, path, handler in routes(service):
         app.router.add_route(method, path, handler)
     return app

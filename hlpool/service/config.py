@@ -37,6 +37,8 @@ class ServerConfig:
     build_memory: int = defaults.BUILD_MEMORY
     max_guest_memory: int = defaults.MAX_GUEST_MEMORY
     store_quota: int | None = defaults.STORE_QUOTA
+    # HTTP front-end processes on one port (SO_REUSEPORT), each with its own pool; None: frontend_count()
+    frontends: int | None = None
 
 
 def check_config(config: ServerConfig) -> None:
@@ -63,6 +65,9 @@ def check_config(config: ServerConfig) -> None:
             raise HlpoolError(f"{option} must be at least 1M")
     if config.store_quota is not None and config.store_quota < 0:
         raise HlpoolError("--store-quota must not be negative")
+    if config.frontends is not None and not 1 <= config.frontends <= config.workers:
+        raise HlpoolError(f"--frontends must be between 1 and --workers ({config.workers}): each front end has "
+                          f"its own workers")
     if config.max_registrations < 1:
         raise HlpoolError("max_registrations must be at least 1")
     for directory in config.allow_dirs:
@@ -71,6 +76,15 @@ def check_config(config: ServerConfig) -> None:
     if not config.token and not config.insecure and not is_loopback(config.host):
         raise HlpoolError(f"refusing to listen on {config.host}, which is not a loopback address, without a "
                           f"token: pass --token (or set HLPOOL_TOKEN), or --insecure to serve without one")
+
+
+def frontend_count(config: ServerConfig) -> int:
+    """The number of HTTP front ends: ``config.frontends``, else half the CPUs this process may use (the
+    other half for the workers: a front end costs more CPU than a worker for a trivial call, less for a
+    heavy one), at least 1 and at most one per worker. On 2 CPUs: 1, the single-process server."""
+    if config.frontends is not None:
+        return config.frontends
+    return max(1, min(config.workers, len(os.sched_getaffinity(0)) // 2))
 
 
 def is_loopback(host: str) -> bool:

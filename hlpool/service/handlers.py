@@ -25,7 +25,8 @@ from hlpool.errors import HlpoolError, SnapshotError
 from hlpool.service.api_errors import ApiError, ClientGone, api_error, derive_error, registration_error
 from hlpool.service.config import ServerConfig
 from hlpool.service.jsonvalues import from_json, to_json
-from hlpool.service.metrics import Metrics
+from hlpool.service.metrics import InFlightSlots, Metrics, SharedPoolStats
+from hlpool.service.names import NameTable
 from hlpool.service.openapi import openapi_document
 from hlpool.service.schema import (
     CallResult,
@@ -58,11 +59,12 @@ def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | Non
 class Service:
     """The HTTP handlers around one pool (``pool`` may be None for a service that only describes itself)."""
 
-    def __init__(self, pool: Any, config: ServerConfig, metrics: Metrics | None = None) -> None:
+    def __init__(self, pool: Any, config: ServerConfig, metrics: Metrics | None = None,
+                 names: NameTable | None = None, shared: SharedPoolStats | None = None) -> None:
         self.pool = pool
         self.config = config
         self.metrics = metrics or Metrics()
-        self.snapshots = Snapshots(pool, allow_dirs=config.allow_dirs, max_file_size=config.max_body)
+        self.snapshots = Snapshots(pool, allow_dirs=config.allow_dirs, max_file_size=config.max_body, table=names)
         self.registering = 0  # registrations being built
         self.shutting_down = False
         self.in_flight = 0  # calls received and not answered yet
@@ -70,7 +72,14 @@ class Service:
         self._expired: set[asyncio.Future] = set()  # those cancelled because the grace period ran out
         self._openapi: bytes | None = None
         self.started = time.time()
-        if pool is not None:
+        # with several front ends: this one's pid, sent as X-Hlpool-Frontend on every response, and the
+        # calls in flight of every front end
+        self.frontend: str | None = None
+        self.in_flight_slots: InFlightSlots | None = None
+        self.metrics.attach_in_flight(self._in_flight_total)
+        if shared is not None:  # the pools of every front end
+            self.metrics.attach_pool(shared.stats, shared.restarts, lambda: len(self.snapshots), self.ready)
+        elif pool is not None:
             self.metrics.attach_pool(pool.stats, lambda: pool.restarts, lambda: len(self.snapshots), self.ready)
 
     @property
@@ -83,6 +92,9 @@ class Service:
             entry = self.snapshots.build_file(name, path)
             self.snapshots.add(entry)
             log.info("serving %s: %s (%s)", name, ", ".join(entry.handle.exports), entry.handle.path)
+
+    def _in_flight_total(self) -> int:
+        return self.in_flight if self.in_flight_slots is None else self.in_flight_slots.total()
 
     def ready(self) -> bool:
         return not self.shutting_down and all(s["alive"] for s in self.pool.stats())
@@ -109,6 +121,8 @@ class Service:
             raise ApiError("payload_too_large", f"the request body is {request.content_length} bytes; the limit "
                                                 f"is {limit}")
         try:
+            if request.content.is_eof():  # all of it arrived (a small body comes with the headers): no timer
+                return await request.read()
             return await asyncio.wait_for(request.read(), self.config.body_timeout)
         except web.HTTPRequestEntityTooLarge:
             raise ApiError("payload_too_large", f"the request body is larger than the limit of {limit} bytes") \
@@ -144,7 +158,7 @@ class Service:
         stats = self.pool.stats()
         alive = sum(1 for s in stats if s["alive"])
         ready = not self.shutting_down and alive == len(stats)
-        body = Readiness(ready=ready, workers=len(stats), workers_alive=alive, snapshots=len(self.snapshots),
+        body = Readiness(ready=ready, workers=len(stats), workers_alive=alive, snapshots=len(self.snapshots.sync()),
                          shutting_down=self.shutting_down)
         return json_response(body, status=200 if ready else 503)
 
@@ -157,7 +171,7 @@ class Service:
         return web.Response(body=self._openapi, content_type="application/json", charset="utf-8")
 
     async def list_snapshots(self, request: web.Request) -> web.Response:
-        return json_response(SnapshotList([e.describe() for e in self.snapshots.entries.values()]))
+        return json_response(SnapshotList([e.describe() for e in self.snapshots.sync().values()]))
 
     async def get_snapshot(self, request: web.Request) -> web.Response:
         return json_response(self.snapshots.get(request.match_info["name"]).describe())
@@ -213,7 +227,7 @@ class Service:
                 deleted = self.pool.remove_snapshot(entry.handle)
             except SnapshotError as exc:
                 raise ApiError("snapshot_in_use", str(exc)) from None
-        self.snapshots.entries.pop(name, None)
+        self.snapshots.remove(name)
         log.info("removed %s (%s%s)", name, path, "" if deleted else ", file kept")
         return json_response(Removed(name=name, path=path, deleted=deleted))
 
@@ -256,8 +270,9 @@ class Service:
         args, timeout = decode_call(await self._read_json(request), self.config.call_timeout)
         outcome = "ok"
         start = time.perf_counter()
-        self.metrics.calls_in_flight.inc()
         self.in_flight += 1
+        if self.in_flight_slots is not None:
+            self.in_flight_slots.set(self.in_flight)
         waiting = None
         try:
             try:
@@ -279,7 +294,8 @@ class Service:
             self._waiting.discard(waiting)
             self._expired.discard(waiting)
             self.in_flight -= 1
-            self.metrics.calls_in_flight.dec()
+            if self.in_flight_slots is not None:
+                self.in_flight_slots.set(self.in_flight)
             # A script's function names come from requests: label only those that answered, so a
             # client cannot grow the metrics without bound with made-up names.
             label = fn if not script or outcome == "ok" else "<other>"

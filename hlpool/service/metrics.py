@@ -13,13 +13,27 @@ do not collide). Two kinds of metrics:
 
 Label values are bounded: a call is labelled with its snapshot and function
 only once both are known to exist, errors only with their stable code.
+
+With several front ends (``--frontends K``), the counted metrics use
+prometheus_client's multiprocess mode (one set of memory-mapped files per
+front end in the server's private ``PROMETHEUS_MULTIPROC_DIR``, summed at
+scrape time; calls in flight in :class:`InFlightSlots`), and each front end
+publishes its pool's state once a second (:class:`SharedPoolStats`), so any
+front end answers ``/metrics`` for the whole server: workers numbered
+globally, counters summed. ``hlpool_server_*`` process metrics are those of
+the front end that answered.
 """
 
 from __future__ import annotations
 
+import json
+import mmap
+import os
+import struct
 from typing import Any, Callable, Iterable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values as prometheus_values
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -88,14 +102,127 @@ def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
     return family
 
 
+class _InFlightCollector(Collector):
+    def __init__(self, count: Callable[[], int]) -> None:
+        self._count = count
+
+    def describe(self) -> Iterable:
+        return []
+
+    def collect(self) -> Iterable:
+        yield _gauge("hlpool_calls_in_flight", "Calls received and not answered yet.", self._count())
+
+
+class InFlightSlots:
+    """Calls in flight per front end: one int64 per front end in a shared memory-mapped file, written by
+    its front end on every change (a few hundred ns), summed by whichever front end is scraped."""
+
+    SLOT = struct.Struct("<q")
+
+    @classmethod
+    def create(cls, path: str, count: int) -> None:
+        with open(path, "wb") as f:
+            f.write(bytes(cls.SLOT.size * count))
+
+    @classmethod
+    def clear(cls, path: str, index: int) -> None:
+        """Zero a dead front end's slot (its calls have no answer any more)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, bytes(cls.SLOT.size), cls.SLOT.size * index)
+        finally:
+            os.close(fd)
+
+    def __init__(self, path: str, index: int) -> None:
+        with open(path, "r+b") as f:
+            self._map = mmap.mmap(f.fileno(), 0)
+        self._count = len(self._map) // self.SLOT.size
+        self._offset = self.SLOT.size * index
+        self.set(0)
+
+    def set(self, value: int) -> None:
+        self.SLOT.pack_into(self._map, self._offset, value)
+
+    def total(self) -> int:
+        return sum(struct.unpack_from(f"<{self._count}q", self._map))
+
+    def close(self) -> None:
+        self._map.close()
+
+
+class SharedPoolStats:
+    """The pools of all front ends, as the front ends publish them: one JSON file per front end in
+    ``directory`` (``<index>.json``, replaced atomically), worker indices made global with ``offset``."""
+
+    def __init__(self, directory: str, index: int, offset: int, pool: Any) -> None:
+        self.directory = directory
+        self.index = index
+        self.offset = offset
+        self.pool = pool
+
+    def publish(self, shutting_down: bool = False) -> None:
+        """Write this front end's pool state (blocking: reads the workers' /proc memory files)."""
+        state = {"pid": os.getpid(), "offset": self.offset, "restarts": self.pool.restarts,
+                 "shutting_down": shutting_down, "workers": self.pool.stats()}
+        path = os.path.join(self.directory, f"{self.index}.json")
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(state, f)
+            os.replace(tmp, path)
+        except FileNotFoundError:  # the server's directory is gone: it is stopping
+            pass
+
+    def _states(self) -> list[dict[str, Any]]:
+        states = []
+        try:
+            files = sorted(os.listdir(self.directory))
+        except FileNotFoundError:
+            return []
+        for file in files:
+            if not file.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(self.directory, file)) as f:
+                    states.append(json.load(f))
+            except (OSError, ValueError):
+                continue
+        return states
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Every front end's workers (this one's read now), numbered globally."""
+        out = []
+        for state in self._states():
+            if state.get("pid") == os.getpid():
+                continue
+            out.extend({**s, "index": state["offset"] + s["index"]} for s in state["workers"])
+        out.extend({**s, "index": self.offset + s["index"]} for s in self.pool.stats())
+        return sorted(out, key=lambda s: s["index"])
+
+    def restarts(self) -> int:
+        others = sum(s["restarts"] for s in self._states() if s.get("pid") != os.getpid())
+        return others + self.pool.restarts
+
+
 class Metrics:
-    """The server's metrics and their registry."""
+    """The server's metrics and their registry (``multiprocess_dir``: shared by the front ends)."""
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        if multiprocess_dir is not None:
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR") != multiprocess_dir:
+                raise ValueError("PROMETHEUS_MULTIPROC_DIR must name the multiprocess directory")
+            # prometheus_client picks its value class when first imported; this process may have imported
+            # it before the variable was set (the supervisor forks the front ends).
+            if prometheus_values.ValueClass.__name__ != "MmapedValue":
+                prometheus_values.ValueClass = prometheus_values.MultiProcessValue()
+            MultiProcessCollector(self.registry, path=multiprocess_dir)
+            r = CollectorRegistry()  # the values live in the files; this registry is never rendered
         self.calls = Counter("hlpool_calls", "Calls of guest functions, by snapshot, function and outcome "
                              "('ok' or the error code).", ["snapshot", "function", "outcome"], registry=r)
         self.call_seconds = Histogram("hlpool_call_duration_seconds", "Latency of calls as the server sees it "
@@ -104,18 +231,38 @@ class Metrics:
         self.errors = Counter("hlpool_errors", "Error responses, by stable error code.", ["code"], registry=r)
         self.http_requests = Counter("hlpool_http_requests", "HTTP requests, by method, route and status.",
                                      ["method", "route", "status"], registry=r)
-        self.calls_in_flight = Gauge("hlpool_calls_in_flight", "Calls received and not answered yet.", registry=r)
         self.registrations = Counter("hlpool_snapshot_registrations", "Snapshots registered through the API, "
                                      "by outcome.", ["outcome"], registry=r)
-        ProcessCollector(namespace="hlpool_server", registry=r)
+        ProcessCollector(namespace="hlpool_server", registry=self.registry)
+        self._call_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._request_children: dict[tuple[str, str, int], Any] = {}
+
+    def attach_in_flight(self, count: Callable[[], int]) -> None:
+        """``hlpool_calls_in_flight``, read at scrape time (the handlers count calls anyway: no metric
+        update per call)."""
+        self.registry.register(_InFlightCollector(count))
 
     def attach_pool(self, stats: Callable[[], list[dict[str, Any]]], restarts: Callable[[], int],
                     snapshots: Callable[[], int], ready: Callable[[], bool]) -> None:
         self.registry.register(PoolCollector(stats, restarts, snapshots, ready))
 
     def observe_call(self, snapshot: str, function: str, outcome: str, seconds: float) -> None:
-        self.calls.labels(snapshot, function, outcome).inc()
-        self.call_seconds.labels(snapshot).observe(seconds)
+        key = (snapshot, function, outcome)
+        children = self._call_children.get(key)
+        if children is None:  # labels() takes a lock and builds a key: once per label set
+            if len(self._call_children) > 10_000:  # removed snapshots' label sets: start over
+                self._call_children.clear()
+            children = self._call_children[key] = (self.calls.labels(*key), self.call_seconds.labels(snapshot))
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def count_request(self, method: str, route: str, status: int) -> None:
+        """One HTTP request answered (labels bounded by the caller: known methods and routes)."""
+        key = (method, route, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.http_requests.labels(method, route, str(status))
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

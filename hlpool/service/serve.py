@@ -14,9 +14,10 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -40,23 +41,33 @@ class _Stop(BaseException):
     """A signal arrived while the server was starting."""
 
 
-def serve(config: ServerConfig) -> int:
-    """Run the server until SIGTERM/SIGINT; returns the exit status."""
+def serve(config: ServerConfig, ray_address: str | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit status. With ``ray_address`` the pool is a
+    :class:`~hlpool.ray.RayPool` on that Ray cluster (``config.workers`` workers per node)."""
     check_config(config)
     check_port_free(config.host, config.port)
     if disable_created_metrics is not None:
         disable_created_metrics()  # this process is the server: no *_created series next to every counter
     guests = dict(config.guests) or {name: str(example_path(name)) for name in EXAMPLES}
     # The pool forks its spawner now, before the event loop, its signal handling and any thread exist.
-    pool = Pool(config.workers, snapshot_dir=config.snapshot_dir, host_functions=EXAMPLE_HOST_FUNCTIONS,
-                max_pending=config.max_pending, call_timeout=config.call_timeout, block=False,
-                build_timeout=config.build_timeout, build_memory=config.build_memory,
-                max_guest_memory=config.max_guest_memory, store_quota=config.store_quota)
+    if ray_address:  # `hlpool serve --ray ADDRESS`: one hlpool Pool per Ray node, in an actor there
+        from hlpool.ray.raypool import RayPool
+
+        pool = RayPool(ray_address, workers_per_node=config.workers, snapshot_dir=config.snapshot_dir,
+                       host_functions=EXAMPLE_HOST_FUNCTIONS, max_pending=config.max_pending,
+                       call_timeout=config.call_timeout, block=False,
+                       pool_options={"build_timeout": config.build_timeout, "build_memory": config.build_memory,
+                                     "max_guest_memory": config.max_guest_memory, "store_quota": config.store_quota})
+    else:
+        pool = Pool(config.workers, snapshot_dir=config.snapshot_dir, host_functions=EXAMPLE_HOST_FUNCTIONS,
+                    max_pending=config.max_pending, call_timeout=config.call_timeout, block=False,
+                    build_timeout=config.build_timeout, build_memory=config.build_memory,
+                    max_guest_memory=config.max_guest_memory, store_quota=config.store_quota)
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         service = Service(pool, config)
         service.load(guests)
-        asyncio.run(_run(service))
+        run_loop(_run(service))
     except _Stop:
         log.info("stopped while starting")
     finally:
@@ -69,11 +80,27 @@ def serve(config: ServerConfig) -> int:
     return 0
 
 
+def run_loop(main: Any) -> Any:
+    """``asyncio.run(main)``, on uvloop's event loop where it is installed (it is a dependency): its
+    transports, timers and thread wake-ups cost less CPU per request (docs/frontends.md has the numbers)."""
+    if os.environ.get("HLPOOL_EVENT_LOOP") != "asyncio":  # the standard loop, for comparison or debugging
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
 def _raise_stop(signum: int, frame: Any) -> None:
     raise _Stop()
 
 
-async def _run(service: Service) -> None:
+async def _run(service: Service, sock: socket.socket | None = None,
+               on_listening: Callable[[str], None] | None = None) -> None:
+    """Serve until a signal, then drain. ``sock``: a listening socket to serve (a front end's), and
+    ``on_listening(url)`` called instead of logging the "listening on" line."""
     config = service.config
     app = make_app(service)
     # Calls are drained by Service.drain(); the runner's own timeout bounds the other requests (registrations).
@@ -96,15 +123,19 @@ async def _run(service: Service) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+        site = web.TCPSite(runner, config.host, config.port, reuse_address=True) if sock is None else \
+            web.SockSite(runner, sock)
         try:
             await site.start()
         except OSError as exc:
             raise HlpoolError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
         host, port = runner.addresses[0][:2]
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-        log.info("hlpool %s listening on %s with %d workers%s; serving %s", __version__, url, config.workers,
-                 "" if config.token else " (no token)", ", ".join(service.entries))
+        if on_listening is not None:
+            on_listening(url)
+        else:
+            log.info("hlpool %s listening on %s with %d workers%s; serving %s", __version__, url, config.workers,
+                     "" if config.token else " (no token)", ", ".join(service.entries))
         await stop.wait()
         service.shutting_down = True
         for s in list(runner.sites):
@@ -137,7 +168,7 @@ def _stop_pool(pool: Any, deadline: float) -> None:
 
     threading.Thread(target=shutdown, name="hlpool-server-shutdown", daemon=True).start()
     if not done.wait(max(0.0, deadline - time.monotonic())):
-        busy = [s for s in pool.stats() if s["alive"] and s["in_flight"]]
+        busy = [s for s in pool.stats() if s["alive"] and s["in_flight"] and s["pid"] > 0]  # RayPool: pid 0
         log.warning("%d worker(s) still running calls; stopping them", len(busy))
         for s in busy:
             try:

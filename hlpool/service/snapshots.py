@@ -9,6 +9,8 @@ A path outside gets the same answer whether or not it exists.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import secrets
 from contextlib import contextmanager
@@ -19,12 +21,16 @@ from typing import Any, Iterable, Iterator
 import msgspec
 
 from hlpool import defaults
+from hlpool.errors import HlpoolError
 from hlpool.memory.mapped_files import NotARegularFile, open_regular
 from hlpool.pool.supervisor import SnapshotHandle
 from hlpool.service.api_errors import ApiError
+from hlpool.service.names import NameRecord, NameTable
 from hlpool.service.schema import NAME_PATTERN, NAME_RULE, SnapshotInfo
 from hlpool.snapshot.describe import describe_file
 from hlpool.snapshot.snapfile import MAGIC as SNAPSHOT_MAGIC
+
+log = logging.getLogger("hlpool.server")
 
 
 @dataclass
@@ -38,10 +44,17 @@ class SnapshotEntry:
 
 
 class Snapshots:
-    """Name -> :class:`SnapshotEntry`. The ``build_*`` methods block (run them in a thread)."""
+    """Name -> :class:`SnapshotEntry`. The ``build_*`` methods block (run them in a thread).
 
-    def __init__(self, pool: Any, allow_dirs: Iterable[str] = (), max_file_size: int = defaults.MAX_BODY) -> None:
+    With a :class:`~hlpool.service.names.NameTable` (several front ends), the names are those of the
+    table: :meth:`refresh` (called by :meth:`get` and :meth:`check_new_name`) adopts the names other
+    front ends added (opening their store files in this front end's pool) and drops those they removed.
+    """
+
+    def __init__(self, pool: Any, allow_dirs: Iterable[str] = (), max_file_size: int = defaults.MAX_BODY,
+                 table: NameTable | None = None) -> None:
         self.pool = pool
+        self.table = table
         self.entries: dict[str, SnapshotEntry] = {}
         self._reserved: set[str] = set()  # names being built
         self.max_file_size = max_file_size
@@ -52,7 +65,15 @@ class Snapshots:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def sync(self) -> dict[str, SnapshotEntry]:
+        """The entries, after taking the name table's changes (if any)."""
+        if self.table is not None and self.table.changed():
+            self.refresh()
+        return self.entries
+
     def get(self, name: str) -> SnapshotEntry:
+        if self.table is not None and self.table.changed():
+            self.refresh()
         entry = self.entries.get(name)
         if entry is None:
             raise ApiError("unknown_snapshot", f"no snapshot named {name!r}; see GET /v1/snapshots")
@@ -61,6 +82,8 @@ class Snapshots:
     def check_new_name(self, name: str) -> None:
         if not NAME_PATTERN.match(name):
             raise ApiError("bad_request", f"invalid snapshot name {name!r}: use {NAME_RULE}")
+        if self.table is not None and self.table.changed():
+            self.refresh()
         if name in self.entries or name in self._reserved:
             raise ApiError("snapshot_exists", f"a snapshot named {name!r} exists already")
 
@@ -75,7 +98,44 @@ class Snapshots:
             self._reserved.discard(name)
 
     def add(self, entry: SnapshotEntry) -> None:
+        """Serve ``entry`` (with a name table: publish it; ``snapshot_exists`` if another front end has it)."""
+        if self.table is not None:
+            record = NameRecord(path=entry.handle.path, language=entry.handle.language,
+                                info=msgspec.to_builtins(entry.info), owner=os.getpid())
+            if not self.table.claim(entry.name, record):
+                raise ApiError("snapshot_exists", f"a snapshot named {entry.name!r} exists already")
         self.entries[entry.name] = entry
+
+    def remove(self, name: str) -> None:
+        """Stop serving ``name`` (with a name table: in every front end)."""
+        self.entries.pop(name, None)
+        if self.table is not None:
+            self.table.remove(name)
+
+    def refresh(self) -> None:
+        """Take the name table's names (blocking briefly: opens the store files of new names)."""
+        assert self.table is not None
+        records = self.table.read()
+        for name in [n for n, e in self.entries.items()
+                     if n not in records or records[n].path != e.handle.path]:
+            entry = self.entries.pop(name)
+            if not any(e.handle.path == entry.handle.path for e in self.entries.values()):
+                try:  # unpins it here; deletes the file if no other process pins it
+                    self.pool.remove_snapshot(entry.handle)
+                except (HlpoolError, OSError) as exc:  # calls for it still running here: the file stays
+                    log.debug("name %s removed elsewhere; its file stays for now: %s", name, exc)
+        for name, record in records.items():
+            if name in self.entries:
+                continue
+            try:
+                handle = self.pool.snapshot(record.path)
+                info = msgspec.convert(record.info, SnapshotInfo)
+            except (HlpoolError, OSError, msgspec.ValidationError) as exc:  # removed meanwhile
+                log.debug("name %s: cannot open %s: %s", name, record.path, exc)
+                continue
+            if handle.language != record.language:
+                handle = dataclasses.replace(handle, language=record.language)
+            self.entries[name] = SnapshotEntry(name, handle, info)
 
     # ---- files named by requests -------------------------------------------------------
 
