@@ -34,7 +34,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
    || [ -n "$(find hlpool -name '*.px[di]' -newer "$stamp" -print -quit)" ]; then
     echo "setup: installing hlpool into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[test]'
+    .venv/bin/python -m pip install -q -e '.[test,ray]'
     touch "$stamp"
 fi
 # The editable install compiles the extensions once; rebuild them if a .pyx changed since.

@@ -7,7 +7,7 @@ import msgspec
 import pytest
 
 from hlpool import errors
-from hlpool.pool.supervisor import _rebuild_error
+from hlpool.pool.calls import rebuild_error as _rebuild_error
 from hlpool.pool.worker import error_blob
 
 ALL = sorted((obj for obj in vars(errors).values() if isinstance(obj, type) and issubclass(obj, errors.HlpoolError)),

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "hlpool"
 
 # Lowest first. A module may import from its own layer and from lower ones.
-LAYERS = ["kvm", "guest", "memory", "machine", "snapshot", "sandbox", "pool", "service", "cli"]
+LAYERS = ["kvm", "guest", "memory", "machine", "snapshot", "sandbox", "pool", "ray", "service", "cli"]
 LEAVES = {"hlpool.errors", "hlpool.defaults", "hlpool.version", "hlpool._mapping"}
 TOP = {"hlpool", "hlpool.worker", "hlpool.supervisor"}  # re-exports of the public API
 MAX_LINES = 700
