@@ -442,10 +442,13 @@ def test_workers_as_an_unprivileged_user(kvm, example):
             with pytest.raises(GuestTimeout):
                 p.submit(p.snapshot(example("faults")), "infinite_loop", timeout=0.2).result(timeout=10)
     finally:
-        for name in os.listdir(store):
-            path = os.path.join(store, name)
-            os.chmod(path, stat.S_IWUSR | stat.S_IRUSR)
-            os.unlink(path)
+        for root, dirs, files in os.walk(store, topdown=False):  # the store holds pin files in a subdirectory
+            for name in files:
+                path = os.path.join(root, name)
+                os.chmod(path, stat.S_IWUSR | stat.S_IRUSR)
+                os.unlink(path)
+            for name in dirs:
+                os.rmdir(os.path.join(root, name))
         os.rmdir(store)
 
 

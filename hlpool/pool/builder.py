@@ -7,6 +7,9 @@ of that happens in the supervisor: for each build the spawner forks a builder
 (:mod:`hlpool.pool.store`), reports its path and exits once the supervisor has pinned
 it too; the supervisor then opens (validates) the file.
 
+Scripts are the exception: they go to one long-lived builder per language
+(:mod:`hlpool.pool.scriptbuilder`, served through :data:`LONG_LIVED`), same limits.
+
 Why fork from the spawner rather than start a fresh interpreter: the supervisor has
 threads and must not fork itself, while the spawner is single-threaded and already
 forks every worker; the builder needs the pool's host functions (``hl_main`` and a
@@ -67,12 +70,10 @@ from hlpool import defaults, errors
 from hlpool.errors import CallError, GuestImageError, HlpoolError, SnapshotError, SnapshotTooLargeError
 from hlpool.guest.build import sdk_fingerprint
 from hlpool.guest.elf import MAX_FILE_SIZE as ELF_MAX_FILE_SIZE
-from hlpool.guest.interpreters import DEFAULT_CONFIG as SCRIPT_CONFIG
-from hlpool.guest.interpreters import interpreter_path
 from hlpool.guest.layout import PAGE, Layout, MemoryConfig, page_up
 from hlpool.pool.store import SnapshotStore
 from hlpool.pool.worker import WorkerConfig
-from hlpool.sandbox import Sandbox, scripts
+from hlpool.sandbox import Sandbox
 from hlpool.snapshot.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,10 @@ POLL = 0.01  # seconds between two looks at a running builder
 EXIT_WAIT = 5.0  # seconds a builder gets to exit after its answer before it is killed
 FRAME = struct.Struct("<I")
 MAX_FRAME = 64 << 20
+
+# Job kinds served by a long-lived builder: kind -> serve(sock, job, config). Filled in by the
+# modules that implement them (hlpool.pool.scriptbuilder), which import this one, not the reverse.
+LONG_LIVED: dict[str, Callable[[socket.socket, dict[str, Any], WorkerConfig], None]] = {}
 
 
 @dataclass(frozen=True)
@@ -229,16 +234,6 @@ class SnapshotBuilder:
 
         return self._once(("elf", stored), make)
 
-    def build_script(self, language: str, source: str, load_timeout: float) -> Snapshot:
-        """The stored layer of ``source`` loaded into the ``language`` interpreter's base snapshot."""
-        what = f"{language} script"
-        check_memory_config(SCRIPT_CONFIG, self.limits.max_guest_memory, what)
-        elf = str(interpreter_path(language))  # our own sources, compiled here once (trusted; not a guest run)
-        check_elf(elf, SCRIPT_CONFIG, self.limits.max_guest_memory)
-        key = ("script", language, hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest())
-        job = {"kind": "script", "language": language, "source": source, "load_timeout": load_timeout}
-        return self._once(key, lambda: self._build(job, what, SnapshotError))
-
     def build_child(self, base: str, calls: list[tuple[str, list]], map_files: list[str],
                     retain: dict[tuple[int, int, str], bool] | None, call_timeout: float) -> Snapshot:
         """The stored layer of a sandbox of the store file ``base`` after mapping ``map_files`` and running
@@ -322,12 +317,15 @@ class SnapshotBuilder:
     def _admit(self, path: str, what: str) -> None:
         """A new file made the store go over its quota: collect garbage, else take the file back."""
         quota = self.store.quota
-        if quota is None or self.store.usage() <= quota:
+        if quota is None:
+            return
+        size = os.stat(path).st_size
+        self.store.note_added(size)
+        if self.store.usage(fresh=False) <= quota:  # (a scan per file would cost O(files) per registration)
             return
         self.store.collect()
         used = self.store.usage()
         if used > quota:
-            size = os.stat(path).st_size
             self.store.remove(path)
             raise self.store.full_error(used - size, size, what)
 
@@ -518,6 +516,10 @@ def _serve_one_build(sock: socket.socket, config: WorkerConfig) -> None:
     job = _receive(sock)
     if not isinstance(job, dict):
         return
+    serve = LONG_LIVED.get(job.get("kind"))  # type: ignore[arg-type]
+    if serve is not None:  # a long-lived builder (hlpool.pool.scriptbuilder)
+        serve(sock, job, config)
+        return
     try:
         data_now = _status_bytes("VmData")
         limit = data_now + int(job["data_allowance"])
@@ -547,19 +549,7 @@ def _build_in_builder(job: dict[str, Any], config: WorkerConfig) -> tuple[str, b
         return _store(snap, out, store, budget, job["elf"]), True
     if job["kind"] == "derive":
         return _derive_in_builder(job, config, store, budget)
-    language = job["language"]
-    for _attempt in range(3):
-        base = scripts.persisted_base_snapshot(language, store.directory)
-        if store.pin(base.path):  # the script's layer will name it as its parent
-            break
-    else:
-        raise SnapshotError(f"the {language} base snapshot keeps disappearing from {store.directory}")
-    child = scripts.load_script(base, job["source"], host_functions=config.host_functions,
-                                timeout=job["load_timeout"])
-    out = store.path_for(content_name(child))
-    if store.pin(out):
-        return out, False
-    return _store(child, out, store, budget, f"{language} script"), True
+    raise SnapshotError(f"unknown build kind {job['kind']!r}")  # scripts: hlpool.pool.scriptbuilder
 
 
 def _derive_in_builder(job: dict[str, Any], config: WorkerConfig, store: SnapshotStore,

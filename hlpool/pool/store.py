@@ -1,33 +1,46 @@
 """The snapshot store: a directory of immutable snapshot files named by content hash,
 with pins, a quota and garbage collection.
 
-Files are ``<name>.hlsnap`` (written to ``<name>.hlsnap.tmp-<pid>-<tid>``, fsync'ed,
-made read-only and renamed by :mod:`hlpool.snapshot.snapfile`); a layered file names
+Files are ``<name>.hlsnap`` (written to ``<name>.hlsnap.tmp-<pid>-<tid>``, made
+read-only and renamed by :mod:`hlpool.snapshot.snapfile`); a layered file names
 its parents (by relative path and content hash) in its metadata.
 
-Pins. A process that needs a stored file holds it open with a shared ``flock``: a
-:class:`~hlpool.pool.supervisor.Pool` pins the file of every handle it gave out, a
-builder pins the file it wrote (and the base it layered a script on) until the
-supervisor has pinned the result. A flock belongs to the open file description, so
-it goes away with the process however the process ends, and it works between the
-processes (pools, servers) that share one store directory.
+Pins. A process that needs a stored file pins it: a :class:`~hlpool.pool.supervisor.Pool`
+pins the file of every handle it gave out, a builder pins the file it wrote (and the
+base it layered a script on) until the supervisor has pinned the result. A store
+object keeps its pins as lines in one pin file of its own, ``.pins/<pid>-<n>.pins``
+(``+name`` pins, ``-name`` unpins; rewritten compactly once mostly stale), which it
+holds open with an exclusive ``flock``: one descriptor however many files it pins
+(10,000 tenants are 10,000 lines, not 10,000 descriptors). The flock belongs to the
+open file description, so it goes away with the process however the process ends;
+a pin file is locked before it gets its name (``.new`` -> ``.pins``), so one that nobody
+holds locked is a dead process's, and is deleted by the next sweep or new pin file.
+This works between the processes (pools, servers, builders) that share one store
+directory.
 
-Garbage collection (:meth:`SnapshotStore.collect`) takes an exclusive, non-blocking
-flock on every file: one it cannot lock is pinned by someone, a root. Roots and
-every file their metadata names as a parent (transitively) stay; every other file
-is unlinked while its exclusive lock is held. A concurrent :meth:`pin` waits for
-the shared lock and then checks that the path still names the inode it locked, so
-it never ends up holding a file that was just removed.
+Garbage collection (:meth:`SnapshotStore.collect`) holds ``.pins/gc.lock``
+exclusively while it reads every live pin file (its names are the roots), keeps
+the roots and every file their metadata names as a parent (transitively), and
+unlinks the rest. :meth:`pin` takes the same lock shared while it checks that the
+file exists and writes its line, so a pin and a sweep never interleave: either the
+sweep sees the pin, or the pin sees the file gone and fails.
+
+Usage (for the quota) is the sum of the files' sizes, rescanned at most every
+:data:`USAGE_TTL` seconds in between plus what this process noted it added
+(:meth:`SnapshotStore.note_added`); a refusal is always decided on a fresh scan.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import re
+import stat
 import threading
+import time
 from typing import Any, Iterable
 
 import msgspec
@@ -38,10 +51,14 @@ from hlpool.snapshot.snapfile import HEADER, MAGIC, MAX_META_SIZE
 log = logging.getLogger(__name__)
 
 SUFFIX = ".hlsnap"
+PIN_DIR = ".pins"
+PIN_SUFFIX = ".pins"
+USAGE_TTL = 1.0  # seconds a usage scan is reused (plus what this process added since)
 _TEMP = re.compile(r"\.hlsnap\.tmp-(\d+)-\d+$")
+_serial = itertools.count(1)
 
-# Every pin descriptor of this process (all stores): a forked spawner closes its
-# copies (closing a copy does not release the lock; the parent's descriptor holds it).
+# Every pin-file and lock descriptor of this process (all stores): a forked spawner closes
+# its copies (a copy of the pin file's descriptor would keep the parent's pins locked alive).
 _pin_fds: set[int] = set()
 
 
@@ -63,11 +80,22 @@ class SnapshotStore:
         if quota is not None and quota < 0:
             raise ValueError("store_quota must be >= 0 bytes (or None for no quota)")
         self.directory = os.path.abspath(os.fspath(directory))
-        os.makedirs(self.directory, exist_ok=True)
+        self.pin_directory = os.path.join(self.directory, PIN_DIR)
+        os.makedirs(self.pin_directory, exist_ok=True)
         self.quota = quota
-        self._pins: dict[str, int] = {}  # path -> descriptor holding LOCK_SH
-        self._lock = threading.RLock()  # the pins map, and one sweep at a time in this process
+        self._pins: set[str] = set()  # paths pinned by this store object
+        self._pin_fd = -1  # our pin file, held with LOCK_EX while we live (opened at the first pin)
+        self._pin_path = ""
+        self._pin_lines = 0  # lines in our pin file (compacted when mostly stale)
+        self._gc_fd = -1  # .pins/gc.lock: LOCK_SH to pin, LOCK_EX to sweep
+        self._owner = os.getpid()
+        self._lock = threading.RLock()  # the pins, and one sweep at a time in this process
         self._parents: dict[tuple[int, int, int], tuple[str, ...]] = {}  # (ino, size, mtime) -> parents
+        self._scanned: dict[str, tuple[int, tuple[str, ...]]] = {}  # path -> (inode, parents), for children_of
+        self._children: dict[str, set[str]] = {}
+        self._usage: int | None = None
+        self._usage_at = 0.0
+        self._added = 0
 
     # ---- names ------------------------------------------------------------------------------
 
@@ -82,47 +110,128 @@ class SnapshotStore:
     # ---- pins -------------------------------------------------------------------------------
 
     def pin(self, path: str | os.PathLike) -> bool:
-        """Hold ``path`` (shared flock) until :meth:`unpin`; False if the file does not exist."""
+        """Pin ``path`` until :meth:`unpin`; False if the file does not exist."""
         path = os.path.abspath(os.fspath(path))
         with self._lock:
             if path in self._pins:
                 return True
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except FileNotFoundError:
-                return False
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a sweep holds LOCK_EX (never long)
-                held, now = os.fstat(fd), os.stat(path)
-                if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
-                    raise FileNotFoundError(path)  # removed (or replaced) before the lock was granted
-            except FileNotFoundError:
-                os.close(fd)
-                return False
-            except BaseException:
-                os.close(fd)
-                raise
-            self._pins[path] = fd
-            _pin_fds.add(fd)
+            if not self.contains(path):  # not ours to collect: only check it is there
+                if not os.path.isfile(path):
+                    return False
+                self._pins.add(path)
+                return True
+            with self._gc_lock(fcntl.LOCK_SH):
+                try:
+                    st = os.stat(path, follow_symlinks=False)
+                except FileNotFoundError:
+                    return False
+                if not stat.S_ISREG(st.st_mode):
+                    return False
+                self._write_pin_line(b"+" + os.path.basename(path).encode() + b"\n")
+            self._pins.add(path)
             return True
 
     def unpin(self, path: str | os.PathLike) -> None:
         path = os.path.abspath(os.fspath(path))
         with self._lock:
-            fd = self._pins.pop(path, None)
-            if fd is not None:
-                _pin_fds.discard(fd)
-                os.close(fd)
+            if path not in self._pins:
+                return
+            self._pins.discard(path)
+            if not self.contains(path) or self._pin_fd < 0:
+                return
+            with self._gc_lock(fcntl.LOCK_SH):
+                if self._pin_lines > 1024 and self._pin_lines > 4 * len(self._pins):
+                    self._compact()
+                else:
+                    self._write_pin_line(b"-" + os.path.basename(path).encode() + b"\n")
 
     def pinned(self, path: str | os.PathLike) -> bool:
         """True if this store object pins ``path``."""
         return os.path.abspath(os.fspath(path)) in self._pins
 
     def release(self) -> None:
-        """Drop every pin (the pool shuts down)."""
+        """Drop every pin (the pool shuts down): the pin file goes, with its descriptors."""
         with self._lock:
-            for path in list(self._pins):
-                self.unpin(path)
+            self._pins.clear()
+            if self._pin_fd >= 0 and os.getpid() == self._owner:
+                try:
+                    os.unlink(self._pin_path)
+                except FileNotFoundError:
+                    pass
+            for attr in ("_pin_fd", "_gc_fd"):
+                fd = getattr(self, attr)
+                if fd >= 0:
+                    _pin_fds.discard(fd)
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                    setattr(self, attr, -1)
+            self._pin_lines = 0
+
+    def _gc_lock(self, mode: int) -> "_Flock":
+        if self._gc_fd < 0:
+            self._gc_fd = os.open(os.path.join(self.pin_directory, "gc.lock"),
+                                  os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            _pin_fds.add(self._gc_fd)
+        return _Flock(self._gc_fd, mode)
+
+    def _write_pin_line(self, line: bytes) -> None:
+        """Append to our pin file (created, and locked, on first use); the caller holds gc.lock shared."""
+        if self._pin_fd < 0 or os.getpid() != self._owner:
+            self._owner = os.getpid()
+            name = f"{self._owner}-{next(_serial)}"
+            fresh = os.path.join(self.pin_directory, name + ".new")
+            fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._pin_path = os.path.join(self.pin_directory, name + PIN_SUFFIX)
+            os.rename(fresh, self._pin_path)  # locked before it is visible: an unlocked pin file is a dead one's
+            self._pin_fd = fd
+            _pin_fds.add(fd)
+            self._pin_lines = 0
+            if len(self._pins):  # (after a fork) our pins so far
+                self._compact()
+            self.pinned_by_anyone(read=False)  # delete the pin files of dead processes (one-shot builders)
+        _write_all(self._pin_fd, line)
+        self._pin_lines += 1
+
+    def _compact(self) -> None:
+        os.ftruncate(self._pin_fd, 0)
+        names = [os.path.basename(p) for p in self._pins if self.contains(p)]
+        _write_all(self._pin_fd, b"".join(b"+" + n.encode() + b"\n" for n in names))
+        self._pin_lines = len(names)
+
+    def pinned_by_anyone(self, read: bool = True) -> set[str]:
+        """Store files pinned by any live process (ours included; the caller holds gc.lock exclusively
+        for the answer to stay true). Pin files of dead processes (nobody holds their flock) are deleted."""
+        out: set[str] = set()
+        try:
+            entries = list(os.scandir(self.pin_directory))
+        except FileNotFoundError:
+            return out
+        for entry in entries:
+            if not entry.name.endswith((PIN_SUFFIX, ".new")):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise
+                    if read and entry.name.endswith(PIN_SUFFIX):
+                        out |= _read_pin_file(fd)  # its owner lives
+                else:
+                    if entry.name.endswith(PIN_SUFFIX) or not _alive(int(entry.name.split("-", 1)[0])):
+                        os.unlink(entry.path)  # its owner is gone (a .new one may be about to be locked)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        return {os.path.join(self.directory, n) for n in out}
 
     # ---- contents ---------------------------------------------------------------------------
 
@@ -144,9 +253,18 @@ class SnapshotStore:
                 out[entry.path] = st
         return out
 
-    def usage(self) -> int:
-        """Bytes the store's snapshot files take (their sizes)."""
-        return sum(st.st_size for st in self.files().values())
+    def usage(self, fresh: bool = True) -> int:
+        """Bytes the store's snapshot files take (their sizes). ``fresh=False``: a scan up to
+        :data:`USAGE_TTL` seconds old plus what :meth:`note_added` counted since."""
+        now = time.monotonic()
+        if fresh or self._usage is None or now - self._usage_at > USAGE_TTL:
+            self._usage = sum(st.st_size for st in self.files().values())
+            self._usage_at, self._added = now, 0
+        return self._usage + self._added
+
+    def note_added(self, size: int) -> None:
+        """A file of ``size`` bytes was just added to the store (counted until the next scan)."""
+        self._added += size
 
     def remaining(self) -> int | None:
         """Bytes left under the quota (None: no quota)."""
@@ -167,40 +285,56 @@ class SnapshotStore:
     def children_of(self, path: str | os.PathLike) -> list[str]:
         """Store files layered on ``path`` (naming it as a parent)."""
         path = os.path.abspath(os.fspath(path))
-        return sorted(f for f, st in self.files().items() if f != path and path in self.parents_of(f, st))
+        with self._lock:
+            return sorted(c for c in self._child_index().get(path, ()) if c != path)
+
+    def _child_index(self) -> dict[str, set[str]]:
+        """Parent path -> the store files naming it, kept up to date from one directory listing
+        (no stat: files are immutable, a replaced one has a new inode): removing one of 10,000
+        tenants reads only the metadata of files it has not seen."""
+        current = {}
+        for entry in os.scandir(self.directory):
+            if entry.name.endswith(SUFFIX) and not entry.name.startswith(".") and entry.is_file(follow_symlinks=False):
+                current[entry.path] = entry.inode()
+        for child, (inode, parents) in list(self._scanned.items()):
+            if current.get(child) != inode:
+                del self._scanned[child]
+                for parent in parents:
+                    self._children[parent].discard(child)
+        for child, inode in current.items():
+            if child not in self._scanned:
+                parents = _read_parents(child)
+                self._scanned[child] = (inode, parents)
+                for parent in parents:
+                    self._children.setdefault(parent, set()).add(child)
+        return self._children
 
     # ---- removal ----------------------------------------------------------------------------
 
     def collect(self, keep: Iterable[str] = ()) -> list[str]:
         """Remove every store file that no pin (of any process) and no kept file needs; returns
         the removed paths. Stale temporary files of dead writers go too."""
-        with self._lock:
+        with self._lock, self._gc_lock(fcntl.LOCK_EX):
             self._remove_stale_temp_files()
             files = self.files()
-            locks: dict[str, int] = {}  # unpinned files, held with LOCK_EX during the sweep
-            roots = {os.path.abspath(k) for k in keep}
-            try:
-                for path in files:
-                    fd = _try_exclusive(path)
-                    if fd is None:
-                        roots.add(path)
-                    else:
-                        locks[path] = fd
-                live: set[str] = set()
-                todo = [p for p in roots if p in files]
-                while todo:
-                    path = todo.pop()
-                    if path in live:
-                        continue
-                    live.add(path)
-                    todo.extend(p for p in self.parents_of(path, files.get(path)) if p in files)
-                removed = []
-                for path, fd in locks.items():
-                    if path not in live and _unlink_locked(path, fd):
+            roots = {os.path.abspath(k) for k in keep} | self.pinned_by_anyone()
+            live: set[str] = set()
+            todo = [p for p in roots if p in files]
+            while todo:
+                path = todo.pop()
+                if path in live:
+                    continue
+                live.add(path)
+                todo.extend(p for p in self.parents_of(path, files.get(path)) if p in files)
+            removed = []
+            for path in files:
+                if path not in live:
+                    try:
+                        os.unlink(path)
                         removed.append(path)
-            finally:
-                for fd in locks.values():
-                    os.close(fd)
+                    except FileNotFoundError:
+                        pass
+            self._usage = None
         if removed:
             log.info("snapshot store %s: collected %d unreferenced file(s)", self.directory, len(removed))
         return removed
@@ -210,13 +344,15 @@ class SnapshotStore:
         path = os.path.abspath(os.fspath(path))
         with self._lock:
             self.unpin(path)
-            fd = _try_exclusive(path)
-            if fd is None:
-                return False
-            try:
-                return _unlink_locked(path, fd)
-            finally:
-                os.close(fd)
+            with self._gc_lock(fcntl.LOCK_EX):
+                if path in self.pinned_by_anyone():
+                    return False
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    return False
+                self._usage = None
+                return True
 
     def remove_temp_files(self, pid: int) -> list[str]:
         """Delete the temporary files a (dead) writer process ``pid`` left in the store."""
@@ -248,12 +384,14 @@ class SnapshotStore:
         store is still too full."""
         if self.quota is None:
             return None
-        used = self.usage()
+        used = self.usage(fresh=False)
         if used + max(needed, 1) > self.quota:
-            self.collect()
             used = self.usage()
             if used + max(needed, 1) > self.quota:
-                raise self.full_error(used, needed, what)
+                self.collect()
+                used = self.usage()
+                if used + max(needed, 1) > self.quota:
+                    raise self.full_error(used, needed, what)
         return self.quota - used
 
     def full_error(self, used: int, needed: int, what: str) -> SnapshotError:
@@ -269,32 +407,45 @@ class SnapshotStore:
                 "quota": self.quota, "pinned": len(self._pins)}
 
 
-def _try_exclusive(path: str) -> int | None:
-    """An fd on ``path`` holding LOCK_EX, or None if someone pins it (or it is gone)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return None
-        raise
-    return fd
+class _Flock:
+    """``with``: hold flock ``mode`` on ``fd`` (released on exit)."""
+
+    __slots__ = ("fd", "mode")
+
+    def __init__(self, fd: int, mode: int) -> None:
+        self.fd, self.mode = fd, mode
+
+    def __enter__(self) -> None:
+        fcntl.flock(self.fd, self.mode)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
-def _unlink_locked(path: str, fd: int) -> bool:
-    """Unlink ``path`` if it still names the inode ``fd`` (holding LOCK_EX) is open on."""
-    try:
-        held, now = os.fstat(fd), os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
-        return False
-    os.unlink(path)
-    return True
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_pin_file(fd: int) -> set[str]:
+    """The names a pin file pins: ``+name`` lines add, ``-name`` lines remove (a torn last line is ignored)."""
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    names: set[str] = set()
+    for line in b"".join(chunks).split(b"\n")[:-1]:
+        name = line[1:].decode("utf-8", "replace")
+        if "/" in name or not name.endswith(SUFFIX):
+            continue
+        if line[:1] == b"+":
+            names.add(name)
+        elif line[:1] == b"-":
+            names.discard(name)
+    return names
 
 
 def _read_parents(path: str) -> tuple[str, ...]:

@@ -1,0 +1,376 @@
+"""Script builds in one long-lived builder process per language.
+
+A script registration (:meth:`Pool.script`) loads the source into the interpreter's
+base snapshot and stores what changed as a layer. Forking a builder, booting the
+base and fsyncing for every script cost ~45 ms; thousands of tenants need ~1 ms. So
+each language gets one builder process (forked by the spawner like every builder,
+``hlpool-builder``) that keeps one warm sandbox of the persisted base and, per
+script: loads it (``restore=False``), captures the layer, writes it into the store,
+restores the sandbox to the base (only the pages the load wrote) and answers.
+
+Isolation and limits are those of :mod:`hlpool.pool.builder`: the script runs in a
+VM of the builder, never in the supervisor; each load starts from the restored base
+(a failed or broken load discards the sandbox); the supervisor kills the builder at
+``build_timeout`` (the guest's own ``load_timeout`` fires first) or when it grew by
+more than ``build_memory`` since it became ready, and the next registration starts a
+new one. ``RLIMIT_DATA`` bounds its address space as for any builder.
+
+Layer files are named by what goes in (the base's content hash, the language, the
+source: :func:`script_name`), so the same script on the same base is found in the
+store again (by a later pool too) and not loaded twice. They are written without
+fsync: a file torn by a crash fails its content hash when opened (by a worker, or by
+the builder, which checks a stored file before reusing it) and is written again.
+
+The supervisor does not open the result (the builder is our code; the guest cannot
+forge a file there, and workers validate every file they open): it pins the file,
+checks its header's magic and content hash against the answer, and sends ``ack``,
+on which the builder drops its own pins of the layer and the base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import resource
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from hlpool.defaults import SCRIPT_LANGUAGES
+from hlpool.errors import HlpoolError, SnapshotError
+from hlpool.guest import abi as guest_abi
+from hlpool.guest.interpreters import DEFAULT_CONFIG as SCRIPT_CONFIG
+from hlpool.guest.interpreters import interpreter_path
+from hlpool.guest.layout import PAGE
+from hlpool.machine.machine import SandboxStatus
+from hlpool.pool import builder as one_shot
+from hlpool.pool.store import SnapshotStore
+from hlpool.pool.worker import WorkerConfig
+from hlpool.sandbox import Sandbox, scripts
+from hlpool.snapshot.snapfile import HEADER, MAGIC, write_snapshot
+from hlpool.snapshot.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScriptLayer:
+    """A stored script layer, as the registry needs it (no open file, no mapping)."""
+
+    path: str
+    sha256: str  # hex content hash of the file (its header's)
+    exports: tuple[str, ...]
+    input_capacity: int
+    created: bool
+    size: int  # bytes of the file
+    family: str = ""  # Snapshot.family of the layer (its base's): VMs of a family switch between them
+
+
+class ScriptBuilders:
+    """The supervisor's side: one builder per language, one script at a time each."""
+
+    def __init__(self, spawn_builder: Callable[[int], int], store: SnapshotStore,
+                 limits: "one_shot.BuildLimits") -> None:
+        self.spawn_builder = spawn_builder
+        self.store = store
+        self.limits = limits
+        self._locks = {language: threading.Lock() for language in SCRIPT_LANGUAGES}
+        self._builders: dict[str, tuple[one_shot._Builder, dict[str, Any]]] = {}
+        self._checked: set[str] = set()
+        self._closed = False
+        self.started = 0  # builder processes started
+        self.stopped = 0  # stopped at a limit (time, memory) or found dead
+        self.builds = 0  # scripts loaded
+
+    def build(self, language: str, source: str, load_timeout: float) -> ScriptLayer:
+        what = f"{language} script"
+        with self._locks[language]:
+            if self._closed:
+                raise SnapshotError(f"{what}: the pool is shut down")
+            if language not in self._checked:  # our own interpreter: checked once per pool
+                one_shot.check_memory_config(SCRIPT_CONFIG, self.limits.max_guest_memory, what)
+                one_shot.check_elf(str(interpreter_path(language)), SCRIPT_CONFIG, self.limits.max_guest_memory)
+                self._checked.add(language)
+            self.store.make_room(0, what)
+            entry = self._builders.get(language)
+            if entry is not None and select.select([entry[0].pidfd], [], [], 0)[0]:  # it died while idle
+                self._drop(language, entry[0])
+                self.stopped += 1
+                entry = None
+            process, info = entry or self._start(language, what)
+            deadline = time.monotonic() + self.limits.timeout
+            process.send({"source": source, "load_timeout": load_timeout, "budget": self.store.quota}, deadline)
+            reply = process.receive(deadline, self.limits.memory)
+            if reply is None:
+                error = process.failure(what, SnapshotError, self.limits)
+                self._drop(language, process)
+                raise error
+            self.builds += 1
+            if "error" in reply:
+                raise one_shot._rebuild(reply, what, SnapshotError, self.limits)
+            try:
+                layer = self._accept(reply, info, what)
+            finally:
+                process.send({"ack": True}, deadline)  # it may drop its pins now (ours hold the file)
+            if layer.created:
+                self._admit(layer, what)
+            return layer
+
+    def close(self) -> None:
+        """Stop every builder (the pool shuts down)."""
+        self._closed = True
+        for language in list(self._builders):
+            with self._locks[language]:
+                entry = self._builders.get(language)
+                if entry is not None:
+                    self._drop(language, entry[0], count=False)
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _start(self, language: str, what: str) -> tuple[one_shot._Builder, dict[str, Any]]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            pid = self.spawn_builder(theirs.fileno())
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.started += 1
+        try:
+            process = one_shot._Builder(pid, ours)
+        except ProcessLookupError:
+            ours.close()
+            raise SnapshotError(f"{what}: the builder process died as it started") from None
+        deadline = time.monotonic() + self.limits.timeout
+        info = None
+        if process.receive(deadline, None) is not None:  # {"ready"}: forked
+            process.send({"kind": "scripts", "language": language, "store": self.store.directory,
+                          "data_allowance": self.limits.data_allowance}, deadline)
+            info = process.receive(deadline, None)  # the base is booted, its sandbox warm
+        if not isinstance(info, dict) or "error" in info:
+            error = (one_shot._rebuild(info, what, SnapshotError, self.limits) if isinstance(info, dict)
+                     else process.failure(what, SnapshotError, self.limits))
+            self._drop(language, process)
+            raise error
+        process.baseline = one_shot._resident(pid)
+        self._builders[language] = (process, info)
+        log.info("script builder for %s started (pid %d)", language, pid)
+        return process, info
+
+    def _drop(self, language: str, process: "one_shot._Builder", count: bool = True) -> None:
+        if self._builders.get(language, (None,))[0] is process:
+            del self._builders[language]
+        process.stop()
+        if process.killed and count:
+            self.stopped += 1
+            log.warning("script builder %d (%s) stopped: %s, %d bytes resident beyond its start",
+                        process.pid, language, process.killed, process.peak)
+        for leftover in self.store.remove_temp_files(process.pid):
+            log.info("removed %s, left by builder %d", leftover, process.pid)
+
+    def _accept(self, reply: dict[str, Any], info: dict[str, Any], what: str) -> ScriptLayer:
+        path, digest = reply.get("path"), reply.get("sha256")
+        if not (isinstance(path, str) and isinstance(digest, str) and self.store.contains(path)
+                and self.store.pin(path)):
+            raise SnapshotError(f"{what}: the builder answered without a stored snapshot")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                raw = os.pread(fd, HEADER.size, 0)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if len(raw) < HEADER.size or raw[:len(MAGIC)] != MAGIC or HEADER.unpack_from(raw, 0)[9].hex() != digest:
+                raise SnapshotError(f"{path}: not the snapshot the builder described")
+        except (OSError, SnapshotError) as exc:
+            self.store.unpin(path)
+            raise SnapshotError(f"{what}: {exc}") from None
+        family = reply.get("family")
+        return ScriptLayer(path, digest, tuple(info["exports"]), int(info["input_capacity"]), bool(reply["created"]),
+                           size, family if isinstance(family, str) else "")
+
+    def _admit(self, layer: ScriptLayer, what: str) -> None:
+        """A new file made the store go over its quota: collect garbage, else take the file back."""
+        path, size = layer.path, layer.size
+        self.store.note_added(size)
+        quota = self.store.quota
+        if quota is None or self.store.usage(fresh=False) <= quota:
+            return
+        self.store.collect()
+        used = self.store.usage()
+        if used > quota:
+            self.store.remove(path)
+            raise self.store.full_error(used - size, size, what)
+
+
+# ---- the builder process ----------------------------------------------------------------------
+
+
+def serve_scripts(sock: socket.socket, job: dict[str, Any], config: WorkerConfig) -> None:
+    """The builder's loop (called by :func:`hlpool.pool.builder.builder_main` for a ``scripts`` job)."""
+    try:
+        limit = one_shot._status_bytes("VmData") + int(job["data_allowance"])
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+        loader = _Loader(job["language"], SnapshotStore(job["store"]), config)
+        loader.warm()
+        base = loader.base
+        assert base is not None
+        one_shot._send(sock, {"exports": list(base.exports or ()),
+                              "input_capacity": base.layout.input.size - guest_abi.HL_MSG_HEADER_SIZE})
+    except BaseException as exc:
+        one_shot._send(sock, {"error": one_shot._wire(exc)})
+        return
+    while True:
+        message = one_shot._receive(sock)
+        if not isinstance(message, dict):
+            return  # the supervisor closed its end (or sent garbage): exit
+        if message.get("ack"):
+            loader.release()
+            continue
+        try:
+            reply = loader.load(message["source"], message.get("load_timeout"), message.get("budget"))
+        except MemoryError as exc:
+            loader.discard()
+            reply = {"error": one_shot._wire(exc), "out_of_memory": True}
+        except BaseException as exc:
+            loader.release()
+            reply = {"error": one_shot._wire(exc)}
+        one_shot._send(sock, reply)
+        loader.reset()  # the next script starts from the base again
+
+
+one_shot.LONG_LIVED["scripts"] = serve_scripts
+
+
+class _Loader:
+    """A warm sandbox of one language's persisted base, in the builder."""
+
+    def __init__(self, language: str, store: SnapshotStore, config: WorkerConfig) -> None:
+        self.language = language
+        self.store = store
+        self.config = config
+        self.base: Snapshot | None = None
+        self.family = ""
+        self.sandbox: Sandbox | None = None
+        self._held: list[str] = []  # pins of the last answer, dropped on ack
+
+    def warm(self) -> Sandbox:
+        """The sandbox of the base, its file pinned and still the one it maps (else booted again)."""
+        base = self.base
+        if base is not None and self.store.pin(base.path):
+            if _same_file(base):
+                self._held.append(base.path)
+                if self.sandbox is None:
+                    self.sandbox = Sandbox(base, host_functions=self.config.host_functions, name=f"load:{self.language}")
+                return self.sandbox
+            self.store.unpin(base.path)
+        self.discard()
+        for _attempt in range(3):
+            base = scripts.persisted_base_snapshot(self.language, self.store.directory)
+            if self.store.pin(base.path):  # a script's layer will name it as its parent
+                break
+        else:
+            raise SnapshotError(f"the {self.language} base snapshot keeps disappearing from {self.store.directory}")
+        self.base = base
+        self.family = str(getattr(base, "family", ""))  # a script's layer is of its base's family
+        self._held.append(base.path)
+        self.sandbox = Sandbox(base, host_functions=self.config.host_functions, name=f"load:{self.language}")
+        return self.sandbox
+
+    def load(self, source: str, load_timeout: float | None, budget: int | None) -> dict[str, Any]:
+        sb = self.warm()
+        assert self.base is not None
+        out = self.store.path_for(script_name(self.base, self.language, source))
+        stored = self._reuse(out)
+        if stored is not None:  # loaded before on this base (by this pool, an earlier one, another process)
+            self._held.append(out)
+            return {"path": out, "created": False, "sha256": stored.hex(), "family": self.family}
+        try:
+            sb.call("load", source, restore=False, timeout=load_timeout)
+            child = sb.snapshot()
+        except BaseException:
+            self.reset()
+            raise
+        child.info["script_sha256"] = hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()
+        needed = PAGE + child.layers[-1].size
+        if budget is not None and needed > budget:
+            raise SnapshotError(f"{self.language} script: the snapshot takes {needed} bytes, more than the "
+                                f"snapshot store's whole quota of {budget} bytes (Pool(store_quota=...), "
+                                f"hlpool serve --store-quota)")
+        for _attempt in range(3):
+            written = write_snapshot(child, out, sync=False).layers[-1]
+            written.close()
+            if self.store.pin(out):  # collected between the rename and the pin: write it again
+                break
+        else:
+            raise SnapshotError(f"{out}: removed from the store as soon as it was written")
+        child.layers[-1].close()
+        self._held.append(out)
+        return {"path": out, "created": True, "sha256": written.sha256.hex(), "family": self.family}
+
+    def _reuse(self, out: str) -> bytes | None:
+        """The content hash of ``out`` if it is stored already, whole (its hash checked), and now pinned."""
+        if not os.path.exists(out) or not self.store.pin(out):
+            return None
+        try:
+            stored = Snapshot.open(out)
+            for layer in stored.layers:
+                layer.close()
+            return stored.layers[-1].sha256
+        except HlpoolError as exc:
+            log.warning("rewriting the stored script layer %s: %s", out, exc)
+        self.store.unpin(out)
+        try:
+            os.unlink(out)  # torn (a crash before it reached the disk): written again, atomically, below
+        except FileNotFoundError:
+            pass
+        return None
+
+    def reset(self) -> None:
+        """Put the sandbox back to the base (after the answer is sent: off the supervisor's wait)."""
+        sb = self.sandbox
+        if sb is None:
+            return
+        if sb.status is SandboxStatus.READY:
+            try:
+                sb.restore()
+                return
+            except Exception as exc:
+                log.warning("discarding the %s loader sandbox: %s", self.language, exc)
+        self.discard()
+
+    def release(self) -> None:
+        for path in self._held:
+            self.store.unpin(path)
+        self._held.clear()
+
+    def discard(self) -> None:
+        self.release()
+        if self.sandbox is not None:
+            try:
+                self.sandbox.close()
+            except Exception:
+                pass
+            self.sandbox = None
+
+
+def script_name(base: Snapshot, language: str, source: str) -> str:
+    """The store name of ``source`` loaded into ``base``: by what goes in, not by the bytes that come out
+    (a load is not bit-for-bit repeatable: timers, hash seeds), so a stored layer is found again."""
+    digest = hashlib.sha256(b"hlpool-script\0" + language.encode() + b"\0" + base.layers[-1].sha256)
+    digest.update(source.encode("utf-8", "surrogatepass"))
+    return "s" + digest.hexdigest()[:31]
+
+
+def _same_file(snap: Snapshot) -> bool:
+    """True if ``snap``'s file still names the inode it was opened from (not collected and rebuilt)."""
+    try:
+        held, now = os.fstat(snap.layers[-1].fd), os.stat(snap.path or "")
+    except OSError:
+        return False
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
