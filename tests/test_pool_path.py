@@ -109,3 +109,34 @@ def test_cancel_shutdown_resolves_calls_queued_again_after_a_crash(example, tmp_
     pool.shutdown(wait=True, cancel_futures=True)
     for f in behind:  # each is resolved: cancelled, failed, or (if it ran) finished
         assert f.done()
+
+
+def test_waiters_and_dispatch_take_their_locks_in_one_order(example, tmp_path):
+    """The pool takes its lock before a Future's condition (dispatching a queued call marks its
+    Future running); concurrent.futures.wait() adds its waiter while holding the condition, so
+    that path must never wait for the pool's lock. Deterministic: this thread holds the pool's
+    lock (as the dispatcher does) and then takes the condition while a waiter is being added."""
+    with Pool(workers=1, snapshot_dir=tmp_path, call_timeout=None) as pool:
+        fib = pool.snapshot(example("fib"))
+        busy = pool.submit(fib, "compute", (LONG * 4,))  # in flight, non-eager: nobody collects yet
+        time.sleep(0.05)
+        waited = threading.Event()
+
+        def waiter() -> None:
+            concurrent.futures.wait([busy], timeout=60)
+            waited.set()
+
+        with pool._lock:
+            t = threading.Thread(target=waiter, daemon=True)
+            t.start()
+            time.sleep(0.2)  # the waiter is inside wait(), holding busy's condition, adding its waiter
+            assert busy._condition.acquire(timeout=5), "deadlock: wait() waits for the pool's lock"
+            busy._condition.release()
+        t.join(timeout=60)
+        assert waited.is_set() and busy.result(timeout=1) is not None
+
+        echo = pool.snapshot(example("echo"))
+        for i in range(100):  # and under real traffic
+            batch = [pool.submit(echo, "echo", (i, k)) for k in range(20)]
+            done, _ = concurrent.futures.wait(batch, timeout=30)
+            assert len(done) == len(batch)

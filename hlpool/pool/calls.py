@@ -31,12 +31,17 @@ from hlpool.pool.procinfo import process_state
 from hlpool.pool.registry import SnapshotHandle
 
 
+_NOT_DONE = ("PENDING", "RUNNING")  # concurrent.futures' states of a future that is not done
+
+
 class CallCollector(Protocol):
     """What a :class:`CallFuture` needs of its pool."""
 
     def _collect_for(self, call: "Call | None", timeout: float | None) -> None: ...
 
-    def _wake_collector(self, call: "Call") -> None: ...
+    def _wake_collector(self, call: "Call", blocking: bool = True) -> None: ...
+
+    def _release_pending(self) -> None: ...
 
 
 class RemoteTraceback(Exception):
@@ -61,34 +66,41 @@ class CallFuture(concurrent.futures.Future):
     does the rest.
     """
 
-    _pool: CallCollector | None = None
     _call: "Call | None" = None
 
-    def __init__(self) -> None:
+    def __init__(self, pool: CallCollector) -> None:
         super().__init__()
+        self._pool = pool
         self._waiters = WaiterList(self)  # concurrent.futures.wait/as_completed register here
 
     def result(self, timeout: float | None = None) -> Any:
-        if self._pool is not None and not self.done():
+        if self._state in _NOT_DONE:  # read without the lock: result() checks again under it
             self._pool._collect_for(self._call, timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if self._pool is not None and not self.done():
+        if self._state in _NOT_DONE:
             self._pool._collect_for(self._call, timeout)
         return super().exception(timeout)
+
+    def _invoke_callbacks(self) -> None:
+        # Every way a Future ends (result, exception, cancel) passes here once: the pending slot
+        # is given back first, without a done-callback of its own per call.
+        self._pool._release_pending()
+        super()._invoke_callbacks()
 
     def add_done_callback(self, fn: Any) -> None:
         super().add_done_callback(fn)
         self._wants_collector()
 
-    def _wants_collector(self) -> None:
+    def _wants_collector(self, blocking: bool = True) -> None:
         """Someone waits without calling result() (a callback, wait(), as_completed()): from now
-        on the pool's thread collects this call's answer as soon as it comes."""
+        on the pool's thread collects this call's answer as soon as it comes. ``blocking=False``
+        when this Future's condition is held (see :meth:`Pool._wake_collector`)."""
         call, pool = self._call, self._pool
         if call is not None and pool is not None and not call.eager:
             call.eager = True
-            pool._wake_collector(call)
+            pool._wake_collector(call, blocking)
 
 
 class WaiterList(list):
@@ -100,7 +112,7 @@ class WaiterList(list):
 
     def append(self, waiter: Any) -> None:
         super().append(waiter)
-        self.future._wants_collector()
+        self.future._wants_collector(blocking=False)  # wait() holds this Future's condition here
 
 
 @dataclass
@@ -126,13 +138,17 @@ class WorkerLink:
     pidfd: int = -1
     queue: collections.deque = field(default_factory=collections.deque)
     inflight: collections.deque = field(default_factory=collections.deque)
-    warm: "collections.OrderedDict[str, None]" = field(default_factory=collections.OrderedDict)
+    # What the worker holds, as the router expects it: family -> the snapshot path its VM is at
+    # (without switching, path -> path), least recently used first.
+    warm: "collections.OrderedDict[str, str]" = field(default_factory=collections.OrderedDict)
     sent: int = 0
     received: int = 0
     calls: int = 0
     errors: int = 0
     crashes: int = 0
     sandboxes: int = 0
+    vms_created: int = 0  # by the current process (reported with each answer)
+    switches: int = 0
     alive: bool = False
     thread: threading.Thread | None = None
     wakeup: threading.Condition | None = None  # shares the pool's lock

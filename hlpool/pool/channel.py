@@ -30,7 +30,7 @@ HEADER = struct.Struct("<16Q")  # 128 bytes
 HEADER_SIZE = HEADER.size
 TAKEN = struct.Struct("<Q")  # the header's last field: the request id the worker took (see mark_taken)
 TAKEN_OFFSET = HEADER_SIZE - TAKEN.size
-RESPONSE = struct.Struct("<5Q")  # the response's fields at the start of the header (the rest unused)
+RESPONSE = struct.Struct("<7Q")  # the response's fields at the start of the header (the rest unused)
 
 OP_CALL = 1
 OP_STOP = 2
@@ -38,8 +38,9 @@ STATUS_OK = 0
 STATUS_ERROR = 1
 
 # Request header: op, request id, timeout (ns from when the worker starts it, 0 = none), path length, function name
-# length, payload length, expiry (CLOCK_MONOTONIC ns by which the call must end, queue time included; 0 = none). Response header: status, request id, data length, sandboxes held, ns the worker
-# spent on the call (its service time: the supervisor's cost estimate for routing and batching).
+# length, payload length, expiry (CLOCK_MONOTONIC ns by which the call must end, queue time included; 0 = none). Response header: status, request id, data length, VMs held, ns the worker
+# spent on the call (its service time: the supervisor's cost estimate for routing and batching), VMs made,
+# VM switches done.
 MAX_PATH = 4096
 MAX_NAME = 256
 
@@ -165,20 +166,22 @@ class Channel:
         return TAKEN.unpack_from(self.view, self._slot(index) + TAKEN_OFFSET)[0] == request_id
 
     def write_response(self, index: int, request_id: int, status: int, data: bytes, sandboxes: int,
-                       run_ns: int = 0) -> None:
+                       run_ns: int = 0, created: int = 0, switches: int = 0) -> None:
         base = self._slot(index)
         if len(data) > self.data_capacity:
             raise ValueError("response does not fit the channel")
         self.view[base + HEADER_SIZE:base + HEADER_SIZE + len(data)] = data
-        RESPONSE.pack_into(self.view, base, status, request_id, len(data), sandboxes, run_ns)
+        RESPONSE.pack_into(self.view, base, status, request_id, len(data), sandboxes, run_ns, created, switches)
 
-    def read_response(self, index: int) -> tuple[int, int, bytes, int, int]:
-        """(status, request id, data, sandboxes held, ns the worker spent on the call) of slot ``index``."""
+    def read_response(self, index: int) -> tuple[int, int, bytes, tuple[int, int, int, int]]:
+        """(status, request id, data, worker figures) of slot ``index``; the figures are the VMs the
+        worker holds, the ns it spent on the call, the VMs it has made and the switches it has done."""
         base = self._slot(index)
-        status, request_id, length, sandboxes, run_ns = RESPONSE.unpack_from(self.view, base)
+        status, request_id, length, sandboxes, run_ns, created, switches = RESPONSE.unpack_from(self.view, base)
         if length > self.data_capacity:
             raise HlpoolError("corrupt response in the channel")
-        return status, request_id, bytes(self.view[base + HEADER_SIZE:base + HEADER_SIZE + length]), sandboxes, run_ns
+        data = bytes(self.view[base + HEADER_SIZE:base + HEADER_SIZE + length])
+        return status, request_id, data, (sandboxes, run_ns, created, switches)
 
 
 def _unlink_quietly(names: ChannelNames) -> None:

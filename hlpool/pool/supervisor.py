@@ -44,6 +44,7 @@ from hlpool.guest.build import cache_dir
 from hlpool.guest.layout import MemoryConfig
 from hlpool.memory.guest_memory import RestorePolicy
 from hlpool.pool import channel as ipc
+from hlpool.pool import routing
 from hlpool.pool.builder import BuildLimits, SnapshotBuilder, check_memory_config
 from hlpool.pool.calls import Call, CallFuture, RemoteTraceback, WorkerLink, rebuild_error  # noqa: F401 (re-export)
 from hlpool.pool.procinfo import memory_of as _memory_of
@@ -59,10 +60,8 @@ log = logging.getLogger(__name__)
 
 WATCHDOG_GRACE = 5.0  # a worker silent this long past a call's deadline is killed
 PIPELINE_DEPTH = 16  # calls in a worker's channel at once (answers are collected in batches)
-COLD_START_COST = 0.003  # seconds to make a sandbox in a worker that has none for the snapshot (measured ~2.5 ms)
 CALLER_GRACE = 0.0001  # how long the pool's thread leaves a lone call's answer to its caller (see CallFuture)
 BATCH_WAIT_MAX = 0.002  # longest a collector waits for answers to gather while a backlog is in the channel
-DEFAULT_CALL_COST = 0.001  # assumed duration of a call until one of its snapshot was measured
 
 
 class Pool:
@@ -80,7 +79,10 @@ class Pool:
     :class:`PoolOverloadedError` with ``block=False``). ``call_timeout``: default
     deadline of a call in seconds (None: none). ``memory``: the MemoryConfig used
     for snapshots built from ELF files. ``max_sandboxes_per_worker``: warm VMs a
-    worker keeps (least recently used evicted). ``confine_workers``: confine each
+    worker keeps (least recently used evicted). ``switch_tenants``: a worker switches
+    a VM between snapshots of one family (scripts of one language, children of one
+    base) instead of keeping a VM per snapshot; ``max_open_snapshots``: snapshots a
+    worker keeps open (see :class:`hlpool.pool.worker.SandboxCache`). ``confine_workers``: confine each
     worker before its first call (:mod:`hlpool.pool.confine`). ``worker_user``: a
     user name or uid the workers run as (a pool started as root only; snapshot
     files must be readable by that user).
@@ -102,6 +104,8 @@ class Pool:
         block: bool = True,
         memory: MemoryConfig | None = None,
         max_sandboxes_per_worker: int = 32,
+        switch_tenants: bool = True,
+        max_open_snapshots: int = 1024,
         restore_policy: RestorePolicy | None = None,
         strict_cpu_reset: bool = False,
         max_payload: int = 1 << 20,
@@ -141,9 +145,11 @@ class Pool:
         check_memory_config(self.memory_config, max_guest_memory, "the pool's memory configuration")
         self.restarts = 0
         ipc.remove_stale_names()
-        _raise_fd_limit(64 + workers * (4 * max_sandboxes_per_worker + 16))
+        # Per process: a worker's VMs (4 fds each), its open snapshots, and the supervisor's per-worker fds.
+        _raise_fd_limit(128 + workers * 16 + 4 * max_sandboxes_per_worker + max_open_snapshots)
         self._worker_config = WorkerConfig(
             host_functions=self.host_functions, max_sandboxes=max_sandboxes_per_worker,
+            switch_tenants=switch_tenants, max_open_snapshots=max_open_snapshots,
             restore_policy=restore_policy or RestorePolicy(), strict_cpu_reset=strict_cpu_reset,
             confine=confine_workers, user=worker_user)
         self._max_warm = max_sandboxes_per_worker
@@ -251,12 +257,10 @@ class Pool:
         if deadline is not None and not deadline > 0:
             raise CallError(f"deadline must be positive, got {deadline}")
         self._take_pending_slot(block)
-        future = CallFuture()
+        future = CallFuture(self)
         call = Call(future, handle, fn, payload, int(timeout * 1e9) if timeout else 0, next(self._ids),
                      expires=time.monotonic() + deadline if deadline else 0.0, eager=eager)
         future._call = call
-        concurrent.futures.Future.add_done_callback(future, self._release_pending)
-        future._pool = self
         with self._lock:
             if self._closed or self._broken:
                 future.cancel()  # releases the pending slot
@@ -318,32 +322,17 @@ class Pool:
                     self._pending_waiters -= 1
             self._pending += 1
 
-    def _release_pending(self, _future: concurrent.futures.Future) -> None:
-        """A call's future is done (result, error or cancelled): its pending slot is free."""
+    def _release_pending(self) -> None:
+        """A call's future is done (result, error or cancelled): its pending slot is free
+        (called by :meth:`CallFuture._invoke_callbacks`)."""
         with self._lock:
             self._pending -= 1
             if self._pending_waiters:
                 self._slot_free.notify()
 
     def _route(self, handle: SnapshotHandle) -> WorkerLink:
-        """The worker expected to finish the call first: queued work (calls x their measured
-        duration) plus the cost of a cold start where the worker has no warm VM for the snapshot."""
-        per_call = self._call_cost.get(handle.path, DEFAULT_CALL_COST)
-        best, best_cost = None, None
-        for w in self._workers:
-            cost = w.load * per_call + (0.0 if handle.path in w.warm else COLD_START_COST)
-            if not w.alive:
-                cost += 1000.0
-            if best_cost is None or cost < best_cost:
-                best, best_cost = w, cost
-        assert best is not None
-        if handle.path in best.warm:
-            best.warm.move_to_end(handle.path)
-        else:
-            best.warm[handle.path] = None
-            while len(best.warm) > self._max_warm:
-                best.warm.popitem(last=False)
-        return best
+        return routing.choose_worker(self._workers, handle, self._call_cost.get(handle.path, routing.DEFAULT_CALL_COST),
+                                     self._worker_config.switch_tenants, self._max_warm)
 
     # ---- workers -----------------------------------------------------------------------------
 
@@ -453,7 +442,7 @@ class Pool:
             # A backlog in the channel keeps the worker busy: let answers gather for about half
             # of it instead of waking for each one (a wake-up costs more CPU than the answer).
             head = w.inflight[0]
-            per_call = self._call_cost.get(head.handle.path, DEFAULT_CALL_COST)
+            per_call = self._call_cost.get(head.handle.path, routing.DEFAULT_CALL_COST)
             time.sleep(min(BATCH_WAIT_MAX, per_call * (len(w.inflight) - 2)))
         try:
             responses.acquire(0.05)
@@ -484,13 +473,14 @@ class Pool:
             now = time.monotonic()
             for _ in range(ready):
                 call = w.inflight.popleft()
-                status, request_id, data, sandboxes, run_ns = w.channel.read_response(w.received)
+                status, request_id, data, figures = w.channel.read_response(w.received)
+                run_ns = figures[1]
                 w.received += 1
                 w.calls += 1
                 if status != ipc.STATUS_OK:
                     w.errors += 1
                 batch.append((call, status, request_id, data, run_ns))
-            w.sandboxes = sandboxes
+            w.sandboxes, _, w.vms_created, w.switches = figures
             if w.inflight:  # the worker starts the next call about now (the watchdog measures from here)
                 w.inflight[0].started = now
             if w.queue and w.alive:
@@ -506,12 +496,22 @@ class Pool:
                 return
             self._resolve(call, status, data, run_ns)
 
-    def _wake_collector(self, call: Call) -> None:
-        """Make the pool's thread collect ``call``'s answer now (it may be waiting for a caller)."""
-        with self._lock:
+    def _wake_collector(self, call: Call, blocking: bool = True) -> None:
+        """Make the pool's thread collect ``call``'s answer now (it may be waiting for a caller).
+
+        ``blocking=False`` is for callers that hold the call's Future condition
+        (``concurrent.futures.wait`` adds its waiter under it): the pool's lock is taken
+        before a Future's condition everywhere else, so waiting for it here could deadlock;
+        when it is busy, a short-lived thread delivers the wake-up instead."""
+        if not self._lock.acquire(blocking=blocking):
+            threading.Thread(target=self._wake_collector, args=(call,), name="hlpool-wake", daemon=True).start()
+            return
+        try:
             w = call.worker
             if w is not None:
                 w.wakeup.notify()
+        finally:
+            self._lock.release()
 
     def _collect_for(self, call: "Call | None", timeout: float | None) -> None:
         """In the caller's thread: read the answers of the call's worker until the call is done,
@@ -562,13 +562,13 @@ class Pool:
 
     def _replace(self, w: WorkerLink, reason: str | None) -> None:
         """The worker died: fail its in-flight calls, start a replacement, keep its queue."""
+        if w.pidfd >= 0:  # the worker must be gone before its marks are read (it was killed or died)
+            select.select([w.pidfd], [], [], 2.0)
         with w.reader, self._lock:  # a caller reading answers lets go within one wait slice
             w.alive = False
             w.crashes += 1
             lost, retry = [], []
             if w.channel is not None and w.inflight:
-                if w.pidfd >= 0:  # the worker must be gone before its marks are read
-                    select.select([w.pidfd], [], [], 2.0)
                 for offset, call in enumerate(w.inflight):
                     # a call the worker never took had no effect anywhere: it goes to the queue again
                     (lost if w.channel.taken(w.received + offset, call.request_id) else retry).append(call)
@@ -678,7 +678,8 @@ class Pool:
         out = []
         for w in self._workers:
             entry = {"index": w.index, "pid": w.pid, "alive": w.alive, "calls": w.calls, "errors": w.errors,
-                     "crashes": w.crashes, "vms": w.sandboxes, "queued": len(w.queue),
+                     "crashes": w.crashes, "vms": w.sandboxes, "vms_created": w.vms_created,
+                     "switches": w.switches, "queued": len(w.queue),
                      "in_flight": len(w.inflight)}
             entry.update(_memory_of(w.pid) if w.alive else {"rss_kib": 0, "pss_kib": 0})
             out.append(entry)

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import msgspec
 import prctl
 
-from hlpool.errors import GuestTimeout, HlpoolError, SandboxBrokenError
+from hlpool.errors import GuestTimeout, HlpoolError, SandboxBrokenError, SnapshotIncompatibleError
 from hlpool.memory.guest_memory import RestorePolicy
 from hlpool.pool import channel as ipc
 from hlpool.pool import confine
@@ -34,6 +34,8 @@ from hlpool.snapshot.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
+MAX_CACHED_PARENTS = 64  # base snapshots a worker keeps open for their children (cleared beyond)
+
 
 @dataclass
 class WorkerConfig:
@@ -41,6 +43,9 @@ class WorkerConfig:
 
     host_functions: Mapping[str, HostFunction] = field(default_factory=dict)
     max_sandboxes: int = 32
+    # Switch a VM between snapshots of one family instead of keeping a VM per snapshot (SandboxCache).
+    switch_tenants: bool = True
+    max_open_snapshots: int = 1024
     restore_policy: RestorePolicy = field(default_factory=RestorePolicy)
     strict_cpu_reset: bool = False
     max_log_bytes: int = 1 << 20
@@ -58,41 +63,102 @@ class WorkerConfig:
 
 
 class SandboxCache:
-    """Warm sandboxes by snapshot path, least recently used evicted.
+    """A worker's warm VMs, grouped by snapshot family, and the snapshots it has open.
 
-    Kept open to a later step: a warm VM could be switched between snapshots
-    that share a base by remapping only where their layers differ; the cache
-    is the place that decision would be made.
+    With ``switch_tenants`` (the default) a call for a snapshot no VM is at takes
+    the least recently used VM of the snapshot's family (:attr:`Snapshot.family`:
+    scripts on one interpreter base, children of one C base) and switches it
+    (:meth:`Sandbox.switch`: only the pages where the two differ are put back); a
+    VM is created only for a family this worker has none of, and beyond
+    ``max_sandboxes`` the least recently used VM is closed. Calls in a worker run
+    one at a time, so every VM is free between calls: a family has one VM per
+    worker. Without ``switch_tenants`` every snapshot gets a VM of its own (the
+    design before switching, kept as the benchmark's baseline).
+
+    Snapshots are opened when a call needs them and kept in a bounded LRU
+    (``max_open_snapshots``): tenants cost open files only while they are hot.
     """
 
     def __init__(self, config: WorkerConfig, name: str) -> None:
         self.config = config
         self.name = name
-        self._sandboxes: collections.OrderedDict[str, Sandbox] = collections.OrderedDict()
-        self._snapshots: dict[str, Snapshot] = {}
+        self._at: dict[str, Sandbox] = {}  # snapshot path -> the VM that is at it now
+        self._vms: collections.OrderedDict[int, Sandbox] = collections.OrderedDict()  # id -> VM, LRU first
+        self._snapshots: collections.OrderedDict[str, Snapshot] = collections.OrderedDict()
+        self._parents: dict[bytes, Snapshot] = {}  # parents opened once for all their children
+        self.created = 0  # VMs made
+        self.switches = 0  # VMs moved to another snapshot of their family
 
     def get(self, path: str) -> Sandbox:
-        sb = self._sandboxes.get(path)
+        """A VM at the snapshot ``path``: warm, switched from its family, or new."""
+        sb = self._at.get(path)
         if sb is not None:
-            self._sandboxes.move_to_end(path)
+            self._vms.move_to_end(id(sb))
             return sb
-        while len(self._sandboxes) >= self.config.max_sandboxes:
+        snapshot = self._snapshot(path)
+        if self.config.switch_tenants:
+            sb = self._switch_family_vm(snapshot, path)
+            if sb is not None:
+                return sb
+        while len(self._vms) >= self.config.max_sandboxes:
             self._evict_oldest()
-        snapshot = self._snapshots.get(path)
-        if snapshot is None:
-            snapshot = self._with_free_fds(lambda: Snapshot.open(path))
-            self._snapshots[path] = snapshot
         sb = self._with_free_fds(lambda: Sandbox(
             snapshot, host_functions=self.config.host_functions, timeout=None,
             restore_policy=self.config.restore_policy, strict_cpu_reset=self.config.strict_cpu_reset,
             max_log_bytes=self.config.max_log_bytes, name=f"{self.name}:{os.path.basename(path)}"))
-        self._sandboxes[path] = sb
+        self.created += 1
+        self._vms[id(sb)] = sb
+        self._at[path] = sb
         return sb
 
+    def _snapshot(self, path: str) -> Snapshot:
+        snapshot = self._snapshots.get(path)
+        if snapshot is not None:
+            self._snapshots.move_to_end(path)
+            return snapshot
+        if len(self._parents) > MAX_CACHED_PARENTS:
+            self._parents.clear()
+        snapshot = self._with_free_fds(lambda: Snapshot.open(path, parents=self._parents))
+        self._snapshots[path] = snapshot
+        while len(self._snapshots) > self.config.max_open_snapshots:
+            # A VM at an evicted snapshot keeps it alive; the others' files close with the object.
+            self._snapshots.popitem(last=False)
+        return snapshot
+
+    def _switch_family_vm(self, snapshot: Snapshot, path: str) -> Sandbox | None:
+        """Switch the least recently used VM of ``snapshot``'s family to it, if there is one."""
+        family = snapshot.family
+        for key, sb in self._vms.items():  # least recently used first
+            current = sb.snapshot_in_use
+            if current.family != family:
+                continue
+            try:
+                sb.switch(snapshot)
+            except SnapshotIncompatibleError:
+                log.warning("%s: %s has the family of %s but cannot switch to it", self.name, path, current.path)
+                return None
+            except HlpoolError as exc:  # the VM is not trusted after a failed switch: close it
+                log.warning("%s: switching a VM to %s failed (%s); closing it", self.name, path, exc)
+                self._forget(sb)
+                sb.close()
+                return None
+            self._at.pop(current.path, None)
+            self._at[path] = sb
+            self._vms.move_to_end(key)
+            self.switches += 1
+            return sb
+        return None
+
+    def _forget(self, sb: Sandbox) -> None:
+        self._vms.pop(id(sb), None)
+        for path, held in list(self._at.items()):
+            if held is sb:
+                del self._at[path]
+
     def _evict_oldest(self) -> None:
-        old_path, old = self._sandboxes.popitem(last=False)
+        _, old = self._vms.popitem(last=False)
+        self._forget(old)
         old.close()
-        self._snapshots.pop(old_path, None)
 
     def _with_free_fds(self, make):
         """``make()``, evicting warm sandboxes (2+ fds each) while it fails for lack of file descriptors."""
@@ -100,24 +166,32 @@ class SandboxCache:
             try:
                 return make()
             except Exception as exc:
-                if not (_out_of_fds(exc) and self._sandboxes):
+                if not (_out_of_fds(exc) and (self._vms or self._snapshots)):
                     raise
                 log.warning("%s: out of file descriptors; closing the least recently used sandbox", self.name)
-                self._evict_oldest()
+                if self._vms:
+                    self._evict_oldest()
+                else:
+                    self._snapshots.clear()
+                    self._parents.clear()
 
     def discard(self, path: str) -> None:
-        sb = self._sandboxes.pop(path, None)
+        """Close the VM at ``path`` (it failed in a way restore cannot repair)."""
+        sb = self._at.get(path)
         if sb is not None:
+            self._forget(sb)
             sb.close()
 
     def __len__(self) -> int:
-        return len(self._sandboxes)
+        return len(self._vms)
 
     def close(self) -> None:
-        for sb in self._sandboxes.values():
+        for sb in self._vms.values():
             sb.close()
-        self._sandboxes.clear()
+        self._vms.clear()
+        self._at.clear()
         self._snapshots.clear()
+        self._parents.clear()
 
 
 def _out_of_fds(exc: BaseException | None) -> bool:
@@ -191,7 +265,8 @@ def serve(index: int, channel: ipc.Channel, config: WorkerConfig) -> None:
                     f"{function}: deadline passed while the call was queued"))
             else:
                 status, data = _run_one(cache, path, function, payload, timeout_ns)
-            channel.write_response(slot, request_id, status, data, len(cache), time.monotonic_ns() - began)
+            channel.write_response(slot, request_id, status, data, len(cache), time.monotonic_ns() - began,
+                                   cache.created, cache.switches)
             channel.responses.release()
             slot += 1
     finally:

@@ -1,0 +1,54 @@
+"""Which worker gets a call: the one expected to finish it first.
+
+The cost of a worker is its queued and running calls times the snapshot's
+measured call time, plus what it takes to get a VM there: nothing where a VM is
+at the snapshot, a switch where the worker has a VM of the snapshot's family
+(:meth:`hlpool.Sandbox.switch`), a new VM elsewhere. The router keeps, per
+worker, what that worker will hold (``WorkerLink.warm``: family -> snapshot
+path), mirroring the worker's own cache (:class:`hlpool.pool.worker.SandboxCache`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from hlpool.pool.calls import WorkerLink
+from hlpool.pool.registry import SnapshotHandle
+
+COLD_START_COST = 0.003  # seconds to make a VM in a worker that has none of the family (measured ~2.5 ms)
+SWITCH_COST = 0.0001  # seconds to switch a worker's VM to another snapshot of its family (bench/switch.py)
+DEFAULT_CALL_COST = 0.001  # assumed duration of a call until one of its snapshot was measured
+DEAD_WORKER_COST = 1000.0
+
+
+def family_key(handle: SnapshotHandle) -> str:
+    """Which VMs can serve ``handle`` after a switch: its snapshot family (the scripts of a
+    language share the pool's interpreter base)."""
+    if handle.family:
+        return handle.family
+    return f"script:{handle.language}" if handle.language else handle.path
+
+
+def choose_worker(workers: Sequence[WorkerLink], handle: SnapshotHandle, per_call: float, switching: bool,
+                  max_warm: int) -> WorkerLink:
+    """The worker for a call of ``handle`` (the pool's lock is held); records what it will hold."""
+    key = family_key(handle) if switching else handle.path
+    best, best_cost = None, None
+    for w in workers:
+        at = w.warm.get(key)
+        if at == handle.path:
+            cost = w.load * per_call
+        elif at is not None:
+            cost = w.load * per_call + SWITCH_COST
+        else:
+            cost = w.load * per_call + COLD_START_COST
+        if not w.alive:
+            cost += DEAD_WORKER_COST
+        if best_cost is None or cost < best_cost:
+            best, best_cost = w, cost
+    assert best is not None
+    best.warm[key] = handle.path
+    best.warm.move_to_end(key)
+    while len(best.warm) > max_warm:  # beyond the worker's VM bound its least recently used VM is gone
+        best.warm.popitem(last=False)
+    return best
