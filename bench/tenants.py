@@ -51,6 +51,7 @@ import bisect
 import collections
 import gc
 import inspect
+import json
 import os
 import random
 import shutil
@@ -324,7 +325,7 @@ def run_pool(kind: str, n: int, mode: str, dists: list[str], calls: int, work: P
     if mode == "pool-noswitch":
         options["switch_tenants"] = False
     out: dict[str, Any] = {"kind": kind, "n": n, "mode": mode}
-    with Pool(workers=2, snapshot_dir=store, call_timeout=30, max_pending=4096, **options) as pool:
+    with Pool(workers=2, snapshot_dir=store, call_timeout=30, max_pending=4096, **options, **json.loads(os.environ.get("HLPOOL_BENCH_POOL_OPTIONS", "{}"))) as pool:
         if kind == "js":
             warm, _ = register_js(pool, 1, first=10 ** 6)
         else:

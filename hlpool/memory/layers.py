@@ -15,7 +15,7 @@ import hashlib
 import os
 import threading
 import weakref
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hlpool import _mapping
 from hlpool.errors import SnapshotError
@@ -110,12 +110,13 @@ def _release(resources: list[int]) -> None:
         pass
 
 
-@dataclass(frozen=True)
-class Run:
+class Run(NamedTuple):
     """Pages ``[first_page, first_page + count)`` of a slot and where their bytes are.
 
     ``layer`` indexes the snapshot's layer list; -1 means zero pages
     (anonymous memory). ``offset`` is the byte offset in that layer.
+    An immutable tuple: a snapshot file holds hundreds of runs and a worker opens
+    thousands of files, so making one is kept cheap.
     """
 
     first_page: int

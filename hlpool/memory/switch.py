@@ -73,14 +73,26 @@ class SwitchStats:
 # ---- families -----------------------------------------------------------------------------
 
 
+_layout_keys: dict[int, tuple[Any, str]] = {}  # id(layout) -> (layout, its part of family keys)
+
+
+def _layout_key(layout: Any) -> str:
+    hit = _layout_keys.get(id(layout))
+    if hit is not None and hit[0] is layout:  # snapshots of one family share their Layout object
+        return hit[1]
+    config = layout.config.to_dict()
+    key = ";".join([f"image={layout.image_size}", *(f"{k}={config[k]}" for k in sorted(config))])
+    if len(_layout_keys) > 1024:
+        _layout_keys.clear()
+    _layout_keys[id(layout)] = (layout, key)
+    return key
+
+
 def family_of(image: SnapshotImage) -> str:
     """The family key of a snapshot (see the module docstring): equal keys can be switched."""
-    layout = image.layout
-    config = layout.config.to_dict()
     root = image.layers[0].sha256.hex() if image.layers else "-"
     finished = "finished" if image.exports is not None else "boot"
-    parts = [finished, f"image={layout.image_size}", *(f"{k}={config[k]}" for k in sorted(config)), f"root={root}"]
-    return ";".join(parts)
+    return f"{finished};{_layout_key(image.layout)};root={root}"
 
 
 def incompatibility(current: SnapshotImage, target: SnapshotImage) -> str | None:
@@ -126,18 +138,20 @@ class SlotRuns:
 
 def slot_runs(runs: list[Run], layers: tuple[Layer, ...]) -> SlotRuns:
     flat, src, fd, foff = array("q"), array("q"), array("q"), array("q")
-    for r in runs:
-        if r.layer < 0:
-            flat.extend((r.first_page, r.count, -1, 0))
+    # Per layer once (a snapshot has a few layers and hundreds of runs): ident, view, fd, data offset.
+    per_layer = [(_ident(layer), layer.view(), layer.fd, layer.file_offset(0)) for layer in layers]
+    for first, count, index, offset in runs:
+        if index < 0:
+            flat.extend((first, count, -1, 0))
             src.append(0)
             fd.append(-1)
             foff.append(0)
         else:
-            layer = layers[r.layer]
-            flat.extend((r.first_page, r.count, _ident(layer), r.offset - r.first_page * PAGE))
-            src.append(layer.view() + r.offset)
-            fd.append(layer.fd)
-            foff.append(layer.file_offset(r.offset))
+            ident, view, layer_fd, data_offset = per_layer[index]
+            flat.extend((first, count, ident, offset - first * PAGE))
+            src.append(view + offset)
+            fd.append(layer_fd)
+            foff.append(data_offset + offset)
     return SlotRuns(flat, src, fd, foff)
 
 
@@ -178,10 +192,11 @@ def restore_inputs(image: SnapshotImage) -> tuple[array, array, array]:
     values = derived(image)
     inputs = values.get("restore")
     if inputs is None:
-        main, layers = image.runs["main"], image.layers
+        main = image.runs["main"]
+        views = [layer.view() for layer in image.layers]
         inputs = values["restore"] = (
             array("Q", (r.first_page for r in main)), array("Q", (r.count for r in main)),
-            array("Q", (layers[r.layer].view() + r.offset if r.layer >= 0 else 0 for r in main)))
+            array("Q", (views[r.layer] + r.offset if r.layer >= 0 else 0 for r in main)))
     return inputs
 
 

@@ -432,9 +432,12 @@ def _parse_runs(raw: Any, path: str, slot: str) -> list[Run]:
         raise _fail(path, f"runs of slot {slot} are malformed")
     runs = []
     for item in raw:
-        if not (isinstance(item, list) and len(item) == 4 and all(type(v) is int for v in item)):
+        if not (type(item) is list and len(item) == 4):
             raise _fail(path, f"a run of slot {slot} is malformed")
-        runs.append(Run(*item))
+        first, count, layer, offset = item
+        if not (type(first) is int and type(count) is int and type(layer) is int and type(offset) is int):
+            raise _fail(path, f"a run of slot {slot} is malformed")
+        runs.append(Run(first, count, layer, offset))
     return runs
 
 
@@ -461,6 +464,24 @@ def _parse_vcpu(raw: Any, path: str) -> VcpuState:
     return VcpuState(msrs={m[0]: m[1] for m in msrs}, **fields)
 
 
+_layouts: dict[tuple, Layout] = {}  # (memory configuration, image size) -> Layout: one per family, not per file
+
+
+def _layout_of(config_raw: dict, image_size: int) -> Layout:
+    """The layout a file describes; layouts are values, so files that describe the same one share it
+    (a worker opening thousands of children of one base computes it once)."""
+    items = tuple(sorted((k, v) for k, v in config_raw.items() if isinstance(k, str)))
+    key = (items, image_size)
+    try:
+        return _layouts[key]
+    except (KeyError, TypeError):  # TypeError: an unhashable value, refused by MemoryConfig below
+        pass
+    layout = Layout(MemoryConfig(**dict(items)), image_size)
+    if len(_layouts) < 256:
+        _layouts[key] = layout
+    return layout
+
+
 def read_snapshot(path: str, make: Callable[..., S], *, max_memory: int | None = None,
                   max_layer_size: int | None = None, files_path: Sequence[str] = (), _expected: bytes | None = None,
                   _depth: int = 0, parents: "dict[bytes, S] | None" = None) -> S:
@@ -479,8 +500,7 @@ def read_snapshot(path: str, make: Callable[..., S], *, max_memory: int | None =
         requires = _check_requirements(path, meta)
         config_raw = _get(meta, "config", dict, path)
         try:
-            config = MemoryConfig(**{k: v for k, v in config_raw.items() if isinstance(k, str)})
-            layout = Layout(config, _get(meta, "image_size", int, path))
+            layout = _layout_of(config_raw, _get(meta, "image_size", int, path))
         except (TypeError, SnapshotError) as exc:
             raise _fail(path, f"invalid memory configuration: {exc}") from None
         except Exception as exc:
