@@ -268,7 +268,8 @@ class Pool:
             if handle.path in self._snapshots.removed:
                 future.cancel()
                 raise SnapshotError(f"{handle.path}: the snapshot was removed (Pool.remove_snapshot)")
-            worker = self._route(handle)
+            worker = routing.choose_worker(self._workers, handle, self._call_cost.get(handle.path, routing.DEFAULT_CALL_COST),
+                                           self._worker_config.switch_tenants, self._max_warm)
             if worker.alive and not worker.queue and len(worker.inflight) < PIPELINE_DEPTH:
                 self._dispatch_locked(worker, call)  # straight into the channel: no thread hop
                 if eager:  # else the caller collects in result(), or a callback/waiter wakes the thread
@@ -329,10 +330,6 @@ class Pool:
             self._pending -= 1
             if self._pending_waiters:
                 self._slot_free.notify()
-
-    def _route(self, handle: SnapshotHandle) -> WorkerLink:
-        return routing.choose_worker(self._workers, handle, self._call_cost.get(handle.path, routing.DEFAULT_CALL_COST),
-                                     self._worker_config.switch_tenants, self._max_warm)
 
     # ---- workers -----------------------------------------------------------------------------
 
@@ -468,33 +465,38 @@ class Pool:
         for _ in range(min(responses.value, PIPELINE_DEPTH - 1)):  # posted already: no waiting
             responses.acquire(0)
             ready += 1
-        batch = []
+        batch, in_order = [], True
         with self._lock:
             now = time.monotonic()
             for _ in range(ready):
                 call = w.inflight.popleft()
                 status, request_id, data, figures = w.channel.read_response(w.received)
-                run_ns = figures[1]
+                in_order = in_order and request_id == call.request_id
                 w.received += 1
                 w.calls += 1
-                if status != ipc.STATUS_OK:
-                    w.errors += 1
-                batch.append((call, status, request_id, data, run_ns))
+                w.errors += status != ipc.STATUS_OK
+                batch.append((call, status, data, figures[1]))
             w.sandboxes, _, w.vms_created, w.switches = figures
             if w.inflight:  # the worker starts the next call about now (the watchdog measures from here)
                 w.inflight[0].started = now
-            if w.queue and w.alive:
+            if w.queue and w.alive and in_order:
                 if w.queued_deadlines:
                     w.expire_queued()
                 while w.queue and len(w.inflight) < PIPELINE_DEPTH:
                     self._dispatch_locked(w, w.queue.popleft())
-        for call, status, request_id, data, run_ns in batch:
-            if request_id != call.request_id:
+        if not in_order:  # the worker broke the channel's protocol: nothing it answered is trusted
+            for call, *_ in batch:
                 call.future.set_exception(WorkerCrashed(f"worker {w.index} answered out of order"))
-                w.kill()
-                self._replace(w, "answered out of order")
-                return
-            self._resolve(call, status, data, run_ns)
+            w.kill()
+            self._replace(w, "answered out of order")
+            return
+        try:
+            for item in batch:
+                self._resolve(*item)
+        finally:  # a caller collecting here may be interrupted (KeyboardInterrupt in result()):
+            for item in batch:  # the answers it took out of the channel are still delivered
+                if not item[0].future.done():
+                    self._resolve(*item)
 
     def _wake_collector(self, call: Call, blocking: bool = True) -> None:
         """Make the pool's thread collect ``call``'s answer now (it may be waiting for a caller).
