@@ -31,6 +31,10 @@ bench: setup
 	$(BENCH_ENV) .venv/bin/python bench/throughput.py $(BENCH_FLAGS)
 	$(BENCH_ENV) .venv/bin/python bench/density.py $(BENCH_FLAGS)
 	$(BENCH_ENV) .venv/bin/python bench/native_speed.py $(BENCH_FLAGS)
+	$(BENCH_ENV) .venv/bin/python bench/switch.py $(BENCH_FLAGS)
+	$(BENCH_ENV) .venv/bin/python bench/tenants.py $(BENCH_FLAGS)
+	$(BENCH_ENV) .venv/bin/python bench/http_throughput.py $(BENCH_FLAGS)
+	$(BENCH_ENV) .venv/bin/python bench/ray.py $(BENCH_FLAGS)
 	$(BENCH_ENV) .venv/bin/python bench/plot.py
 
 clean:

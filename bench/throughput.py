@@ -39,7 +39,29 @@ DEFAULT_CALLS = 3000
 QUICK_CALLS = 400
 DEFAULT_ROUNDS = 5
 QUICK_ROUNDS = 2
-FUNCTIONS = ("noop", "sha256(4 KiB)")
+FUNCTIONS = ("noop", "echo(i)", "sha256(4 KiB)")
+PROJECTED_CORES = (16, 64)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_pids(pool) -> list[int]:
+    return [s["pid"] for s in pool.stats() if s["alive"]]
+
+
+def projected_calls_per_s(supervisor_us: float, worker_us: float, cores: int) -> float:
+    """Calls/s a host with ``cores`` cores saturates at, from the CPU each call costs by role.
+
+    Workers scale with cores; one Pool's supervisor is one Python process whose per-call
+    work holds the GIL, so it saturates one core: min(cores / (supervisor + worker), 1 / supervisor).
+    """
+    per_call = (supervisor_us + worker_us) / 1e6
+    return min(cores / per_call, 1e6 / supervisor_us) if supervisor_us > 0 else cores / per_call
 
 
 def latency(fn, n: int) -> list[int]:
@@ -53,8 +75,16 @@ def latency(fn, n: int) -> list[int]:
 
 
 def throughput(pool, handle, function: str, args: tuple, total: int, window: int,
-               bar: Progress | None = None) -> tuple[float, float]:
-    """(calls per second, seconds) for ``total`` calls with up to ``window`` outstanding."""
+               bar: Progress | None = None, cpu: dict[str, float] | None = None) -> tuple[float, float]:
+    """(calls per second, seconds) for ``total`` calls with up to ``window`` outstanding.
+
+    ``cpu``: adds the CPU seconds spent by this process (the supervisor, caller included)
+    and by the pool's workers under "supervisor" and "worker"."""
+    if callable(args):
+        make_args = args
+    else:
+        def make_args(_i: int, fixed: tuple = args) -> tuple:
+            return fixed
     slots = threading.Semaphore(window)
     done = threading.Event()
     remaining = [total]
@@ -71,14 +101,21 @@ def throughput(pool, handle, function: str, args: tuple, total: int, window: int
             if remaining[0] == 0:
                 done.set()
 
+    pids = worker_pids(pool) if cpu is not None else []
+    workers_before = sum(cpu_seconds(p) for p in pids)
+    own_before = time.process_time()
     start = time.perf_counter()
-    for _ in range(total):
+    for i in range(total):
         slots.acquire()
-        pool.submit(handle, function, args).add_done_callback(finished)
+        pool.submit(handle, function, make_args(i)).add_done_callback(finished)
         if bar is not None:
             bar.update()
     done.wait()
     elapsed = time.perf_counter() - start
+    if cpu is not None:
+        cpu["supervisor"] = cpu.get("supervisor", 0.0) + time.process_time() - own_before
+        cpu["worker"] = cpu.get("worker", 0.0) + sum(cpu_seconds(p) for p in pids) - workers_before
+        cpu["calls"] = cpu.get("calls", 0) + total
     if errors:
         raise RuntimeError(f"{len(errors)} calls failed; first: {errors[0]!r}")
     return total / elapsed, elapsed
@@ -111,11 +148,12 @@ def run(calls: int, max_workers: int, rounds: int) -> dict[str, Any]:
                 for _ in range(200):
                     sb.call("noop")
                 local = percentiles(latency(lambda: sb.call("noop"), calls))
+                local_echo = percentiles(latency(lambda: sb.call("echo", 1), calls))
                 start = time.perf_counter()
                 for _ in range(calls):
                     sb.call("noop")
                 local_rate = calls / (time.perf_counter() - start)
-            results["sandbox_call"] = {"latency": local, "calls_per_s": local_rate}
+            results["sandbox_call"] = {"latency": local, "calls_per_s": local_rate, "echo_latency": local_echo}
 
             handles = {}
             for w, pool in pools.items():
@@ -123,7 +161,8 @@ def run(calls: int, max_workers: int, rounds: int) -> dict[str, Any]:
                 sha = pool.snapshot(example_path("sha256"))
                 if pool.submit(sha, "sha256", (data,)).result() not in (digest, bytes.fromhex(digest)):
                     raise RuntimeError("sha256 guest returned a wrong digest")
-                handles[w] = {"noop": (echo, "noop", ()), "sha256(4 KiB)": (sha, "sha256", (data,))}
+                handles[w] = {"noop": (echo, "noop", ()), "echo(i)": (echo, "echo", lambda i: (i,)),
+                              "sha256(4 KiB)": (sha, "sha256", (data,))}
                 # Warm every worker: enough concurrent calls that each one gets some.
                 for label, (h, fn, fargs) in handles[w].items():
                     throughput(pool, h, fn, fargs, 200 * w, WINDOW)
@@ -131,6 +170,7 @@ def run(calls: int, max_workers: int, rounds: int) -> dict[str, Any]:
             lat: dict[tuple[int, str], list[int]] = {(w, f): [] for w in pools for f in FUNCTIONS}
             rates: dict[tuple[int, str], list[float]] = {(w, f): [] for w in pools for f in FUNCTIONS}
             spent: dict[tuple[int, str], list[float]] = {(w, f): [] for w in pools for f in FUNCTIONS}
+            cpu: dict[tuple[int, str], dict[str, float]] = {}
             per_round_lat = max(1, calls // rounds)
             per_round_tp = max(WINDOW, 2 * calls // rounds)
             total = rounds * len(pools) * len(FUNCTIONS) * (per_round_lat + per_round_tp)
@@ -141,17 +181,26 @@ def run(calls: int, max_workers: int, rounds: int) -> dict[str, Any]:
                         pool = pools[w]
                         for label in FUNCTIONS:
                             h, fn, fargs = handles[w][label]
+                            one = fargs(0) if callable(fargs) else fargs
                             lat[(w, label)].extend(
-                                latency(lambda: pool.submit(h, fn, fargs).result(), per_round_lat))
+                                latency(lambda: pool.submit(h, fn, one).result(), per_round_lat))
                             bar.update(per_round_lat)
-                            rate, secs = throughput(pool, h, fn, fargs, per_round_tp, WINDOW, bar)
+                            rate, secs = throughput(pool, h, fn, fargs, per_round_tp, WINDOW, bar,
+                                                    cpu=cpu.setdefault((w, label), {}))
                             rates[(w, label)].append(rate)
                             spent[(w, label)].append(secs)
             for w, pool in pools.items():
                 entry: dict[str, Any] = {}
                 for label in FUNCTIONS:
                     key = (w, label)
+                    used = cpu[key]
+                    supervisor_us = 1e6 * used["supervisor"] / used["calls"]
+                    worker_us = 1e6 * used["worker"] / used["calls"]
                     entry[label] = {
+                        "cpu_us_per_call": {"supervisor": supervisor_us, "worker": worker_us,
+                                            "worker_over_supervisor": worker_us / supervisor_us if supervisor_us else None},
+                        "projected_calls_per_s": {str(c): projected_calls_per_s(supervisor_us, worker_us, c)
+                                                  for c in PROJECTED_CORES},
                         "latency": percentiles(lat[key]),
                         "calls_per_s": statistics.median(rates[key]),
                         "calls_per_s_rounds": rates[key],
@@ -176,16 +225,31 @@ def print_report(results: dict[str, Any]) -> None:
              results["floor"]["calls_per_s_at_p50"], "-", 1.0],
             ["Sandbox.call(noop), 1 process", "-", local["latency"]["p50_us"], local["latency"]["p99_us"],
              local["calls_per_s"], "-", local["latency"]["p50_us"] / floor["p50_us"]]]
+    cpu_rows = []
+    local_p50 = {"noop": local["latency"]["p50_us"], "echo(i)": local.get("echo_latency", local["latency"])["p50_us"]}
     for label in results["functions"]:
         for w, entry in results["workers"].items():
             e = entry[label]
             rows.append([f"Pool.submit({label})", w, e["latency"]["p50_us"], e["latency"]["p99_us"],
                          e["calls_per_s"], e["speedup_vs_1_worker"], e["latency"]["p50_us"] / floor["p50_us"]])
+            c = e.get("cpu_us_per_call")
+            if c:
+                ratio = e["latency"]["p50_us"] / local_p50[label] if label in local_p50 else None
+                cpu_rows.append([label, w, c["supervisor"], c["worker"], c["worker_over_supervisor"],
+                                 ratio if ratio is not None else "-"]
+                                + [e["projected_calls_per_s"][str(n)] for n in PROJECTED_CORES])
     print_table(f"Pool throughput and latency ({results['calls']} calls per latency row, "
                 f"{results['rounds']} interleaved rounds; throughput with {results['window']} outstanding; "
                 f"{os.cpu_count()} CPUs)",
                 ["what", "workers", "p50 us", "p99 us", "calls/s", "x 1 worker", "p50 x floor"], rows)
     print("floor calls/s = 1e6 / p50 (one exit at a time); calls/s = median over rounds.")
+    if cpu_rows:
+        print_table(f"CPU per call by role ({results['window']} outstanding) and projected saturation",
+                    ["function", "workers", "supervisor us", "worker us", "worker / supervisor",
+                     "isolated p50 x Sandbox.call"] + [f"{n} cores calls/s" for n in PROJECTED_CORES], cpu_rows)
+        print("supervisor = this process (the caller's submit loop included); worker = all workers' CPU. "
+              "Projection: min(cores / (supervisor + worker), 1 / supervisor): workers scale with cores, one "
+              "Pool's supervisor is one Python process and saturates one core.")
 
 
 def main(argv: list[str] | None = None) -> int:
