@@ -20,7 +20,7 @@ import select
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import msgspec
 
@@ -228,3 +228,14 @@ def rebuild_error(blob: bytes) -> BaseException:
         return exc
     except Exception as exc:  # a corrupt blob must still fail the call clearly
         return WorkerCrashed(f"worker sent an unreadable error report: {exc}")
+
+
+def results_in_order(futures: list[concurrent.futures.Future]) -> Iterator[Any]:
+    """What ``Executor.map`` returns: a generator of the futures' results in order; the
+    futures not reached yet are cancelled when the consumer stops early."""
+    try:
+        for f in futures:
+            yield f.result()
+    finally:
+        for f in futures:
+            f.cancel()

@@ -46,7 +46,8 @@ from hlpool.memory.guest_memory import RestorePolicy
 from hlpool.pool import channel as ipc
 from hlpool.pool import routing
 from hlpool.pool.builder import BuildLimits, SnapshotBuilder, check_memory_config
-from hlpool.pool.calls import Call, CallFuture, RemoteTraceback, WorkerLink, rebuild_error  # noqa: F401 (re-export)
+from hlpool.pool.calls import (  # noqa: F401 (RemoteTraceback: re-exported)
+    Call, CallFuture, RemoteTraceback, WorkerLink, rebuild_error, results_in_order)
 from hlpool.pool.procinfo import memory_of as _memory_of
 from hlpool.pool.procinfo import raise_fd_limit as _raise_fd_limit
 from hlpool.pool.registry import SnapshotHandle, SnapshotRegistry
@@ -284,16 +285,7 @@ class Pool:
             timeout: float | None | object = ...) -> Iterator[Any]:
         """Like ``Executor.map``: ``fn(*args)`` for each ``args`` of ``iterable``, results in order."""
         futures = [self.submit(snapshot, fn, args, timeout=timeout) for args in iterable]
-
-        def results() -> Iterator[Any]:
-            try:
-                for f in futures:
-                    yield f.result()
-            finally:
-                for f in futures:
-                    f.cancel()
-
-        return results()
+        return results_in_order(futures)
 
     async def call(self, snapshot: Any, fn: str, *args: Any, timeout: float | None | object = ...,
                    deadline: float | None = None) -> Any:

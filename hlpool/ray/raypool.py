@@ -48,6 +48,7 @@ from hlpool.errors import (
 from hlpool.guest import codec
 from hlpool.guest.build import cache_dir
 from hlpool.guest.layout import MemoryConfig
+from hlpool.pool.calls import results_in_order
 from hlpool.pool.registry import SnapshotHandle
 from hlpool.pool.store import SnapshotStore
 from hlpool.ray.routing import choose, preference
@@ -346,16 +347,7 @@ class RayPool:
             timeout: float | None | object = ...) -> Iterator[Any]:
         """Like ``Executor.map``: ``fn(*args)`` for each ``args`` of ``iterable``, results in order."""
         futures = [self.submit(snapshot, fn, args, timeout=timeout) for args in iterable]
-
-        def results() -> Iterator[Any]:
-            try:
-                for f in futures:
-                    yield f.result()
-            finally:
-                for f in futures:
-                    f.cancel()
-
-        return results()
+        return results_in_order(futures)
 
     async def call(self, snapshot: Any, fn: str, *args: Any, timeout: float | None | object = ...,
                    deadline: float | None = None) -> Any:
