@@ -213,7 +213,10 @@ def test_a_killed_frontend_is_replaced_and_the_other_keeps_serving(server):
     assert re.search(rf"front end \d \(pid {victim}\) was killed by SIGKILL; starting another", server.log())
 
 
-def test_sigterm_drains_every_frontend(kvm, tmp_path, store, example):
+@pytest.mark.parametrize("to_every_process", [False, True], ids=["to-the-main-process", "to-every-process"])
+def test_sigterm_drains_every_frontend(kvm, tmp_path, store, example, to_every_process):
+    """SIGTERM to the main process, or to every process of the server at once (what systemd does by
+    default): the front ends get it twice, the spawners and workers once; calls in flight finish."""
     srv = start_server(tmp_path, "--frontends", "2", "--guest", f"sha256={example('sha256')}", "--grace", "20",
                        store=store)
     helpers = descendants(srv.pid)
@@ -236,6 +239,12 @@ def test_sigterm_drains_every_frontend(kvm, tmp_path, store, example):
     # in flight in both front ends: the gauge is their sum
     wait_for(lambda: re.search(r"^hlpool_calls_in_flight 6\.0$", srv.metrics(), re.M), 20, "the calls did not start")
     srv.proc.send_signal(signal.SIGTERM)
+    if to_every_process:
+        for pid in descendants(srv.pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
     for t in threads:
         t.join(60)
     assert results == [200] * 6, results

@@ -509,7 +509,8 @@ def _serve_one_build(sock: socket.socket, config: WorkerConfig) -> None:
     except Exception:
         pass
     prctl.set_no_new_privs(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor ends builders (SIGKILL), see the spawner
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     _send(sock, {"ready": True})

@@ -148,7 +148,11 @@ def _spawner_main(sock: socket.socket, config) -> None:
         prctl.set_proctitle("hlpool-spawner")
     except Exception:
         pass
+    # Ctrl-C and SIGTERM are the supervisor's business: a service manager that signals every
+    # process of the service (systemd's default) must not end workers with calls in flight while
+    # the supervisor drains. The supervisor ends this process; PDEATHSIG covers its death.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps workers
     while True:
         try:

@@ -233,8 +233,10 @@ def _prepare_process(index: int) -> None:
     except Exception:  # not all platforms allow changing argv
         pass
     prctl.set_no_new_privs(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's business
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Ctrl-C and SIGTERM are the supervisor's business (see the spawner): it stops this worker
+    # through its channel or with SIGKILL, and PDEATHSIG ends it with the spawner.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def serve(index: int, channel: ipc.Channel, config: WorkerConfig) -> None:

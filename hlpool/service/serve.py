@@ -36,6 +36,8 @@ except ImportError:  # prometheus_client before 0.17
 
 log = logging.getLogger("hlpool.server")
 
+DUPLICATE_SIGNAL_WINDOW = 1.0  # seconds after a stop signal within which another one is the same stop
+
 
 class _Stop(BaseException):
     """A signal arrived while the server was starting."""
@@ -114,10 +116,17 @@ async def _run(service: Service, sock: socket.socket | None = None,
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
+    first_signal = [0.0]
+
     def on_signal(signum: int) -> None:
         if stop.is_set():
+            # The same stop twice, e.g. systemd signalling every process of the service while the
+            # front ends' supervisor forwards its own signal: only a later one means "exit now".
+            if time.monotonic() - first_signal[0] < DUPLICATE_SIGNAL_WINDOW:
+                return
             _force_exit(signum, None)
         log.info("%s: shutting down (grace %g s)", signal.Signals(signum).name, config.grace)
+        first_signal[0] = time.monotonic()
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
