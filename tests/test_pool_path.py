@@ -140,3 +140,22 @@ def test_waiters_and_dispatch_take_their_locks_in_one_order(example, tmp_path):
             batch = [pool.submit(echo, "echo", (i, k)) for k in range(20)]
             done, _ = concurrent.futures.wait(batch, timeout=30)
             assert len(done) == len(batch)
+
+
+def test_a_done_callback_that_raises_does_not_end_the_pools_thread(example, tmp_path):
+    """Callbacks run in the pool's thread; concurrent.futures catches only Exception from them."""
+    with Pool(workers=1, snapshot_dir=tmp_path) as pool:
+        echo = pool.snapshot(example("echo"))
+        assert pool.submit(echo, "echo", (0,)).result(timeout=30) == 0
+
+        def hostile(_f: concurrent.futures.Future) -> None:
+            raise SystemExit("a callback that exits")
+
+        futures = []
+        for i in range(20):
+            f = pool.submit(echo, "echo", (i,))
+            f.add_done_callback(hostile)
+            futures.append(f)
+        assert [f.result(timeout=30) for f in futures] == list(range(20))
+        assert [pool.submit(echo, "echo", (i,)).result(timeout=30) for i in range(20)] == list(range(20))
+        assert pool.stats()[0]["crashes"] == 0 and pool.collector_failures == 0

@@ -449,7 +449,7 @@ class Pool:
             return
         self._take_answers(w)
 
-    def _take_answers(self, w: WorkerLink) -> None:
+    def _take_answers(self, w: WorkerLink, in_caller: bool = False) -> None:
         """After one answer was signalled: take it and every answer already posted, refill the
         channel from the queue, then resolve the futures outside the pool's lock (reader held)."""
         responses = w.channel.responses
@@ -484,7 +484,12 @@ class Pool:
             return
         try:
             for item in batch:
-                self._resolve(*item)
+                try:  # done-callbacks run here: what they raise must not end a thread or lose answers
+                    self._resolve(*item)
+                except BaseException as exc:  # noqa: BLE001 (SystemExit and the like from user callbacks)
+                    if in_caller and isinstance(exc, KeyboardInterrupt):
+                        raise  # the caller's own Ctrl-C (the finally still delivers the rest)
+                    log.exception("a done-callback of a pool call raised; the pool goes on")
         finally:  # a caller collecting here may be interrupted (KeyboardInterrupt in result()):
             for item in batch:  # the answers it took out of the channel are still delivered
                 if not item[0].future.done():
@@ -530,7 +535,7 @@ class Pool:
                     w.channel.responses.acquire(wait)
                 except posix_ipc.BusyError:
                     return  # slow or stuck: the pool's thread watches the worker
-                self._take_answers(w)
+                self._take_answers(w, in_caller=True)
         finally:
             w.reader.release()
             if w.inflight:
