@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-# libseccomp2: the seccomp filter of pool workers (pyseccomp loads libseccomp.so.2 at run time)
-PACKAGES=(gcc g++ make libcap-dev musl-dev musl-tools libseccomp2)
+# libseccomp2: the seccomp filter of pool workers (pyseccomp loads libseccomp.so.2 at run time);
+# iproute2: `ss`, with which the Ray tests check that nothing listens beyond 127.0.0.1
+PACKAGES=(gcc g++ make libcap-dev musl-dev musl-tools libseccomp2 iproute2)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
