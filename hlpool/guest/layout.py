@@ -34,7 +34,7 @@ with xrstor before any guest code runs; see hlpool/guest/entry_stub.py).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 from hlpool.errors import HlpoolError
 
@@ -113,7 +113,9 @@ class MemoryConfig:
             object.__setattr__(self, name, align_up(getattr(self, name), LARGE_PAGE if name == "files_window" else PAGE))
 
     def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+        # The fields are ints: a flat dict without asdict's recursive deep copy (this runs for every
+        # snapshot written, e.g. each script registered).
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
