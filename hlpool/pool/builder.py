@@ -331,20 +331,9 @@ class SnapshotBuilder:
 
     def _run(self, job: dict[str, Any], what: str, error: type[HlpoolError]) -> dict[str, Any]:
         """Start a builder, give it ``job``, watch it; returns its answer (the result is pinned)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            pid = self.spawn_builder(theirs.fileno())
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
+        process = start_builder(self.spawn_builder, what, error)
+        pid = process.pid
         self.builds += 1
-        try:
-            process = _Builder(pid, ours)
-        except ProcessLookupError:
-            ours.close()
-            raise error(f"{what}: the builder process died as it started") from None
         started = time.monotonic()
         try:
             deadline = started + self.limits.timeout
@@ -370,6 +359,23 @@ class SnapshotBuilder:
                             pid, what, process.killed, time.monotonic() - started, process.peak)
             for leftover in self.store.remove_temp_files(pid):
                 log.info("removed %s, left by builder %d", leftover, pid)
+
+
+def start_builder(spawn_builder: Callable[[int], int], what: str, error: type[HlpoolError]) -> "_Builder":
+    """Fork a builder process (through the spawner) and connect to it over a socket pair."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        pid = spawn_builder(theirs.fileno())
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    try:
+        return _Builder(pid, ours)
+    except ProcessLookupError:
+        ours.close()
+        raise error(f"{what}: the builder process died as it started") from None
 
 
 class _Builder:

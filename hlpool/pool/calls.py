@@ -25,7 +25,8 @@ from typing import Any, Iterator, Protocol
 import msgspec
 
 from hlpool import errors
-from hlpool.errors import GuestTimeout, WorkerCrashed
+from hlpool.errors import CallError, GuestTimeout, PayloadTooLargeError, WorkerCrashed
+from hlpool.guest import codec
 from hlpool.pool import channel as ipc
 from hlpool.pool.procinfo import process_state
 from hlpool.pool.registry import SnapshotHandle
@@ -239,3 +240,28 @@ def results_in_order(futures: list[concurrent.futures.Future]) -> Iterator[Any]:
     finally:
         for f in futures:
             f.cancel()
+
+
+def check_call(handle: SnapshotHandle, fn: str, args: Any, max_payload: int, timeout: float | None,
+               deadline: float | None) -> tuple[str, tuple, bytes]:
+    """The checks every pool makes before accepting a call, raising here (not on the future):
+    a script's own function becomes the interpreter's ``call(name, args)``; the function must be
+    exported; the arguments must encode and fit; timeout and deadline must be positive.
+    Returns (function, args, MessagePack payload)."""
+    args = args if isinstance(args, tuple) else tuple(args)
+    if handle.language is not None and fn not in handle.exports:
+        fn, args = "call", (fn, list(args))  # a script's own function: the interpreter's call(name, args)
+    if fn not in handle.exports:
+        raise CallError(f"unknown function {fn!r}; the snapshot exports {sorted(handle.exports)}")
+    try:
+        payload = codec.encode_args(args)
+    except codec.ValueTypeError as exc:
+        raise CallError(f"{fn}: {exc}") from None
+    limit = min(handle.input_capacity, max_payload)
+    if len(payload) > limit:
+        raise PayloadTooLargeError(f"{fn}: encoded arguments are {len(payload)} bytes, more than {limit}")
+    if timeout is not None and timeout <= 0:
+        raise CallError(f"timeout must be positive, got {timeout}")
+    if deadline is not None and not deadline > 0:
+        raise CallError(f"deadline must be positive, got {deadline}")
+    return fn, args, payload

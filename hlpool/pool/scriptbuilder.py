@@ -132,20 +132,9 @@ class ScriptBuilders:
     # ---- internals ---------------------------------------------------------------------------
 
     def _start(self, language: str, what: str) -> tuple[one_shot._Builder, dict[str, Any]]:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            pid = self.spawn_builder(theirs.fileno())
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
+        process = one_shot.start_builder(self.spawn_builder, what, SnapshotError)
+        pid = process.pid
         self.started += 1
-        try:
-            process = one_shot._Builder(pid, ours)
-        except ProcessLookupError:
-            ours.close()
-            raise SnapshotError(f"{what}: the builder process died as it started") from None
         deadline = time.monotonic() + self.limits.timeout
         info = None
         if process.receive(deadline, None) is not None:  # {"ready"}: forked

@@ -30,7 +30,6 @@ import posix_ipc
 
 from hlpool import defaults, errors
 from hlpool.errors import (
-    CallError,
     GuestTimeout,
     HlpoolError,
     PayloadTooLargeError,
@@ -47,7 +46,7 @@ from hlpool.pool import channel as ipc
 from hlpool.pool import routing
 from hlpool.pool.builder import BuildLimits, SnapshotBuilder, check_memory_config
 from hlpool.pool.calls import (  # noqa: F401 (RemoteTraceback: re-exported)
-    Call, CallFuture, RemoteTraceback, WorkerLink, rebuild_error, results_in_order)
+    Call, CallFuture, RemoteTraceback, WorkerLink, check_call, rebuild_error, results_in_order)
 from hlpool.pool.procinfo import memory_of as _memory_of
 from hlpool.pool.procinfo import raise_fd_limit as _raise_fd_limit
 from hlpool.pool.registry import SnapshotHandle, SnapshotRegistry
@@ -240,23 +239,8 @@ class Pool:
         if self._broken:
             raise PoolClosedError(f"the pool is broken: {self._broken}")
         handle = self.snapshot(snapshot)
-        args = tuple(args) if not isinstance(args, tuple) else args
-        if handle.language is not None and fn not in handle.exports:
-            fn, args = "call", (fn, list(args))  # a script's own function: the interpreter's call(name, args)
-        if fn not in handle.exports:
-            raise CallError(f"unknown function {fn!r}; the snapshot exports {sorted(handle.exports)}")
-        try:
-            payload = codec.encode_args(args)
-        except codec.ValueTypeError as exc:
-            raise CallError(f"{fn}: {exc}") from None
-        limit = min(handle.input_capacity, self._max_payload)
-        if len(payload) > limit:
-            raise PayloadTooLargeError(f"{fn}: encoded arguments are {len(payload)} bytes, more than {limit}")
         timeout = self.call_timeout if timeout is ... else timeout
-        if timeout is not None and timeout <= 0:
-            raise CallError(f"timeout must be positive, got {timeout}")
-        if deadline is not None and not deadline > 0:
-            raise CallError(f"deadline must be positive, got {deadline}")
+        fn, args, payload = check_call(handle, fn, args, self._max_payload, timeout, deadline)
         self._take_pending_slot(block)
         future = CallFuture(self)
         call = Call(future, handle, fn, payload, int(timeout * 1e9) if timeout else 0, next(self._ids),

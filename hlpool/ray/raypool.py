@@ -39,16 +39,14 @@ from hlpool.errors import (
     GuestTimeout,
     HlpoolError,
     NodeLostError,
-    PayloadTooLargeError,
     PoolClosedError,
     PoolOverloadedError,
     SnapshotError,
     from_wire,
 )
-from hlpool.guest import codec
 from hlpool.guest.build import cache_dir
 from hlpool.guest.layout import MemoryConfig
-from hlpool.pool.calls import results_in_order
+from hlpool.pool.calls import check_call, results_in_order
 from hlpool.pool.registry import SnapshotHandle
 from hlpool.pool.store import SnapshotStore
 from hlpool.ray.routing import choose, preference
@@ -306,23 +304,8 @@ class RayPool:
         if self._closed:
             raise PoolClosedError("the pool is shut down")
         handle = self.snapshot(snapshot)
-        args = tuple(args)
-        if handle.language is not None and fn not in handle.exports:
-            fn, args = "call", (fn, list(args))
-        if fn not in handle.exports:
-            raise CallError(f"unknown function {fn!r}; the snapshot exports {sorted(handle.exports)}")
-        try:
-            payload = codec.encode_args(args)
-        except codec.ValueTypeError as exc:
-            raise CallError(f"{fn}: {exc}") from None
-        limit = min(handle.input_capacity, self._max_payload)
-        if len(payload) > limit:
-            raise PayloadTooLargeError(f"{fn}: encoded arguments are {len(payload)} bytes, more than {limit}")
         timeout = self.call_timeout if timeout is ... else timeout
-        if timeout is not None and timeout <= 0:
-            raise CallError(f"timeout must be positive, got {timeout}")
-        if deadline is not None and not deadline > 0:
-            raise CallError(f"deadline must be positive, got {deadline}")
+        fn, args, _payload = check_call(handle, fn, args, self._max_payload, timeout, deadline)
         if not self._pending.acquire(blocking=self.block):
             raise PoolOverloadedError(f"{self._max_pending} calls are pending")
         future: concurrent.futures.Future = concurrent.futures.Future()
