@@ -8,6 +8,7 @@ import random
 import signal
 import threading
 import time
+import zlib
 
 import pytest
 
@@ -106,3 +107,54 @@ def test_worker_killed_while_switching_resolves_every_future(kvm, tmp_path):
         assert sum(s["crashes"] for s in pool.stats()) > 0
         for i in range(tenants):  # the replacements serve every tenant
             assert pool.submit(handles[i], "who", ("after",)).result(timeout=60) == [f"tenant-{i}", 1, "after"]
+
+
+def _worker_holding(pool: Pool, path: str) -> list[int]:
+    """Indexes of the workers that have ``path`` open (their fds, read from /proc)."""
+    real = os.path.realpath(path)
+    holders = []
+    for s in pool.stats():
+        fd_dir = f"/proc/{s['pid']}/fd"
+        try:
+            targets = [os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)]
+        except OSError:
+            continue
+        if real in targets:
+            holders.append(s["index"])
+    return holders
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_a_registered_tenant_is_opened_by_its_home_worker_before_its_first_call(kvm, tmp_path, ahead):
+    with Pool(workers=2, snapshot_dir=tmp_path, open_on_register=ahead) as pool:
+        handles = [pool.script("js", tenant_source(i)) for i in range(6)]
+        deadline = time.monotonic() + 10
+        holders = {}
+        while time.monotonic() < deadline:
+            holders = {h.path: _worker_holding(pool, h.path) for h in handles}
+            if not ahead or all(holders.values()):
+                break
+            time.sleep(0.05)
+        if ahead:
+            time.sleep(0.2)  # nothing else opens them later: each is open in exactly one worker
+            for h in handles:
+                assert _worker_holding(pool, h.path) == [zlib.crc32(h.path.encode()) % 2], h.path
+        else:
+            time.sleep(0.5)
+            assert not any(holders.values())
+        assert sum(s["calls"] for s in pool.stats()) == 0  # opening is not a call
+        for i, h in enumerate(handles):
+            assert pool.submit(h, "who", (i,)).result(timeout=30) == [f"tenant-{i}", 1, i]
+        assert sum(s["calls"] for s in pool.stats()) == len(handles)
+        assert sum(s["errors"] for s in pool.stats()) == 0
+
+
+def test_opening_ahead_neither_blocks_removal_nor_fails_when_the_file_is_gone(kvm, tmp_path):
+    with Pool(workers=1, snapshot_dir=tmp_path, max_pending=1, block=False) as pool:
+        for i in range(5):  # removed at once: the worker's open may find no file; nothing is reported
+            h = pool.script("js", tenant_source(100 + i))
+            pool.remove_snapshot(h)
+        kept = pool.script("js", tenant_source(7))  # hints take no pending slot: max_pending=1 is the user's
+        assert pool.submit(kept, "who", (1,)).result(timeout=30) == ["tenant-7", 1, 1]
+        stats = pool.stats()[0]
+        assert (stats["calls"], stats["errors"], stats["crashes"]) == (1, 0, 0)

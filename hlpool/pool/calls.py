@@ -129,6 +129,8 @@ class Call:
     worker: "WorkerLink | None" = None  # set when the call is written into a worker's channel
     eager: bool = False  # the pool's thread collects the answer at once (no waiting for result())
     retried: bool = False  # queued again after its worker died without taking it (already running)
+    op: int = ipc.OP_CALL  # OP_OPEN: only open the snapshot in the worker (a hint, see Pool._open_ahead)
+    in_loop: bool = False  # an event loop collects the answer (the worker signals its eventfd; see loopcollect)
 
 
 @dataclass
@@ -158,6 +160,10 @@ class WorkerLink:
     # Held by whoever waits on and reads the channel's answers: the pool's thread, or a caller
     # in result() (see CallFuture). Taken before the pool's lock, never after it.
     reader: threading.RLock = field(default_factory=threading.RLock)
+    # An eventfd of this worker slot, kept across replacements: the worker signals answers an event
+    # loop waits for (see hlpool.pool.loopcollect).
+    notify_fd: int = -1
+    loop_answers: int = 0  # answers an event loop took (the rest: the pool's thread or callers in result())
 
     @property
     def load(self) -> int:

@@ -34,11 +34,14 @@ RESPONSE = struct.Struct("<7Q")  # the response's fields at the start of the hea
 
 OP_CALL = 1
 OP_STOP = 2
+OP_OPEN = 3  # open the snapshot at the path (no call): a hint sent when a snapshot is registered
 STATUS_OK = 0
 STATUS_ERROR = 1
 
 # Request header: op, request id, timeout (ns from when the worker starts it, 0 = none), path length, function name
-# length, payload length, expiry (CLOCK_MONOTONIC ns by which the call must end, queue time included; 0 = none). Response header: status, request id, data length, VMs held, ns the worker
+# length, payload length, expiry (CLOCK_MONOTONIC ns by which the call must end, queue time included; 0 = none),
+# notify (1: also signal the worker's notification eventfd after answering, for an event loop that
+# collects the answer; see hlpool.pool.loopcollect). Response header: status, request id, data length, VMs held, ns the worker
 # spent on the call (its service time: the supervisor's cost estimate for routing and batching), VMs made,
 # VM switches done.
 MAX_PATH = 4096
@@ -125,7 +128,7 @@ class Channel:
         return (index % self.depth) * self.slot_size
 
     def write_request(self, index: int, request_id: int, path: bytes, function: bytes, payload: bytes,
-                      timeout_ns: int, expires_ns: int = 0) -> None:
+                      timeout_ns: int, expires_ns: int = 0, op: int = OP_CALL, notify: bool = False) -> None:
         base = self._slot(index)
         data = base + HEADER_SIZE
         total = len(path) + len(function) + len(payload)
@@ -135,26 +138,27 @@ class Channel:
         v[data:data + len(path)] = path
         v[data + len(path):data + len(path) + len(function)] = function
         v[data + len(path) + len(function):data + total] = payload
-        HEADER.pack_into(v, base, OP_CALL, request_id, timeout_ns, len(path), len(function), len(payload),
-                         expires_ns, *([0] * 9))
+        HEADER.pack_into(v, base, op, request_id, timeout_ns, len(path), len(function), len(payload),
+                         expires_ns, int(notify), *([0] * 8))
 
     def write_stop(self, index: int) -> None:
         HEADER.pack_into(self.view, self._slot(index), OP_STOP, *([0] * 15))
 
-    def read_request(self, index: int) -> tuple[int, int, int, int, str, str, memoryview]:
+    def read_request(self, index: int) -> tuple[int, int, int, int, str, str, memoryview, bool]:
         """(op, request id, timeout ns, expiry (CLOCK_MONOTONIC ns, 0: none), snapshot path, function,
-        payload view) of slot ``index``."""
+        payload view, notify) of slot ``index``."""
         base = self._slot(index)
-        op, request_id, timeout, path_len, name_len, payload_len, expires, *_ = HEADER.unpack_from(self.view, base)
-        if op != OP_CALL:
-            return op, 0, 0, 0, "", "", self.view[0:0]
+        op, request_id, timeout, path_len, name_len, payload_len, expires, notify, *_ = HEADER.unpack_from(
+            self.view, base)
+        if op != OP_CALL and op != OP_OPEN:
+            return op, 0, 0, 0, "", "", self.view[0:0], False
         data = base + HEADER_SIZE
         if path_len + name_len + payload_len > self.data_capacity:
             raise HlpoolError("corrupt request in the channel")
         path = bytes(self.view[data:data + path_len]).decode()
         function = bytes(self.view[data + path_len:data + path_len + name_len]).decode()
         start = data + path_len + name_len
-        return op, request_id, timeout, expires, path, function, self.view[start:start + payload_len]
+        return op, request_id, timeout, expires, path, function, self.view[start:start + payload_len], notify == 1
 
     def mark_taken(self, index: int, request_id: int) -> None:
         """Worker side: record that the request in slot ``index`` is being run (before running it)."""

@@ -200,12 +200,14 @@ def prepare(user: str | int | None) -> tuple[int, int] | None:
 
 
 def confine_worker(*, user: tuple[int, int] | None = None, keep_paths: Collection[str] = (),
-                   unmap_prefixes: Sequence[str] = (), open_kvm: Callable[[], int] | None = None) -> Confinement:
+                   unmap_prefixes: Sequence[str] = (), open_kvm: Callable[[], int] | None = None,
+                   keep_fds: Collection[int] = ()) -> Confinement:
     """Confine the calling worker process (see the module's description); never raises.
 
     ``user``: ``(uid, gid)`` from :func:`prepare`, or None to keep the current uid.
     ``keep_paths``: files (the worker's channel) whose fds stay open and whose shared mappings
-    stay mapped. ``unmap_prefixes``: shared mappings of other files whose path starts with one
+    stay mapped. ``keep_fds``: more fds that stay open (the worker's notification eventfd).
+    ``unmap_prefixes``: shared mappings of other files whose path starts with one
     of these are unmapped (other pools' channels, inherited from the supervisor through the
     spawner). ``open_kvm``: opens ``/dev/kvm`` and returns the fd (default: the process-wide
     handle of :func:`hlpool.kvm.system.system`).
@@ -216,7 +218,7 @@ def confine_worker(*, user: tuple[int, int] | None = None, keep_paths: Collectio
         ("/dev/kvm", lambda r: _open_kvm(r, open_kvm)),
         ("capabilities", lambda r: _drop_privileges(r, user)),
         ("dumpable", _set_not_dumpable),
-        ("inherited fds", lambda r: _close_inherited_fds(r, keep_paths)),
+        ("inherited fds", lambda r: _close_inherited_fds(r, keep_paths, keep_fds)),
         ("inherited mappings", lambda r: _unmap_foreign(r, keep_paths, unmap_prefixes)),
         ("landlock", _restrict_landlock),
         ("seccomp", lambda r: _load_seccomp(r, seccomp)),
@@ -287,8 +289,8 @@ def _linked_path(link: str) -> str:
     return link[:-len(" (deleted)")] if link.endswith(" (deleted)") else link
 
 
-def _close_inherited_fds(result: Confinement, keep_paths: Collection[str]) -> None:
-    keep = {0, 1, 2, result.kvm_fd} | _stream_fds()
+def _close_inherited_fds(result: Confinement, keep_paths: Collection[str], keep_fds: Collection[int] = ()) -> None:
+    keep = {0, 1, 2, result.kvm_fd} | _stream_fds() | set(keep_fds)
     closed = 0
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)

@@ -34,13 +34,18 @@ def family_key(handle: SnapshotHandle) -> str:
     return f"script:{handle.language}" if handle.language else handle.path
 
 
+def home_index(handle: SnapshotHandle, workers: int) -> int:
+    """The index of ``handle``'s home worker among ``workers``: a hash of its path."""
+    return zlib.crc32(handle.path.encode()) % workers
+
+
 def choose_worker(workers: Sequence[WorkerLink], handle: SnapshotHandle, per_call: float, switching: bool,
                   max_warm: int) -> WorkerLink:
     """The worker for a call of ``handle`` (the pool's lock is held); records what it will hold."""
     key = family_key(handle) if switching else handle.path
     # Each snapshot has a home worker (a hash of its path): while loads are even, its calls go
     # there, so every worker opens and keeps a share of the tenants, not all of them.
-    home = zlib.crc32(handle.path.encode()) % len(workers)
+    home = home_index(handle, len(workers))
     best, best_cost = None, None
     for i, w in enumerate(workers):
         at = w.warm.get(key)

@@ -62,11 +62,12 @@ class Spawner:
         self.pidfd = os.pidfd_open(pid)
         self._lock = threading.Lock()  # one request/answer exchange at a time (builds come from any thread)
 
-    def spawn(self, index: int, names: ipc.ChannelNames) -> int:
-        """Fork worker ``index`` attached to the channel ``names``; returns its pid."""
+    def spawn(self, index: int, names: ipc.ChannelNames, notify_fd: int = -1) -> int:
+        """Fork worker ``index`` attached to the channel ``names`` (and, if given, holding a copy of
+        the eventfd ``notify_fd``, see :func:`hlpool.pool.worker.serve`); returns its pid."""
         request = msgspec.msgpack.encode({"index": index, "names": [names.shm, names.requests, names.responses,
                                                                     names.size, names.depth]})
-        reply = self._exchange(request, [])
+        reply = self._exchange(request, [notify_fd] if notify_fd >= 0 else [])
         if "error" in reply:
             raise HlpoolError(f"cannot start worker {index}: {reply['error']}")
         return int(reply["pid"])
@@ -161,14 +162,30 @@ def _spawner_main(sock: socket.socket, config) -> None:
             return
         if not message:
             return  # the supervisor closed its end: stop; workers follow through PDEATHSIG
-        if fds:
-            _fork_builder(sock, fds[0], config)
-            continue
         try:
             request = msgspec.msgpack.decode(message)
+            if not isinstance(request, dict):
+                raise ValueError("not a map")
+        except Exception as exc:
+            for fd in fds:
+                os.close(fd)
+            sock.send(msgspec.msgpack.encode({"error": f"malformed request: {exc}"}))
+            continue
+        if request.get("build"):
+            if len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                sock.send(msgspec.msgpack.encode({"error": "a build request carries exactly one socket"}))
+                continue
+            _fork_builder(sock, fds[0], config)
+            continue
+        notify_fd = fds[0] if fds else -1
+        try:
             shm, requests, responses, size, depth = request["names"]
             channel = ipc.Channel.attach(ipc.ChannelNames(shm, requests, responses, size, depth))
         except Exception as exc:
+            if notify_fd >= 0:
+                os.close(notify_fd)
             sock.send(msgspec.msgpack.encode({"error": f"{type(exc).__name__}: {exc}"}))
             continue
         pid = os.fork()
@@ -176,13 +193,15 @@ def _spawner_main(sock: socket.socket, config) -> None:
             code = 1
             try:
                 sock.close()
-                serve(int(request["index"]), channel, config)
+                serve(int(request["index"]), channel, config, notify_fd)
                 code = 0
             except BaseException:
                 traceback.print_exc(file=sys.stderr)
             finally:
                 os._exit(code)
         channel.close()
+        if notify_fd >= 0:
+            os.close(notify_fd)  # the worker has its copy; later workers must not inherit this one
         sock.send(msgspec.msgpack.encode({"pid": pid}))
 
 

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import posix_ipc
 
-from hlpool import defaults, errors
+from hlpool import defaults
 from hlpool.errors import (
     GuestTimeout,
     HlpoolError,
@@ -38,12 +38,13 @@ from hlpool.errors import (
     SnapshotError,
     WorkerCrashed,
 )
-from hlpool.guest import codec
 from hlpool.guest.build import cache_dir
 from hlpool.guest.layout import MemoryConfig
 from hlpool.memory.guest_memory import RestorePolicy
 from hlpool.pool import channel as ipc
-from hlpool.pool import routing
+from hlpool.pool import loopcollect, routing
+from hlpool.pool.answers import (  # noqa: F401 (WATCHDOG_GRACE, BATCH_WAIT_MAX: re-exported)
+    BATCH_WAIT_MAX, CALLER_GRACE, PIPELINE_DEPTH, WATCHDOG_GRACE, AnswerPath)
 from hlpool.pool.builder import BuildLimits, SnapshotBuilder, check_memory_config
 from hlpool.pool.calls import (  # noqa: F401 (RemoteTraceback: re-exported)
     Call, CallFuture, RemoteTraceback, WorkerLink, check_call, rebuild_error, results_in_order)
@@ -58,13 +59,9 @@ from hlpool.snapshot.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
-WATCHDOG_GRACE = 5.0  # a worker silent this long past a call's deadline is killed
-PIPELINE_DEPTH = 16  # calls in a worker's channel at once (answers are collected in batches)
-CALLER_GRACE = 0.0001  # how long the pool's thread leaves a lone call's answer to its caller (see CallFuture)
-BATCH_WAIT_MAX = 0.002  # longest a collector waits for answers to gather while a backlog is in the channel
 
 
-class Pool:
+class Pool(AnswerPath):
     """A pool of worker processes running calls in sandboxes.
 
     >>> with Pool(workers=2) as pool:
@@ -85,7 +82,13 @@ class Pool:
     worker keeps open (see :class:`hlpool.pool.worker.SandboxCache`). ``confine_workers``: confine each
     worker before its first call (:mod:`hlpool.pool.confine`). ``worker_user``: a
     user name or uid the workers run as (a pool started as root only; snapshot
-    files must be readable by that user).
+    files must be readable by that user). ``spin_wait``: a caller in ``result()`` and a
+    worker waiting for its next request poll briefly instead of sleeping when the wait
+    is known to be short and a core is free (:mod:`hlpool.pool.spin`: two process
+    wake-ups less per isolated call, paid in CPU while polling); False sleeps always.
+    ``open_on_register``: a snapshot registered through this pool (``snapshot``,
+    ``script``, ``derive``) is opened right away by the worker its calls will go to,
+    so its first call does not wait for that (~0.3-0.4 ms for a script tenant).
 
     Snapshot builds (see :mod:`hlpool.pool.builder`): ``build_timeout`` seconds,
     ``build_memory`` bytes a builder may grow by, ``max_guest_memory`` bytes of guest
@@ -105,7 +108,7 @@ class Pool:
         memory: MemoryConfig | None = None,
         max_sandboxes_per_worker: int = 32,
         switch_tenants: bool = True,
-        max_open_snapshots: int = 1024,
+        max_open_snapshots: int = 4096,
         restore_policy: RestorePolicy | None = None,
         strict_cpu_reset: bool = False,
         max_payload: int = 1 << 20,
@@ -116,6 +119,8 @@ class Pool:
         max_guest_memory: int = defaults.MAX_GUEST_MEMORY,
         store_quota: int | None = defaults.STORE_QUOTA,
         max_builds: int = defaults.MAX_BUILDS,
+        spin_wait: bool = True,
+        open_on_register: bool = True,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -140,6 +145,10 @@ class Pool:
         self.collector_failures = 0  # host-side errors survived by a worker's thread (see _run_worker)
         self._ids = itertools.count(1)
         self._call_cost: dict[str, float] = {}  # snapshot path -> moving average of call seconds
+        self._spin_wait = spin_wait
+        self._open_on_register = open_on_register
+        self._opened_ahead: set[str] = set()  # snapshots a worker was asked to open (see _open_ahead)
+        self._cpus = len(os.sched_getaffinity(0))
         self.store = SnapshotStore(self.snapshot_dir, store_quota)
         limits = BuildLimits(build_timeout, build_memory, max_guest_memory, max_builds)
         check_memory_config(self.memory_config, max_guest_memory, "the pool's memory configuration")
@@ -151,16 +160,20 @@ class Pool:
             host_functions=self.host_functions, max_sandboxes=max_sandboxes_per_worker,
             switch_tenants=switch_tenants, max_open_snapshots=max_open_snapshots,
             restore_policy=restore_policy or RestorePolicy(), strict_cpu_reset=strict_cpu_reset,
-            confine=confine_workers, user=worker_user)
+            confine=confine_workers, user=worker_user, spin_wait=spin_wait)
         self._max_warm = max_sandboxes_per_worker
         self._spawner = Spawner(self._worker_config)
         self._snapshots = SnapshotRegistry(SnapshotBuilder(self._spawner.spawn_builder, self.store, limits), self.memory_config)
-        self._workers = [WorkerLink(index=i, wakeup=threading.Condition(self._lock)) for i in range(workers)]
+        self._workers = [WorkerLink(index=i, wakeup=threading.Condition(self._lock),
+                                    notify_fd=os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+                         for i in range(workers)]
+        self._loop_collector: loopcollect.LoopCollector | None = None
         try:
             for w in self._workers:
                 self._start_worker(w)
         except BaseException:
             self._spawner.close()
+            self._close_notify_fds()
             raise
         for w in self._workers:
             w.thread = threading.Thread(target=self._run_worker, args=(w,), name=f"hlpool-pool-{w.index}",
@@ -176,7 +189,7 @@ class Pool:
         """A handle for ``source``: a guest ELF (built by a builder process, initialised and stored
         once per content hash and memory settings: ``memory``, default the pool's), a ``.hlsnap``
         file, or a :class:`Snapshot`. Over ``max_guest_memory``: :class:`SnapshotTooLargeError`."""
-        return self._snapshots.get(source, memory)
+        return self._open_ahead(self._snapshots.get(source, memory))
 
     def script(self, language: str, source: str, *, timeout: float | None | object = ...) -> SnapshotHandle:
         """A handle for a JavaScript (``"js"``) or Lua (``"lua"``) script.
@@ -189,7 +202,7 @@ class Pool:
         (syntax, an exception while loading) raise :class:`GuestError` here.
         """
         load_timeout = self.call_timeout if timeout is ... else timeout
-        return self._snapshots.script(language, source, load_timeout or scripts.DEFAULT_LOAD_TIMEOUT)
+        return self._open_ahead(self._snapshots.script(language, source, load_timeout or scripts.DEFAULT_LOAD_TIMEOUT))
 
     def remove_snapshot(self, snapshot: "SnapshotHandle | str | os.PathLike") -> bool:
         """Forget a snapshot (a handle, its file, or the source it was registered from) and delete its
@@ -198,6 +211,7 @@ class Pool:
         calls for it are queued or running; submitting its handle afterwards is refused too."""
         path, deleted = self._snapshots.remove(snapshot, self._lock, self._calls_using_locked)
         self._call_cost.pop(path, None)
+        self._opened_ahead.discard(path)
         return deleted
 
     def collect_garbage(self) -> list[str]:
@@ -212,11 +226,12 @@ class Pool:
         callable on a Region, or layout area names such as ``["heap"]`` whose parent bytes are kept).
         Errors of the calls raise here (GuestError...) and leave nothing behind (see SnapshotBuilder.build_child)."""
         load_timeout = self.call_timeout if timeout is ... else timeout
-        return self._snapshots.derive(self.snapshot(base), list(calls), list(map_files), retain,
-                                      load_timeout or defaults.INIT_TIMEOUT)
+        return self._open_ahead(self._snapshots.derive(self._snapshots.get(base), list(calls), list(map_files),
+                                                       retain, load_timeout or defaults.INIT_TIMEOUT))
 
     def _calls_using_locked(self, path: str) -> int:
-        return sum(c.handle.path == path for w in self._workers for c in itertools.chain(w.queue, w.inflight))
+        return sum(c.handle.path == path and c.op == ipc.OP_CALL
+                   for w in self._workers for c in itertools.chain(w.queue, w.inflight))
 
     # ---- submitting ----------------------------------------------------------------------
 
@@ -233,18 +248,19 @@ class Pool:
         return self._submit(snapshot, fn, args, timeout, deadline, block=self.block)
 
     def _submit(self, snapshot: Any, fn: str, args: Iterable[Any], timeout: float | None | object,
-                deadline: float | None, block: bool, eager: bool = False) -> concurrent.futures.Future:
+                deadline: float | None, block: bool, eager: bool = False,
+                in_loop: bool = False) -> concurrent.futures.Future:
         if self._closed:
             raise PoolClosedError("the pool is shut down")
         if self._broken:
             raise PoolClosedError(f"the pool is broken: {self._broken}")
-        handle = self.snapshot(snapshot)
+        handle = self._snapshots.get(snapshot)
         timeout = self.call_timeout if timeout is ... else timeout
         fn, args, payload = check_call(handle, fn, args, self._max_payload, timeout, deadline)
         self._take_pending_slot(block)
         future = CallFuture(self)
         call = Call(future, handle, fn, payload, int(timeout * 1e9) if timeout else 0, next(self._ids),
-                     expires=time.monotonic() + deadline if deadline else 0.0, eager=eager)
+                     expires=time.monotonic() + deadline if deadline else 0.0, eager=eager, in_loop=in_loop)
         future._call = call
         with self._lock:
             if self._closed or self._broken:
@@ -255,15 +271,37 @@ class Pool:
                 raise SnapshotError(f"{handle.path}: the snapshot was removed (Pool.remove_snapshot)")
             worker = routing.choose_worker(self._workers, handle, self._call_cost.get(handle.path, routing.DEFAULT_CALL_COST),
                                            self._worker_config.switch_tenants, self._max_warm)
-            if worker.alive and not worker.queue and len(worker.inflight) < PIPELINE_DEPTH:
-                self._dispatch_locked(worker, call)  # straight into the channel: no thread hop
-                if eager:  # else the caller collects in result(), or a callback/waiter wakes the thread
-                    worker.wakeup.notify()
-            else:
-                worker.queue.append(call)
-                worker.queued_deadlines |= bool(call.expires)
-                worker.wakeup.notify()
+            self._enqueue_locked(worker, call)
         return future
+
+    def _enqueue_locked(self, worker: WorkerLink, call: Call) -> None:
+        """Hand ``call`` to ``worker``: straight into its channel when nothing is queued before it
+        (no thread hop), else into its queue for the worker's thread."""
+        if worker.alive and not worker.queue and len(worker.inflight) < PIPELINE_DEPTH:
+            self._dispatch_locked(worker, call)
+            if call.eager:  # else the caller collects in result(), or a callback/waiter wakes the thread
+                worker.wakeup.notify()
+        else:
+            worker.queue.append(call)
+            worker.queued_deadlines |= bool(call.expires)
+            worker.wakeup.notify()
+
+    def _open_ahead(self, handle: SnapshotHandle) -> SnapshotHandle:
+        """Have the worker that will serve ``handle``'s calls (its home worker, see
+        :mod:`hlpool.pool.routing`) open its snapshot now, so that the first call does not pay
+        for it (``open_on_register``). A hint: skipped when the pool is closing, and
+        its outcome is not reported (a call that needs the snapshot reports any problem);
+        it does not count against ``max_pending``."""
+        if not self._open_on_register or handle.path in self._opened_ahead:
+            return handle
+        # A plain Future: no one waits for it, and it takes no pending slot (not a user's call).
+        call = Call(concurrent.futures.Future(), handle, "", b"", 0, next(self._ids), eager=True, op=ipc.OP_OPEN)
+        with self._lock:
+            if self._closed or self._broken:
+                return handle
+            self._opened_ahead.add(handle.path)
+            self._enqueue_locked(self._workers[routing.home_index(handle, len(self._workers))], call)
+        return handle
 
     def map(self, snapshot: Any, fn: str, iterable: Iterable[Iterable[Any]], *,
             timeout: float | None | object = ...) -> Iterator[Any]:
@@ -275,14 +313,42 @@ class Pool:
                    deadline: float | None = None) -> Any:
         """``await pool.call(snap, "fn", 1, 2)``: submit without blocking the event loop."""
         try:  # a free pending slot: submit right here (no executor thread on the way)
-            future = self._submit(snapshot, fn, args, timeout, deadline, block=False, eager=True)
+            waiter = self.call_future(snapshot, fn, args, timeout=timeout, deadline=deadline)
         except PoolOverloadedError:
             if not self.block:
                 raise
             loop = asyncio.get_running_loop()  # wait for a slot without blocking the event loop
-            future = await loop.run_in_executor(
-                None, lambda: self.submit(snapshot, fn, args, timeout=timeout, deadline=deadline))
-        return await asyncio.wrap_future(future)
+            waiter = asyncio.wrap_future(await loop.run_in_executor(
+                None, lambda: self.submit(snapshot, fn, args, timeout=timeout, deadline=deadline)))
+        return await waiter
+
+    def call_future(self, snapshot: Any, fn: str, args: Iterable[Any] = (), *,
+                    timeout: float | None | object = ..., deadline: float | None = None) -> asyncio.Future:
+        """Like :meth:`submit`, from inside a running event loop: an asyncio future of that loop.
+
+        The loop collects the answer itself (:mod:`hlpool.pool.loopcollect`: the worker
+        signals an eventfd the loop watches; no other thread on the way). Never blocks:
+        at ``max_pending`` it raises :class:`PoolOverloadedError`. Cancelling the future
+        drops the call if it has not started. One loop at a time is served this way;
+        another loop gets the answer through the pool's thread."""
+        collector = self._collector_for(asyncio.get_running_loop())
+        if collector is None:
+            return asyncio.wrap_future(self._submit(snapshot, fn, args, timeout, deadline, block=False, eager=True))
+        return collector.wrap(self._submit(snapshot, fn, args, timeout, deadline, block=False, in_loop=True))
+
+    def _collector_for(self, loop: asyncio.AbstractEventLoop) -> "loopcollect.LoopCollector | None":
+        collector = self._loop_collector
+        if collector is not None and collector.loop is loop:
+            return collector
+        if collector is not None and not collector.loop.is_closed():
+            return None  # another live loop is served: this one takes the pool's thread path
+        with self._lock:
+            if self._closed or self._broken or any(w.notify_fd < 0 for w in self._workers):
+                return None
+            if collector is not None:
+                collector.detach()
+            self._loop_collector = loopcollect.LoopCollector(self, loop)
+            return self._loop_collector
 
     def _take_pending_slot(self, block: bool) -> None:
         """Count a new pending call; at ``max_pending`` wait for one to finish (or refuse)."""
@@ -312,7 +378,7 @@ class Pool:
     def _start_worker(self, w: WorkerLink) -> None:
         channel = ipc.Channel.create(PIPELINE_DEPTH, self._max_payload + ipc.MAX_PATH + ipc.MAX_NAME)
         try:
-            pid = self._spawner.spawn(w.index, channel.names)
+            pid = self._spawner.spawn(w.index, channel.names, w.notify_fd)
         except BaseException:
             channel.unlink()
             channel.close()
@@ -340,7 +406,8 @@ class Pool:
                 call.timeout_ns = max(1, int(left * 1e9))
         try:
             w.channel.write_request(w.sent, call.request_id, call.handle.path.encode(), call.function.encode(),
-                                    call.payload, call.timeout_ns, int(call.expires * 1e9) if call.expires else 0)
+                                    call.payload, call.timeout_ns, int(call.expires * 1e9) if call.expires else 0,
+                                    call.op, call.in_loop)
         except ValueError as exc:
             call.future.set_exception(PayloadTooLargeError(str(exc)))
             return
@@ -381,7 +448,14 @@ class Pool:
             while w.queue and w.alive and len(w.inflight) < PIPELINE_DEPTH:
                 self._dispatch_locked(w, w.queue.popleft())
             busy = bool(w.inflight)
-            if busy and len(w.inflight) == 1 and not w.inflight[0].eager:
+            if busy and w.inflight[0].in_loop and self._loop_collector is not None:
+                # An event loop collects these answers (hlpool.pool.loopcollect): step in only when the
+                # worker made no progress meanwhile (a long call, a dead worker, a loop that is blocked).
+                head = w.inflight[0]
+                w.wakeup.wait(loopcollect.LOOP_WATCH)
+                if not w.inflight or w.inflight[0] is not head:
+                    return True
+            elif busy and len(w.inflight) == 1 and not w.inflight[0].eager:
                 # A lone call: its caller is probably about to wait in result() and collect the
                 # answer itself (one wake-up less); give it a moment to take the reader lock.
                 left = w.inflight[0].started + CALLER_GRACE - time.monotonic()
@@ -393,7 +467,7 @@ class Pool:
                 try:
                     self._collect(w)
                 finally:
-                    w.reader.release()
+                    self._release_reader(w)
             else:  # a caller reads the answers now; it wakes this thread when it stops
                 with self._lock:
                     if w.inflight:
@@ -401,147 +475,6 @@ class Pool:
         elif not w.is_alive():
             self._replace(w, None)
         return True
-
-    def _collect(self, w: WorkerLink) -> None:
-        """Wait briefly for responses of ``w``; take every response that is ready in one batch.
-
-        One wake-up of this thread serves as many responses as the worker has posted
-        by then: they are read under one acquisition of the lock, the channel is
-        refilled from the queue before any future is resolved (the worker never
-        waits for the callbacks), then the futures are resolved outside the lock.
-        """
-        responses = w.channel.responses
-        if len(w.inflight) > 2 and not responses.value:
-            # A backlog in the channel keeps the worker busy: let answers gather for about half
-            # of it instead of waking for each one (a wake-up costs more CPU than the answer).
-            head = w.inflight[0]
-            per_call = self._call_cost.get(head.handle.path, routing.DEFAULT_CALL_COST)
-            time.sleep(min(BATCH_WAIT_MAX, per_call * (len(w.inflight) - 2)))
-        try:
-            responses.acquire(0.05)
-        except posix_ipc.BusyError:
-            if not w.is_alive():
-                self._replace(w, "died")
-                return
-            with self._lock:
-                call = w.inflight[0] if w.inflight else None
-            reason = w.stuck_reason(call, WATCHDOG_GRACE) if call is not None else None
-            if reason is not None:
-                log.error("worker %d (pid %d) is %s; killing it", w.index, w.pid, reason)
-                w.kill()
-                self._replace(w, f"was killed: {reason}")
-            return
-        self._take_answers(w)
-
-    def _take_answers(self, w: WorkerLink, in_caller: bool = False) -> None:
-        """After one answer was signalled: take it and every answer already posted, refill the
-        channel from the queue, then resolve the futures outside the pool's lock (reader held)."""
-        responses = w.channel.responses
-        ready = 1
-        for _ in range(min(responses.value, PIPELINE_DEPTH - 1)):  # posted already: no waiting
-            responses.acquire(0)
-            ready += 1
-        batch, in_order = [], True
-        with self._lock:
-            now = time.monotonic()
-            for _ in range(ready):
-                call = w.inflight.popleft()
-                status, request_id, data, figures = w.channel.read_response(w.received)
-                in_order = in_order and request_id == call.request_id
-                w.received += 1
-                w.calls += 1
-                w.errors += status != ipc.STATUS_OK
-                batch.append((call, status, data, figures[1]))
-            w.sandboxes, _, w.vms_created, w.switches = figures
-            if w.inflight:  # the worker starts the next call about now (the watchdog measures from here)
-                w.inflight[0].started = now
-            if w.queue and w.alive and in_order:
-                if w.queued_deadlines:
-                    w.expire_queued()
-                while w.queue and len(w.inflight) < PIPELINE_DEPTH:
-                    self._dispatch_locked(w, w.queue.popleft())
-        if not in_order:  # the worker broke the channel's protocol: nothing it answered is trusted
-            for call, *_ in batch:
-                call.future.set_exception(WorkerCrashed(f"worker {w.index} answered out of order"))
-            w.kill()
-            self._replace(w, "answered out of order")
-            return
-        try:
-            for item in batch:
-                try:  # done-callbacks run here: what they raise must not end a thread or lose answers
-                    self._resolve(*item)
-                except BaseException as exc:  # noqa: BLE001 (SystemExit and the like from user callbacks)
-                    if in_caller and isinstance(exc, KeyboardInterrupt):
-                        raise  # the caller's own Ctrl-C (the finally still delivers the rest)
-                    log.exception("a done-callback of a pool call raised; the pool goes on")
-        finally:  # a caller collecting here may be interrupted (KeyboardInterrupt in result()):
-            for item in batch:  # the answers it took out of the channel are still delivered
-                if not item[0].future.done():
-                    self._resolve(*item)
-
-    def _wake_collector(self, call: Call, blocking: bool = True) -> None:
-        """Make the pool's thread collect ``call``'s answer now (it may be waiting for a caller).
-
-        ``blocking=False`` is for callers that hold the call's Future condition
-        (``concurrent.futures.wait`` adds its waiter under it): the pool's lock is taken
-        before a Future's condition everywhere else, so waiting for it here could deadlock;
-        when it is busy, a short-lived thread delivers the wake-up instead."""
-        if not self._lock.acquire(blocking=blocking):
-            threading.Thread(target=self._wake_collector, args=(call,), name="hlpool-wake", daemon=True).start()
-            return
-        try:
-            w = call.worker
-            if w is not None:
-                w.wakeup.notify()
-        finally:
-            self._lock.release()
-
-    def _collect_for(self, call: "Call | None", timeout: float | None) -> None:
-        """In the caller's thread: read the answers of the call's worker until the call is done,
-        if no one else reads them now (see :class:`CallFuture`). Gives up on any trouble."""
-        w = call.worker if call is not None else None
-        if w is None:  # still queued: the pool's thread dispatches it and should answer at once
-            if call is not None:
-                call.eager = True
-            return
-        if not w.reader.acquire(blocking=False):
-            if not call.eager:
-                call.eager = True
-                self._wake_collector(call)
-            return
-        try:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while not call.future.done() and call.worker is w and w.channel is not None and w.inflight:
-                wait = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
-                if wait <= 0:
-                    return
-                try:
-                    w.channel.responses.acquire(wait)
-                except posix_ipc.BusyError:
-                    return  # slow or stuck: the pool's thread watches the worker
-                self._take_answers(w, in_caller=True)
-        finally:
-            w.reader.release()
-            if w.inflight:
-                with self._lock:
-                    w.wakeup.notify()
-
-    def _resolve(self, call: Call, status: int, data: bytes, run_ns: int) -> None:
-        """Set the future of a finished call from the worker's response."""
-        elapsed = min(run_ns / 1e9, 60.0)  # the worker's own time for it (a cost estimate, never trusted further)
-        path = call.handle.path
-        previous = self._call_cost.get(path)
-        self._call_cost[path] = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
-        if status == ipc.STATUS_OK:
-            try:
-                value = codec.decode_value(data)
-            except errors.GuestProtocolError as exc:
-                call.future.set_exception(errors.GuestProtocolError(f"{call.function}: guest returned a "
-                                                                    f"malformed result: {exc}"))
-                return
-            call.future.set_result(value)
-        else:
-            call.future.set_exception(rebuild_error(data))
 
     def _replace(self, w: WorkerLink, reason: str | None) -> None:
         """The worker died: fail its in-flight calls, start a replacement, keep its queue."""
@@ -647,6 +580,29 @@ class Pool:
             atexit.unregister(self._finalizer)
             self._spawner.close()
             self._snapshots.release()  # unpin the store's files: another pool's collector may take them now
+            self._close_notify_fds()
+
+    def _close_notify_fds(self) -> None:
+        """Close the workers' eventfds, after the event loop watching them (if any) stopped watching."""
+        collector, self._loop_collector = self._loop_collector, None
+        fds = [w.notify_fd for w in self._workers if w.notify_fd >= 0]
+        for w in self._workers:
+            w.notify_fd = -1
+
+        def close_all() -> None:
+            if collector is not None:
+                collector.detach()
+            for fd in fds:
+                os.close(fd)
+
+        loop = collector.loop if collector is not None else None
+        if loop is None or loop.is_closed() or not loop.is_running() or threading.get_ident() == collector.thread_id:
+            close_all()
+            return
+        try:  # the loop runs in another thread: it stops watching, then closes them
+            loop.call_soon_threadsafe(close_all)
+        except RuntimeError:  # closed meanwhile
+            close_all()
 
     def __enter__(self) -> "Pool":
         return self
@@ -657,12 +613,13 @@ class Pool:
     # ---- introspection -----------------------------------------------------------------------
 
     def stats(self) -> list[dict[str, Any]]:
-        """Per worker: index, pid, alive, calls, errors, crashes, VMs held, queued, in flight, RSS/PSS."""
+        """Per worker: index, pid, alive, calls, errors, crashes, VMs held/made, switches, answers an
+        event loop took (``call_future``), queued, in flight, RSS/PSS."""
         out = []
         for w in self._workers:
             entry = {"index": w.index, "pid": w.pid, "alive": w.alive, "calls": w.calls, "errors": w.errors,
                      "crashes": w.crashes, "vms": w.sandboxes, "vms_created": w.vms_created,
-                     "switches": w.switches, "queued": len(w.queue),
+                     "switches": w.switches, "loop_answers": w.loop_answers, "queued": len(w.queue),
                      "in_flight": len(w.inflight)}
             entry.update(_memory_of(w.pid) if w.alive else {"rss_kib": 0, "pss_kib": 0})
             out.append(entry)

@@ -29,6 +29,7 @@ from hlpool.errors import GuestTimeout, HlpoolError, SandboxBrokenError, Snapsho
 from hlpool.memory.guest_memory import RestorePolicy
 from hlpool.pool import channel as ipc
 from hlpool.pool import confine
+from hlpool.pool.spin import NextRequestWait
 from hlpool.sandbox import HostFunction, Sandbox
 from hlpool.snapshot.snapshot import Snapshot
 
@@ -45,10 +46,12 @@ class WorkerConfig:
     max_sandboxes: int = 32
     # Switch a VM between snapshots of one family instead of keeping a VM per snapshot (SandboxCache).
     switch_tenants: bool = True
-    max_open_snapshots: int = 1024
+    max_open_snapshots: int = 4096
     restore_policy: RestorePolicy = field(default_factory=RestorePolicy)
     strict_cpu_reset: bool = False
     max_log_bytes: int = 1 << 20
+    # Poll briefly for the next request when requests usually follow answers closely (hlpool.pool.spin).
+    spin_wait: bool = True
     # Confine each worker before its first call (see hlpool.pool.confine): no capabilities, not
     # dumpable, inherited fds closed, Landlock, a seccomp allowlist. ``user``: a user name or uid
     # the workers switch to (only for a pool started as root), checked here, in the supervisor.
@@ -110,6 +113,12 @@ class SandboxCache:
         self._vms[id(sb)] = sb
         self._at[path] = sb
         return sb
+
+    def open(self, path: str) -> None:
+        """Open the snapshot at ``path`` now (ahead of its first call), keeping it in the LRU of open
+        snapshots; a snapshot already open is left where it is in that order."""
+        if path not in self._snapshots and path not in self._at:
+            self._snapshot(path)
 
     def _snapshot(self, path: str) -> Snapshot:
         snapshot = self._snapshots.get(path)
@@ -239,25 +248,35 @@ def _prepare_process(index: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def serve(index: int, channel: ipc.Channel, config: WorkerConfig) -> None:
-    """The worker's main loop: one call per request, in slot order, until told to stop."""
+def serve(index: int, channel: ipc.Channel, config: WorkerConfig, notify_fd: int = -1) -> None:
+    """The worker's main loop: one call per request, in slot order, until told to stop.
+
+    ``notify_fd``: an eventfd of the supervisor's; an answer to a request that asks for it
+    (an event loop collects that answer, see :mod:`hlpool.pool.loopcollect`) is also signalled there."""
     _prepare_process(index)
     if config.confine:  # it holds its channel; /dev/kvm is opened and kept before confining
         names = channel.names
         own = {f"/dev/shm{names.shm}", f"/dev/shm/sem.{names.requests[1:]}", f"/dev/shm/sem.{names.responses[1:]}"}
-        confine.confine_worker(user=config.user_ids, keep_paths=own,
+        confine.confine_worker(user=config.user_ids, keep_paths=own, keep_fds=(notify_fd,) if notify_fd >= 0 else (),
                                unmap_prefixes=(f"/dev/shm/{ipc.PREFIX}", f"/dev/shm/sem.{ipc.PREFIX}"))
     cache = SandboxCache(config, f"worker-{index}")
+    next_request = NextRequestWait(config.spin_wait)
     slot = 0
     try:
         while True:
-            channel.requests.acquire()
-            op, request_id, timeout_ns, expires_ns, path, function, payload = channel.read_request(slot)
+            next_request.wait(channel.requests)
+            op, request_id, timeout_ns, expires_ns, path, function, payload, notify = channel.read_request(slot)
             if op == ipc.OP_STOP:
                 channel.write_response(slot, 0, ipc.STATUS_OK, b"", len(cache))
                 channel.responses.release()
                 return
             channel.mark_taken(slot, request_id)  # from here a crash may have run part of it
+            if op == ipc.OP_OPEN:
+                status, data = _open_one(cache, path)
+                channel.write_response(slot, request_id, status, data, len(cache), 0, cache.created, cache.switches)
+                channel.responses.release()
+                slot += 1
+                continue
             began = time.monotonic_ns()
             if expires_ns:  # the total deadline counts the time the call waited in the channel
                 left = expires_ns - began
@@ -270,9 +289,28 @@ def serve(index: int, channel: ipc.Channel, config: WorkerConfig) -> None:
             channel.write_response(slot, request_id, status, data, len(cache), time.monotonic_ns() - began,
                                    cache.created, cache.switches)
             channel.responses.release()
+            if notify and notify_fd >= 0:
+                _signal(notify_fd)
             slot += 1
     finally:
         cache.close()
+
+
+def _signal(fd: int) -> None:
+    """Add one to the eventfd ``fd`` (the supervisor's event loop wakes on it)."""
+    try:
+        os.eventfd_write(fd, 1)
+    except OSError:  # not an eventfd any more, or its counter is full: the loop's safety net collects
+        pass
+
+
+def _open_one(cache: SandboxCache, path: str) -> tuple[int, bytes]:
+    """Open the snapshot at ``path`` ahead of its first call (see Pool's ``open_on_register``)."""
+    try:
+        cache.open(path)
+        return ipc.STATUS_OK, b""
+    except Exception as exc:  # a hint: the call that needs the snapshot reports the problem
+        return ipc.STATUS_ERROR, error_blob(exc)
 
 
 def _run_one(cache: SandboxCache, path: str, function: str, payload: memoryview,

@@ -343,6 +343,12 @@ class RayPool:
             future = self.submit(snapshot, fn, args, timeout=timeout, deadline=deadline)
         return await asyncio.wrap_future(future)
 
+    def call_future(self, snapshot: Any, fn: str, args: Iterable[Any] = (), *,
+                    timeout: float | None | object = ..., deadline: float | None = None) -> asyncio.Future:
+        """Like ``Pool.call_future``: :meth:`submit` from inside a running event loop, as an asyncio
+        future of that loop (the answer comes through Ray's own threads)."""
+        return asyncio.wrap_future(self.submit(snapshot, fn, args, timeout=timeout, deadline=deadline))
+
     # ---- dispatching -----------------------------------------------------------------------------
 
     def _dispatch_loop(self) -> None:

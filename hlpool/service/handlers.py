@@ -276,7 +276,7 @@ class Service:
         waiting = None
         try:
             try:
-                waiting = asyncio.wrap_future(self.pool.submit(entry.handle, fn, args, timeout=timeout))
+                waiting = self.pool.call_future(entry.handle, fn, args, timeout=timeout)
                 self._waiting.add(waiting)
                 result = await waiting
             except HlpoolError as exc:

@@ -1,0 +1,206 @@
+"""How a pool takes its workers' answers: in batches by the pool's thread, in the caller's thread
+(``result()``), or by an event loop (:mod:`hlpool.pool.loopcollect`); then resolves the futures.
+
+:class:`AnswerPath` is a part of :class:`hlpool.pool.supervisor.Pool` (a mixin kept in its own
+module): it uses the pool's lock, workers, cost estimates and ``_replace``/``_dispatch_locked``.
+Whoever reads a worker's answers holds that worker's reader lock (``WorkerLink.reader``), taken
+before the pool's lock, never after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import posix_ipc
+
+from hlpool import errors
+from hlpool.errors import WorkerCrashed
+from hlpool.guest import codec
+from hlpool.pool import channel as ipc
+from hlpool.pool import loopcollect, routing, spin
+from hlpool.pool.calls import Call, WorkerLink, rebuild_error
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("hlpool.pool.supervisor")
+
+WATCHDOG_GRACE = 5.0  # a worker silent this long past a call's deadline is killed
+PIPELINE_DEPTH = 16  # calls in a worker's channel at once (answers are collected in batches)
+CALLER_GRACE = 0.0001  # how long the pool's thread leaves a lone call's answer to its caller (see CallFuture)
+BATCH_WAIT_MAX = 0.002  # longest a collector waits for answers to gather while a backlog is in the channel
+
+
+class AnswerPath:
+    """The answer-taking half of :class:`~hlpool.pool.supervisor.Pool`."""
+
+    def _collect(self, w: WorkerLink) -> None:
+        """Wait briefly for responses of ``w``; take every response that is ready in one batch.
+
+        One wake-up of this thread serves as many responses as the worker has posted
+        by then: they are read under one acquisition of the lock, the channel is
+        refilled from the queue before any future is resolved (the worker never
+        waits for the callbacks), then the futures are resolved outside the lock.
+        """
+        responses = w.channel.responses
+        if len(w.inflight) > 2 and not responses.value:
+            # A backlog in the channel keeps the worker busy: let answers gather for about half
+            # of it instead of waking for each one (a wake-up costs more CPU than the answer).
+            head = w.inflight[0]
+            per_call = self._call_cost.get(head.handle.path, routing.DEFAULT_CALL_COST)
+            time.sleep(min(BATCH_WAIT_MAX, per_call * (len(w.inflight) - 2)))
+        try:
+            responses.acquire(0.05)
+        except posix_ipc.BusyError:
+            if not w.is_alive():
+                self._replace(w, "died")
+                return
+            with self._lock:
+                call = w.inflight[0] if w.inflight else None
+            reason = w.stuck_reason(call, WATCHDOG_GRACE) if call is not None else None
+            if reason is not None:
+                log.error("worker %d (pid %d) is %s; killing it", w.index, w.pid, reason)
+                w.kill()
+                self._replace(w, f"was killed: {reason}")
+            return
+        self._take_answers(w)
+
+    def _take_answers(self, w: WorkerLink, in_caller: bool = False) -> None:
+        """After one answer was signalled: take it and every answer already posted, refill the
+        channel from the queue, then resolve the futures outside the pool's lock (reader held)."""
+        responses = w.channel.responses
+        ready = 1
+        for _ in range(min(responses.value, PIPELINE_DEPTH - 1)):  # posted already: no waiting
+            responses.acquire(0)
+            ready += 1
+        batch, in_order = [], True
+        with self._lock:
+            now = time.monotonic()
+            for _ in range(ready):
+                call = w.inflight.popleft()
+                status, request_id, data, figures = w.channel.read_response(w.received)
+                in_order = in_order and request_id == call.request_id
+                w.received += 1
+                if call.op == ipc.OP_CALL:
+                    w.calls += 1
+                    w.errors += status != ipc.STATUS_OK
+                batch.append((call, status, data, figures[1]))
+            w.sandboxes, _, w.vms_created, w.switches = figures
+            if w.inflight:  # the worker starts the next call about now (the watchdog measures from here)
+                w.inflight[0].started = now
+            if w.queue and w.alive and in_order:
+                if w.queued_deadlines:
+                    w.expire_queued()
+                while w.queue and len(w.inflight) < PIPELINE_DEPTH:
+                    self._dispatch_locked(w, w.queue.popleft())
+        if not in_order:  # the worker broke the channel's protocol: nothing it answered is trusted
+            for call, *_ in batch:
+                call.future.set_exception(WorkerCrashed(f"worker {w.index} answered out of order"))
+            w.kill()
+            self._replace(w, "answered out of order")
+            return
+        try:
+            for item in batch:
+                try:  # done-callbacks run here: what they raise must not end a thread or lose answers
+                    self._resolve(*item)
+                except BaseException as exc:  # noqa: BLE001 (SystemExit and the like from user callbacks)
+                    if in_caller and isinstance(exc, KeyboardInterrupt):
+                        raise  # the caller's own Ctrl-C (the finally still delivers the rest)
+                    log.exception("a done-callback of a pool call raised; the pool goes on")
+        finally:  # a caller collecting here may be interrupted (KeyboardInterrupt in result()):
+            for item in batch:  # the answers it took out of the channel are still delivered
+                if not item[0].future.done():
+                    self._resolve(*item)
+
+    def _wake_collector(self, call: Call, blocking: bool = True) -> None:
+        """Make the pool's thread collect ``call``'s answer now (it may be waiting for a caller).
+
+        ``blocking=False`` is for callers that hold the call's Future condition
+        (``concurrent.futures.wait`` adds its waiter under it): the pool's lock is taken
+        before a Future's condition everywhere else, so waiting for it here could deadlock;
+        when it is busy, a short-lived thread delivers the wake-up instead."""
+        if not self._lock.acquire(blocking=blocking):
+            threading.Thread(target=self._wake_collector, args=(call,), name="hlpool-wake", daemon=True).start()
+            return
+        try:
+            w = call.worker
+            if w is not None:
+                w.wakeup.notify()
+        finally:
+            self._lock.release()
+
+    def _collect_for(self, call: "Call | None", timeout: float | None) -> None:
+        """In the caller's thread: read the answers of the call's worker until the call is done,
+        if no one else reads them now (see :class:`CallFuture`). Gives up on any trouble."""
+        w = call.worker if call is not None else None
+        if w is None:  # still queued: the pool's thread dispatches it and should answer at once
+            if call is not None:
+                call.eager = True
+            return
+        if not w.reader.acquire(blocking=False):
+            if not call.eager:
+                call.eager = True
+                self._wake_collector(call)
+            return
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not call.future.done() and call.worker is w and w.channel is not None and w.inflight:
+                if not self._poll_answer(w, call, deadline):
+                    wait = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+                    if wait <= 0:
+                        return
+                    try:
+                        w.channel.responses.acquire(wait)
+                    except posix_ipc.BusyError:
+                        return  # slow or stuck: the pool's thread watches the worker
+                self._take_answers(w, in_caller=True)
+        finally:
+            self._release_reader(w)
+            if w.inflight:
+                with self._lock:
+                    w.wakeup.notify()
+
+    def _release_reader(self, w: WorkerLink) -> None:
+        """Let go of ``w``'s reader lock; answers left behind for an event loop are signalled to it."""
+        w.reader.release()
+        channel = w.channel
+        if self._loop_collector is not None and channel is not None and w.inflight and channel.responses.value:
+            loopcollect.poke(w)
+
+    def _poll_answer(self, w: WorkerLink, call: Call, deadline: float | None) -> bool:
+        """Poll for the answer of ``call``, alone in its worker's channel, for about its usual
+        duration instead of sleeping (see :mod:`hlpool.pool.spin`); True if an answer was taken."""
+        if not self._spin_wait or len(w.inflight) != 1 or w.inflight[0] is not call:
+            return False
+        usual = self._call_cost.get(call.handle.path, routing.DEFAULT_CALL_COST) * 1e9
+        if usual > spin.CALLER_SPIN_MAX_NS or sum(1 for x in self._workers if x.inflight) >= self._cpus:
+            return False  # a long call, or no core to spare: sleep
+        until = int(call.started * 1e9 + 1.5 * usual) + 50_000
+        if deadline is not None:
+            until = min(until, int(deadline * 1e9))
+        return spin.poll(w.channel.responses, min(until, time.monotonic_ns() + spin.CALLER_SPIN_MAX_NS))
+
+    def _resolve(self, call: Call, status: int, data: bytes, run_ns: int) -> None:
+        """Set the future of a finished call from the worker's response."""
+        if call.op == ipc.OP_OPEN:
+            if status != ipc.STATUS_OK:
+                log.debug("opening %s ahead of its calls failed: %s", call.handle.path, rebuild_error(data))
+            call.future.set_result(None)
+            return
+        elapsed = min(run_ns / 1e9, 60.0)  # the worker's own time for it (a cost estimate, never trusted further)
+        path = call.handle.path
+        previous = self._call_cost.get(path)
+        self._call_cost[path] = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
+        if status == ipc.STATUS_OK:
+            try:
+                value = codec.decode_value(data)
+            except errors.GuestProtocolError as exc:
+                call.future.set_exception(errors.GuestProtocolError(f"{call.function}: guest returned a "
+                                                                    f"malformed result: {exc}"))
+                return
+            call.future.set_result(value)
+        else:
+            call.future.set_exception(rebuild_error(data))

@@ -1,0 +1,133 @@
+"""Answers collected by an asyncio event loop itself, without the pool's threads.
+
+``await pool.call(...)`` in an event loop (the HTTP service's handlers) used to
+wait on a ``concurrent.futures`` Future resolved by the pool's per-worker thread:
+the worker woke that thread, which took the answer and woke the loop through its
+self-pipe, and the two threads handed the GIL back and forth — about a dozen
+futex calls per request, each a costly exit on a nested hypervisor.
+
+Here the loop takes the answers. Every worker has an eventfd (made once per
+worker slot, passed to each process that fills the slot, see
+:meth:`Spawner.spawn <hlpool.pool.spawner.Spawner.spawn>`); a request written
+by the loop asks the worker to signal it after answering. The loop watches the
+eventfds (``add_reader``); when one is readable it takes every answer of that
+worker posted so far under the worker's reader lock, exactly as a caller in
+``result()`` does, and resolves the asyncio futures directly. The pool's thread
+stays out of the way: it steps in only when a worker has made no progress for
+:data:`LOOP_WATCH` seconds (a long call, a dead or stuck worker, a loop that is
+blocked or gone), so every guarantee (worker death, deadlines, watchdog) is
+kept. Whoever releases a worker's reader lock while answers wait pokes its
+eventfd, so no answer waits for the watch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+import posix_ipc
+
+if TYPE_CHECKING:
+    from hlpool.pool.calls import WorkerLink
+    from hlpool.pool.supervisor import Pool
+
+log = logging.getLogger(__name__)
+
+LOOP_WATCH = 0.02  # seconds the pool's thread leaves a worker to the loop while that worker makes no progress
+
+
+class LoopCollector:
+    """One event loop's watch on a pool's workers (made by :meth:`Pool.call_future`)."""
+
+    def __init__(self, pool: "Pool", loop: asyncio.AbstractEventLoop) -> None:
+        self.pool = pool
+        self.loop = loop
+        self.thread_id = threading.get_ident()  # made in the loop's thread (call_future runs there)
+        self._watched: list[int] = []
+        for w in pool._workers:
+            loop.add_reader(w.notify_fd, self._ready, w)
+            self._watched.append(w.notify_fd)
+
+    def wrap(self, future: concurrent.futures.Future) -> asyncio.Future:
+        """An asyncio future of the loop that settles with ``future`` (a pool call's)."""
+        waiter = self.loop.create_future()
+
+        def settle(done: concurrent.futures.Future) -> None:
+            if threading.get_ident() == self.thread_id:
+                _copy(done, waiter)
+            else:  # the pool's thread took the answer (the safety net): hand it to the loop
+                try:
+                    self.loop.call_soon_threadsafe(_copy, done, waiter)
+                except RuntimeError:  # the loop is closed: no one waits any more
+                    pass
+
+        def cancelled(w: asyncio.Future) -> None:
+            if w.cancelled():
+                future.cancel()  # a queued call is dropped; a running one finishes unobserved
+
+        # The base class's add_done_callback: CallFuture's own would make the pool's thread collect.
+        concurrent.futures.Future.add_done_callback(future, settle)
+        waiter.add_done_callback(cancelled)
+        return waiter
+
+    def _ready(self, w: "WorkerLink") -> None:
+        """The worker signalled answers: take every one posted so far (in the loop's thread)."""
+        try:
+            os.eventfd_read(w.notify_fd)
+        except (BlockingIOError, OSError):
+            pass  # already drained by an earlier wake-up
+        if not w.reader.acquire(blocking=False):
+            return  # a caller or the pool's thread reads now; it pokes the eventfd when it stops
+        try:
+            channel = w.channel
+            while channel is not None and w.inflight and channel.responses.value:
+                try:
+                    channel.responses.acquire(0)
+                except posix_ipc.BusyError:
+                    break
+                before = w.received
+                self.pool._take_answers(w)
+                w.loop_answers += max(0, w.received - before)
+                channel = w.channel
+        except Exception:  # nothing a worker sends may end the loop: the pool's thread takes over
+            log.exception("collecting answers of worker %d in the event loop failed", w.index)
+        finally:
+            w.reader.release()
+
+    def detach(self) -> None:
+        """Stop watching (in the loop's thread, or while the loop does not run)."""
+        for fd in self._watched:
+            try:
+                self.loop.remove_reader(fd)
+            except Exception:  # the loop is closed
+                pass
+        self._watched.clear()
+
+
+def _copy(done: concurrent.futures.Future, waiter: asyncio.Future) -> None:
+    if waiter.done():
+        return
+    if done.cancelled():
+        waiter.cancel()
+        return
+    exc = done.exception()
+    if exc is not None:
+        waiter.set_exception(exc)
+    else:
+        waiter.set_result(done.result())
+
+
+def poke(w: "WorkerLink") -> None:
+    """Make the loop look at ``w``'s answers now (they were left while someone else held its reader lock)."""
+    try:
+        os.eventfd_write(w.notify_fd, 1)
+    except OSError:
+        pass
+
+
+def any_in_loop(calls: Any) -> bool:
+    return any(c.in_loop for c in calls)

@@ -1,0 +1,143 @@
+"""An event loop collecting its calls' answers itself (Pool.call_future, hlpool.pool.loopcollect):
+real workers, real VMs, real asyncio loops; every guarantee of the thread path kept."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from hlpool import GuestTimeout, Pool, WorkerCrashed
+
+pytestmark = pytest.mark.kvm
+
+LONG = 3 * 10**8  # fib.c compute(): ~0.5 s here
+
+
+def _fds() -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return out
+
+
+def _eventfds() -> int:
+    return sum(1 for target in _fds() if target == "anon_inode:[eventfd]")
+
+
+def test_the_loop_takes_the_answers_and_they_are_right(kvm, example, tmp_path):
+    before = _eventfds()
+    with Pool(workers=2, snapshot_dir=tmp_path) as pool:
+        echo = pool.snapshot(example("echo"))
+
+        async def main() -> list:
+            waves = []
+            for wave in range(5):
+                waves += await asyncio.gather(*(pool.call(echo, "echo", [wave, i]) for i in range(40)))
+            return waves
+
+        assert asyncio.run(main()) == [[w, i] for w in range(5) for i in range(40)]
+        stats = pool.stats()
+        # the loop, not the pool's threads, took (nearly) every answer
+        assert sum(s["loop_answers"] for s in stats) >= 0.9 * 200, stats
+        assert sum(s["calls"] for s in stats) == 200
+        assert _eventfds() == before + 2  # one per worker slot
+    assert _eventfds() == before  # closed with the pool
+
+
+def test_errors_timeouts_and_long_calls_through_the_loop(kvm, example, tmp_path):
+    with Pool(workers=1, snapshot_dir=tmp_path) as pool:
+        faults = pool.snapshot(example("faults"))
+        fib = pool.snapshot(example("fib"))
+        echo = pool.snapshot(example("echo"))
+
+        async def main() -> None:
+            with pytest.raises(GuestTimeout):
+                await pool.call(faults, "infinite_loop", timeout=0.2)
+            # longer than the pool thread's watch: it steps in, the answer still reaches the loop
+            assert isinstance(await pool.call(fib, "compute", LONG), int)
+            assert await pool.call(echo, "echo", "after") == "after"
+            waiter = pool.call_future(echo, "echo", ["x"])
+            assert await waiter == "x"
+
+        asyncio.run(main())
+
+
+def test_a_worker_killed_under_loop_calls_resolves_every_one(kvm, example, tmp_path):
+    with Pool(workers=1, snapshot_dir=tmp_path) as pool:
+        fib = pool.snapshot(example("fib"))
+        echo = pool.snapshot(example("echo"))
+        pid = pool.stats()[0]["pid"]
+
+        async def main() -> list:
+            running = pool.call_future(fib, "compute", [LONG])
+            behind = [pool.call_future(echo, "echo", [i]) for i in range(8)]
+            await asyncio.sleep(0.15)
+            os.kill(pid, signal.SIGKILL)
+            return await asyncio.gather(running, *behind, return_exceptions=True)
+
+        outcome = asyncio.run(asyncio.wait_for(main(), 60))
+        assert isinstance(outcome[0], WorkerCrashed)
+        assert outcome[1:] == list(range(8))  # never taken by the dead worker: run on the replacement
+        assert pool.stats()[0]["pid"] != pid
+
+
+def test_cancelling_a_queued_loop_call_drops_it(kvm, example, tmp_path):
+    with Pool(workers=1, snapshot_dir=tmp_path) as pool:
+        fib = pool.snapshot(example("fib"))
+        echo = pool.snapshot(example("echo"))
+
+        async def main() -> None:
+            busy = [pool.call_future(fib, "compute", [LONG // 10]) for _ in range(20)]  # past the channel
+            last = pool.call_future(echo, "echo", ["late"])
+            last.cancel()
+            await asyncio.gather(*busy)
+
+        asyncio.run(main())
+        assert sum(s["calls"] for s in pool.stats()) == 20  # the cancelled call never ran
+
+
+def test_a_second_loop_and_a_closed_loop_still_work(kvm, example, tmp_path):
+    with Pool(workers=1, snapshot_dir=tmp_path) as pool:
+        echo = pool.snapshot(example("echo"))
+        first = asyncio.new_event_loop()
+        try:
+            assert first.run_until_complete(pool.call(echo, "echo", 1)) == 1
+            results: list = []
+
+            def other_thread() -> None:  # the first loop still exists: this one takes the thread path
+                results.append(asyncio.run(pool.call(echo, "echo", 2)))
+
+            t = threading.Thread(target=other_thread)
+            t.start()
+            t.join(30)
+            assert results == [2]
+        finally:
+            first.close()
+        # the first loop is closed: a new loop is watched instead
+        assert asyncio.run(pool.call(echo, "echo", 3)) == 3
+        assert [pool.submit(echo, "echo", (4,)).result(timeout=30)] == [4]
+
+
+def test_shutdown_from_another_thread_while_the_loop_runs(kvm, example, tmp_path):
+    before = _eventfds()
+    pool = Pool(workers=2, snapshot_dir=tmp_path)
+    echo = pool.snapshot(example("echo"))
+
+    async def main() -> None:
+        assert await pool.call(echo, "echo", 1) == 1
+        await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
+        await asyncio.sleep(0.05)  # the loop runs the scheduled unwatch-and-close
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 5
+    while _eventfds() != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _eventfds() == before
