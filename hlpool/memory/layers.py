@@ -147,18 +147,22 @@ def coalesce(runs: list[Run]) -> list[Run]:
 
 
 def check_runs(runs: list[Run], pages: int, layer_sizes: list[int], what: str) -> None:
-    """Raise SnapshotError unless ``runs`` exactly tile ``pages`` pages and stay inside their layers."""
+    """Raise SnapshotError unless ``runs`` exactly tile ``pages`` pages and stay inside their layers.
+
+    Runs on every snapshot open, so one tight loop (tried: C-level passes with zip/accumulate/map
+    were slower for the ~30 runs of a tenant's slot)."""
     expected = 0
-    for run in runs:
-        if run.first_page != expected or run.count <= 0:
+    layers = len(layer_sizes)
+    for first, count, layer, offset in runs:
+        if first != expected or count <= 0:
             raise SnapshotError(f"{what}: runs do not tile the slot (gap or overlap at page {expected})")
-        if run.layer >= 0:
-            if run.layer >= len(layer_sizes):
-                raise SnapshotError(f"{what}: run refers to missing layer {run.layer}")
-            if run.offset % PAGE or run.offset < 0 or run.offset + run.count * PAGE > layer_sizes[run.layer]:
-                raise SnapshotError(f"{what}: run at page {run.first_page} points outside layer {run.layer}")
-        elif run.layer != -1:
-            raise SnapshotError(f"{what}: invalid layer index {run.layer}")
-        expected = run.end_page
+        if layer >= 0:
+            if layer >= layers:
+                raise SnapshotError(f"{what}: run refers to missing layer {layer}")
+            if offset % PAGE or offset < 0 or offset + count * PAGE > layer_sizes[layer]:
+                raise SnapshotError(f"{what}: run at page {first} points outside layer {layer}")
+        elif layer != -1:
+            raise SnapshotError(f"{what}: invalid layer index {layer}")
+        expected = first + count
     if expected != pages:
         raise SnapshotError(f"{what}: runs cover {expected} pages, the slot has {pages}")

@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import mmap
 import os
+import re
 import struct
 import threading
 import time
@@ -67,7 +69,7 @@ from hlpool.guest.layout import PAGE, Layout, MemoryConfig, page_up
 from hlpool.kvm.system import system
 from hlpool.kvm.vcpu import VcpuState
 from hlpool.memory.image import S
-from hlpool.memory.layers import Layer, Run, check_runs
+from hlpool.memory.layers import Layer, Run
 from hlpool.memory.mapped_files import (
     MappedFile,
     basename_name,
@@ -202,7 +204,7 @@ def write_snapshot(snapshot: S, path: str, *, sync: bool = True) -> S:
 
     read_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     layer = Layer(read_fd, data_size, content.digest(), path=path, data_offset=data_offset)
-    _remember(path, read_fd, layer)
+    _remember(path, os.fstat(read_fd), layer)
     return dataclasses.replace(snapshot, layers=parents + (layer,), path=path, info=dict(snapshot.info))
 
 
@@ -259,64 +261,57 @@ def _major_minor(version: str) -> tuple[str, str] | None:
     return (parts[0], parts[1]) if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit() else None
 
 
-def _check_requirements(path: str, meta: dict) -> dict | None:
-    """Refuse a file that needs another hlpool or guest ABI, KVM flavour or CPU vendor.
-    Returns the ``requires`` map (None for files written before it existed)."""
-    req = meta.get("requires")
-    if req is None:
-        return None
+_met: set[tuple] = set()  # requirements (and XSAVE layouts) met here: a writer's files repeat them
 
-    def need(key: str, kind: type) -> Any:
-        value = req.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise _fail(path, f"metadata field 'requires.{key}' is missing or has the wrong type")
-        return value
 
-    if not isinstance(req, dict):
-        raise _fail(path, "metadata field 'requires' is malformed")
-    written_by = need("hlpool", str)
+def _check_requirements(path: str, req: "_RequiresMeta | None") -> None:
+    """Refuse a file that needs another hlpool or guest ABI, KVM flavour or CPU vendor
+    (``req`` is None for files written before ``requires`` existed; its types are checked by the decoder)."""
+    if req is None or (os.getpid(), req) in _met:
+        return
+    written_by = req.hlpool
     if _major_minor(written_by) is None:
         raise _fail(path, f"metadata field 'requires.hlpool' is not a version: {written_by[:40]!r}")
     if _major_minor(written_by) != _major_minor(hlpool_version):
         raise _fail(path, f"written by hlpool {written_by[:40]}; this is hlpool {hlpool_version}, which opens files "
                     f"of hlpool {'.'.join(_major_minor(hlpool_version) or ())}.x only", SnapshotCompatibilityError)
-    abi_version = need("abi", int)
-    if abi_version != guest_abi.HL_ABI_VERSION:
-        raise _fail(path, f"built for guest ABI version {abi_version}; this hlpool speaks guest ABI version "
+    if req.abi != guest_abi.HL_ABI_VERSION:
+        raise _fail(path, f"built for guest ABI version {req.abi}; this hlpool speaks guest ABI version "
                     f"{guest_abi.HL_ABI_VERSION} (rebuild the guest and its snapshot)", SnapshotCompatibilityError)
-    kvm, vendor = need("kvm", str), need("cpu_vendor", str)
-    need("xcr0", int)
-    layouts = need("xsave", list)
-    if not all(isinstance(c, list) and len(c) == 3 and all(type(v) is int for v in c) and 0 <= c[0] < 64
-               for c in layouts):
+    if not all(0 <= c[0] < 64 for c in req.xsave):
         raise _fail(path, "metadata field 'requires.xsave' is malformed")
     host = _host()
     if host is None:
-        return req
-    if kvm != host.kvm:
-        raise _fail(path, f"written for KVM flavour {kvm[:40]!r}, this host is {host.kvm!r}",
+        return
+    if req.kvm != host.kvm:
+        raise _fail(path, f"written for KVM flavour {req.kvm[:40]!r}, this host is {host.kvm!r}",
                     SnapshotCompatibilityError)
-    if vendor != host.cpu_vendor:
-        raise _fail(path, f"its vCPU state was saved on a {vendor[:40]!r} CPU, this host's is {host.cpu_vendor!r}",
-                    SnapshotCompatibilityError)
-    return req
+    if req.cpu_vendor != host.cpu_vendor:
+        raise _fail(path, f"its vCPU state was saved on a {req.cpu_vendor[:40]!r} CPU, this host's is "
+                    f"{host.cpu_vendor!r}", SnapshotCompatibilityError)
+    if len(_met) < 256:
+        _met.add((os.getpid(), req))
 
 
-def _check_xsave(path: str, req: dict | None, vcpu: VcpuState) -> None:
+def _check_xsave(path: str, req: "_RequiresMeta | None", vcpu: VcpuState) -> None:
     """The vCPU state's XSAVE components must exist on this host, laid out as the file recorded."""
+    if req is None or (os.getpid(), req, vcpu.xcrs) in _met:
+        return
     host = _host()
-    if req is None or host is None:
+    if host is None:
         return
     xcr0 = xcr0_of(vcpu.xcrs)
     if xcr0 & ~host.xcr0:
         missing = [n for n in range(64) if (xcr0 & ~host.xcr0) >> n & 1]
         raise _fail(path, f"its vCPU state enables XSAVE components {missing} (XCR0 {xcr0:#x}); this host's KVM "
                     f"supports XCR0 {host.xcr0:#x}", SnapshotCompatibilityError)
-    for n, offset, size in req["xsave"]:
+    for n, offset, size in req.xsave:
         if xcr0 >> n & 1 and host.xsave.get(n) != (offset, size):
             here = host.xsave.get(n)
             raise _fail(path, f"its XSAVE area holds component {n} at offset {offset}, size {size}; this host's at "
                         f"{'offset %d, size %d' % here if here else 'nowhere'}", SnapshotCompatibilityError)
+    if len(_met) < 256:
+        _met.add((os.getpid(), req, vcpu.xcrs))
 
 
 # ---- reading ----------------------------------------------------------------------------
@@ -327,15 +322,14 @@ _verified: dict[tuple[str, int, int, int], bytes] = {}
 _verified_lock = threading.Lock()
 
 
-def _remember(path: str, fd: int, layer: Layer) -> None:
-    st = os.fstat(fd)
+def _remember(path: str, st: os.stat_result, layer: Layer) -> None:
     layer.fingerprint = fingerprint(st)
     with _verified_lock:
         _verified[(path, st.st_ino, st.st_size, st.st_mtime_ns)] = layer.sha256
 
 
 class _Header:
-    def __init__(self, path: str, raw: bytes, actual_size: int) -> None:
+    def __init__(self, path: str, raw: "bytes | memoryview", actual_size: int) -> None:
         if len(raw) < HEADER.size:
             raise _fail(path, f"truncated: {actual_size} bytes is too short for a snapshot header")
         (magic, version, header_size, flags, self.meta_offset, self.meta_size, self.data_offset,
@@ -364,7 +358,123 @@ class _Header:
             raise _fail(path, f"metadata of {self.meta_size} bytes exceeds {MAX_META_SIZE}", SnapshotTooLargeError)
 
 
-def _open_layer(path: str, expected_sha256: bytes | None, max_layer: int) -> tuple[Layer, dict[str, Any]]:
+# The metadata's schema: msgspec decodes and type-checks it in one pass (no generic dicts walked
+# in Python, runs built as Run tuples directly); what types cannot say is checked in read_snapshot.
+# Unknown keys are ignored (a newer writer may add some); a missing or mistyped one is refused.
+
+class _VcpuMeta(msgspec.Struct):
+    regs: bytes
+    sregs: bytes
+    xsave: bytes
+    xcrs: bytes
+    debugregs: bytes
+    events: bytes
+    msrs: list[tuple[int, int]]
+
+
+class _RequiresMeta(msgspec.Struct, frozen=True):  # hashable: checked once per process (_met)
+    hlpool: str
+    abi: int
+    kvm: str
+    cpu_vendor: str
+    xcr0: int
+    xsave: tuple[tuple[int, int, int], ...]
+
+
+class _RunsMeta(msgspec.Struct):
+    system: list[Run]
+    main: list[Run]
+
+
+class _Meta(msgspec.Struct):
+    config: dict
+    image_size: int
+    vcpu: _VcpuMeta
+    exports: list[str]
+    image_segments: list[tuple[int, int, str]]
+    runs: _RunsMeta
+    parents: list  # of maps, checked where used
+    mapped_files: list  # of maps, checked where used
+    info: Any = None
+    requires: _RequiresMeta | None = None  # absent in files written before it existed
+
+
+_meta_decoder = msgspec.msgpack.Decoder(_Meta)
+_requires_decoder = msgspec.msgpack.Decoder(msgspec.defstruct("_Requires", [("requires", _RequiresMeta | None, None)]))
+_SCHEMA_WHERE = re.compile(r" - at `\$([^`]*)`$")
+_SCHEMA_MISSING = re.compile(r"missing required field `([^`]*)`")
+# (the words of the checks the schema replaced: a whole field, or an item in it ([n] in the path))
+_SCHEMA_ITEMS = {"exports": "export list is malformed", "image_segments": "image segment list is malformed"}
+
+
+def _schema_problem(message: str) -> str:
+    """What a schema error from the decoder means, in the words of this format."""
+    where = _SCHEMA_WHERE.search(message)
+    at = where.group(1) if where else ""
+    missing = _SCHEMA_MISSING.search(message)
+    keys, item = re.findall(r"\.(\w+)", at) + ([missing.group(1)] if missing else []), "[" in at
+    if not keys:
+        return "malformed metadata (not a map)"
+    top, sub = keys[0], keys[1] if len(keys) > 1 else ""
+    if top == "vcpu":
+        return "vCPU MSR list is malformed" if sub == "msrs" else f"vCPU field {sub!r} is malformed" if sub else \
+            "vCPU state is malformed"
+    if top == "runs" and sub:
+        return f"a run of slot {sub} is malformed" if item else f"runs of slot {sub} are malformed"
+    if top == "requires":
+        return f"metadata field 'requires.{sub}' is malformed" if item else \
+            f"metadata field 'requires.{sub}' is missing or has the wrong type" if sub else \
+            "metadata field 'requires' is malformed"
+    if item and top in _SCHEMA_ITEMS:
+        return _SCHEMA_ITEMS[top]
+    return f"metadata field {top!r} is missing or has the wrong type"
+
+
+def _decode_meta(path: str, raw: "bytes | memoryview") -> _Meta:
+    try:
+        return _meta_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        problem = str(exc)
+    except RecursionError:
+        raise _fail(path, "malformed metadata: nested too deeply") from None
+    except Exception as exc:  # whatever the decoder raises, the file is at fault
+        raise _fail(path, f"malformed metadata: {exc}") from None
+    try:  # first, as before the schema: a file of another hlpool (whose metadata may differ) says so
+        _check_requirements(path, _requires_decoder.decode(raw).requires)
+    except msgspec.ValidationError as exc:
+        problem = str(exc)
+    except (msgspec.DecodeError, RecursionError):
+        pass
+    raise _fail(path, _schema_problem(problem))
+
+
+# Files up to this size are read whole with one pread into a buffer the thread keeps (a tenant's
+# layer is ~80 KiB; bigger files, such as bases, are read once per process in chunks): header, hash
+# and metadata come from one copy, and no new memory is faulted in per open. The buffer is an
+# anonymous mapping: page-aligned, so the kernel's copy into it runs at full speed (into a bytearray
+# it took 3-4 times longer here), and it stays resident only as far as files filled it.
+READ_WHOLE_LIMIT = 256 << 10
+_scratch = threading.local()
+
+
+def _read_whole(path: str, fd: int, size: int) -> memoryview:
+    """The first ``size`` bytes of the file, in this thread's buffer: valid until its next call."""
+    buf: mmap.mmap | None = getattr(_scratch, "buffer", None)
+    if buf is None or len(buf) < size:
+        # private: a shared anonymous mapping would stay shared with processes forked after this
+        buf = mmap.mmap(-1, max(page_up(size), READ_WHOLE_LIMIT), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        _scratch.buffer = buf  # (a smaller one goes with its last view)
+    view = memoryview(buf)[:size]
+    done = 0
+    while done < size:
+        n = os.preadv(fd, [view[done:]], done)
+        if n == 0:
+            raise _fail(path, "file shrank while being read")
+        done += n
+    return view
+
+
+def _open_layer(path: str, expected_sha256: bytes | None, max_layer: int) -> tuple[Layer, _Meta]:
     """Open, hash and parse one snapshot file. Returns its layer and metadata."""
     try:
         fd, st = open_regular(path)
@@ -373,8 +483,13 @@ def _open_layer(path: str, expected_sha256: bytes | None, max_layer: int) -> tup
             SnapshotError(f"{path}: no such file") from None
     except OSError as exc:
         raise SnapshotError(f"{path}: cannot open: {exc.strerror}") from None
+    whole: memoryview | None = None  # (dropped unreleased: the buffer is never resized or closed)
     try:
-        header = _Header(path, os.pread(fd, PAGE, 0), st.st_size)
+        if st.st_size <= READ_WHOLE_LIMIT:
+            whole = _read_whole(path, fd, st.st_size)
+            header = _Header(path, whole[:PAGE], st.st_size)
+        else:
+            header = _Header(path, os.pread(fd, PAGE, 0), st.st_size)
         if header.data_size > max_layer:
             raise _fail(path, f"holds {header.data_size} bytes of page data, over the {max_layer}-byte limit "
                         "(Snapshot.open(max_layer_size=...))", SnapshotTooLargeError)
@@ -385,30 +500,30 @@ def _open_layer(path: str, expected_sha256: bytes | None, max_layer: int) -> tup
         with _verified_lock:
             known = _verified.get(key)
         if known is None:
-            content = hashlib.sha256()
-            offset = header.data_offset
-            while offset < header.file_size:
-                chunk = os.pread(fd, min(8 << 20, header.file_size - offset), offset)
-                if not chunk:
-                    raise _fail(path, "file shrank while being read")
-                content.update(chunk)
-                offset += len(chunk)
-            if content.digest() != header.content_sha256:
+            if whole is not None:
+                digest = hashlib.sha256(whole[header.data_offset:header.file_size]).digest()
+            else:
+                content = hashlib.sha256()
+                offset = header.data_offset
+                while offset < header.file_size:
+                    chunk = os.pread(fd, min(8 << 20, header.file_size - offset), offset)
+                    if not chunk:
+                        raise _fail(path, "file shrank while being read")
+                    content.update(chunk)
+                    offset += len(chunk)
+                digest = content.digest()
+            if digest != header.content_sha256:
                 raise _fail(path, "content hash mismatch: the file was modified or corrupted after it was "
                             "written", SnapshotIntegrityError)
         elif known != header.content_sha256:
             raise _fail(path, "content hash changed", SnapshotIntegrityError)
-        meta_raw = os.pread(fd, header.meta_size, header.meta_offset)
-        if len(meta_raw) != header.meta_size:
-            raise _fail(path, "truncated metadata")
-        try:
-            meta = msgspec.msgpack.decode(meta_raw)
-        except RecursionError:
-            raise _fail(path, "malformed metadata: nested too deeply") from None
-        except Exception as exc:  # whatever the decoder raises, the file is at fault
-            raise _fail(path, f"malformed metadata: {exc}") from None
-        if not isinstance(meta, dict):
-            raise _fail(path, "malformed metadata (not a map)")
+        if whole is not None:
+            meta = _decode_meta(path, whole[header.meta_offset:header.file_size])
+        else:
+            meta_raw = os.pread(fd, header.meta_size, header.meta_offset)
+            if len(meta_raw) != header.meta_size:
+                raise _fail(path, "truncated metadata")
+            meta = _decode_meta(path, meta_raw)
     except OSError as exc:  # e.g. EIO from a procfs file that claims to be regular
         os.close(fd)
         raise _fail(path, f"cannot read: {exc.strerror}") from None
@@ -416,52 +531,28 @@ def _open_layer(path: str, expected_sha256: bytes | None, max_layer: int) -> tup
         os.close(fd)
         raise
     layer = Layer(fd, header.data_size, header.content_sha256, path=path, data_offset=header.data_offset)
-    _remember(path, fd, layer)
+    _remember(path, st, layer)
     return layer, meta
 
 
-def _get(meta: dict, key: str, kind: type | tuple[type, ...], path: str) -> Any:
-    value = meta.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
-        raise _fail(path, f"metadata field {key!r} is missing or has the wrong type")
-    return value
+_VCPU_NAMES = ("regs", "sregs", "xsave", "xcrs", "debugregs", "events")
+_VCPU_SIZES = (144, 312, 4096, 392, 128, 64)
+_DEBUGREGS_TAIL = struct.Struct("<QQQ9Q")
 
 
-def _parse_runs(raw: Any, path: str, slot: str) -> list[Run]:
-    if not isinstance(raw, list) or len(raw) > MAX_RUNS:
-        raise _fail(path, f"runs of slot {slot} are malformed")
-    runs = []
-    for item in raw:
-        if not (type(item) is list and len(item) == 4):
-            raise _fail(path, f"a run of slot {slot} is malformed")
-        first, count, layer, offset = item
-        if not (type(first) is int and type(count) is int and type(layer) is int and type(offset) is int):
-            raise _fail(path, f"a run of slot {slot} is malformed")
-        runs.append(Run(first, count, layer, offset))
-    return runs
-
-
-def _parse_vcpu(raw: Any, path: str) -> VcpuState:
-    if not isinstance(raw, dict):
-        raise _fail(path, "vCPU state is malformed")
-    sizes = {"regs": 144, "sregs": 312, "xcrs": 392, "debugregs": 128, "events": 64}
-    fields = {}
-    for name in ("regs", "sregs", "xsave", "xcrs", "debugregs", "events"):
-        value = raw.get(name)
-        if not isinstance(value, bytes) or (name in sizes and len(value) != sizes[name]):
-            raise _fail(path, f"vCPU field {name!r} is malformed")
-        fields[name] = value
-    if len(fields["xsave"]) != 4096:
-        raise _fail(path, "vCPU XSAVE area has an unexpected size")
+def _vcpu_of(raw: _VcpuMeta, path: str) -> VcpuState:
+    if (len(raw.regs), len(raw.sregs), len(raw.xsave), len(raw.xcrs), len(raw.debugregs), len(raw.events)) != \
+            _VCPU_SIZES:
+        for name, size in zip(_VCPU_NAMES, _VCPU_SIZES):
+            if len(getattr(raw, name)) != size:
+                raise _fail(path, "vCPU XSAVE area has an unexpected size" if name == "xsave" else
+                            f"vCPU field {name!r} is malformed")
     # struct kvm_debugregs: db[4], dr6, dr7, flags, reserved[9]; KVM rejects high bits in dr6/dr7 and flags
-    dr6, dr7, flags, *reserved = struct.unpack_from("<QQQ9Q", fields["debugregs"], 32)
+    dr6, dr7, flags, *reserved = _DEBUGREGS_TAIL.unpack_from(raw.debugregs, 32)
     if dr6 >> 32 or dr7 >> 32 or flags or any(reserved):
         raise _fail(path, "vCPU debug registers are malformed")
-    msrs = raw.get("msrs")
-    if not isinstance(msrs, list) or not all(isinstance(m, list) and len(m) == 2 and all(type(v) is int for v in m)
-                                             for m in msrs):
-        raise _fail(path, "vCPU MSR list is malformed")
-    return VcpuState(msrs={m[0]: m[1] for m in msrs}, **fields)
+    return VcpuState(regs=raw.regs, sregs=raw.sregs, xsave=raw.xsave, xcrs=raw.xcrs, msrs=dict(raw.msrs),
+                     debugregs=raw.debugregs, events=raw.events)
 
 
 _layouts: dict[tuple, Layout] = {}  # (memory configuration, image size) -> Layout: one per family, not per file
@@ -470,13 +561,12 @@ _layouts: dict[tuple, Layout] = {}  # (memory configuration, image size) -> Layo
 def _layout_of(config_raw: dict, image_size: int) -> Layout:
     """The layout a file describes; layouts are values, so files that describe the same one share it
     (a worker opening thousands of children of one base computes it once)."""
-    items = tuple(sorted((k, v) for k, v in config_raw.items() if isinstance(k, str)))
-    key = (items, image_size)
+    key = (tuple(config_raw.items()), image_size)  # as listed: files of one writer list them in one order
     try:
         return _layouts[key]
     except (KeyError, TypeError):  # TypeError: an unhashable value, refused by MemoryConfig below
         pass
-    layout = Layout(MemoryConfig(**dict(items)), image_size)
+    layout = Layout(MemoryConfig(**{k: v for k, v in config_raw.items() if isinstance(k, str)}), image_size)
     if len(_layouts) < 256:
         _layouts[key] = layout
     return layout
@@ -486,7 +576,9 @@ def read_snapshot(path: str, make: Callable[..., S], *, max_memory: int | None =
                   max_layer_size: int | None = None, files_path: Sequence[str] = (), _expected: bytes | None = None,
                   _depth: int = 0, parents: "dict[bytes, S] | None" = None) -> S:
     """Validate and open the snapshot at ``path`` (and its parent chain); ``make`` builds the
-    value (the :class:`~hlpool.Snapshot` class or a subclass) from its fields.
+    value (the :class:`~hlpool.Snapshot` class or a subclass) from its fields and checks that the
+    runs tile the slots inside their layers (:func:`~hlpool.memory.layers.check_runs`, as
+    ``Snapshot.__post_init__`` does); a SnapshotError it raises is reported as the file's.
 
     ``parents``: snapshots opened (and validated) before, by the content hash of their top layer;
     a parent found there is used as it is (a child names its parent by that hash), and parents
@@ -497,40 +589,35 @@ def read_snapshot(path: str, make: Callable[..., S], *, max_memory: int | None =
     layer, meta = _open_layer(path, _expected,
                               max_layer_size if max_layer_size is not None else DEFAULT_MAX_LAYER)
     try:
-        requires = _check_requirements(path, meta)
-        config_raw = _get(meta, "config", dict, path)
+        _check_requirements(path, meta.requires)
         try:
-            layout = _layout_of(config_raw, _get(meta, "image_size", int, path))
-        except (TypeError, SnapshotError) as exc:
-            raise _fail(path, f"invalid memory configuration: {exc}") from None
-        except Exception as exc:
+            layout = _layout_of(meta.config, meta.image_size)
+        except Exception as exc:  # MemoryConfig's TypeError, ValueError or SnapshotError
             raise _fail(path, f"invalid memory configuration: {exc}") from None
         limit = max_memory if max_memory is not None else DEFAULT_MAX_MEMORY
         if layout.guest_memory_size > limit:
             raise _fail(path, f"describes {layout.guest_memory_size} bytes of guest memory, over the "
                         f"{limit}-byte limit", SnapshotTooLargeError)
-        exports = _get(meta, "exports", list, path)
-        if len(exports) > 256 or not all(isinstance(e, str) and 0 < len(e) < 64 for e in exports):
+        exports = meta.exports
+        if len(exports) > 256 or not all(0 < len(e) < 64 for e in exports):
             raise _fail(path, "export list is malformed")
-        segments = _get(meta, "image_segments", list, path)
-        if not all(isinstance(s, list) and len(s) == 3 and type(s[0]) is int and type(s[1]) is int
-                   and isinstance(s[2], str) for s in segments):
-            raise _fail(path, "image segment list is malformed")
-        vcpu = _parse_vcpu(meta.get("vcpu"), path)
-        _check_xsave(path, requires, vcpu)
-        runs_raw = _get(meta, "runs", dict, path)
-        runs = {slot: _parse_runs(runs_raw.get(slot), path, slot) for slot in ("system", "main")}
+        vcpu = _vcpu_of(meta.vcpu, path)
+        _check_xsave(path, meta.requires, vcpu)
+        runs = {"system": meta.runs.system, "main": meta.runs.main}
+        for slot, slot_runs in runs.items():
+            if len(slot_runs) > MAX_RUNS:
+                raise _fail(path, f"runs of slot {slot} are malformed")
 
-        parents_raw = _get(meta, "parents", list, path)
+        parents_raw = meta.parents
         parent: S | None = None
         if parents_raw:
             last = parents_raw[-1]
             if not (isinstance(last, dict) and isinstance(last.get("path"), str)
                     and isinstance(last.get("sha256"), bytes)):
                 raise _fail(path, "parent reference is malformed")
-            parent_path = os.path.normpath(os.path.join(os.path.dirname(path), last["path"]))
             parent = parents.get(last["sha256"]) if parents is not None else None
             if parent is None:
+                parent_path = os.path.normpath(os.path.join(os.path.dirname(path), last["path"]))
                 parent = read_snapshot(parent_path, make, max_memory=max_memory, max_layer_size=max_layer_size,
                                        files_path=files_path, _expected=last["sha256"], _depth=_depth + 1,
                                        parents=parents)
@@ -541,28 +628,24 @@ def read_snapshot(path: str, make: Callable[..., S], *, max_memory: int | None =
                     for p, pl in zip(parents_raw, parent.layers)):
                 raise _fail(path, "parent chain does not match the layers recorded in this file",
                             SnapshotParentError)
-            if parent.layout != layout:
+            if parent.layout is not layout and parent.layout != layout:
                 raise _fail(path, "parent has a different memory layout", SnapshotParentError)
         layers = (parent.layers if parent else ()) + (layer,)
-        sizes = [lay.size for lay in layers]
-        for slot, slot_runs in runs.items():
-            try:
-                check_runs(slot_runs, getattr(layout, slot).size // PAGE, sizes, f"{path}: {slot} slot")
-            except SnapshotError as exc:
-                raise SnapshotFormatError(str(exc)) from None
-
         files = []
-        for f in _get(meta, "mapped_files", list, path):
+        for f in meta.mapped_files:
             if not (isinstance(f, dict) and isinstance(f.get("path"), str) and type(f.get("guest_address")) is int
                     and type(f.get("size")) is int and isinstance(f.get("sha256"), bytes)):
                 raise _fail(path, "mapped file entry is malformed")
             files.append(_verify_mapped_file(path, f, layout, files_path))
             if any(other.name == files[-1].name for other in files[:-1]):
                 raise _fail(path, f"two mapped files have the guest name {files[-1].name!r}")
-        info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
-        return make(layout=layout, vcpu=vcpu, exports=tuple(exports), layers=layers, runs=runs,
-                    image_segments=tuple(tuple(s) for s in segments), mapped_files=tuple(files),
-                    parent=parent, path=path, info=info)
+        info = meta.info if isinstance(meta.info, dict) else {}
+        try:  # make checks the runs against the layers (check_runs): once per open, not twice
+            return make(layout=layout, vcpu=vcpu, exports=tuple(exports), layers=layers, runs=runs,
+                        image_segments=tuple(meta.image_segments), mapped_files=tuple(files),
+                        parent=parent, path=path, info=info)
+        except SnapshotError as exc:
+            raise _fail(path, str(exc)) from None
     except BaseException:
         layer.close()
         raise

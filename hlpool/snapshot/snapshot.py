@@ -67,6 +67,7 @@ class Snapshot:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # The only check of a snapshot file's runs (read_snapshot relies on it): keep it here.
         sizes = [layer.size for layer in self.layers]
         check_runs(self.runs["system"], self.layout.system.size // PAGE, sizes, "system slot")
         check_runs(self.runs["main"], self.layout.main.size // PAGE, sizes, "main slot")
