@@ -495,3 +495,51 @@ def switch_slot(uintptr_t host, int64_t npages, const int64_t[:] mapped, const i
         if target[it] + target[it + 1] == end:
             it += 4
     return copied, dropped, remapped, calls, resident_count, out
+
+
+# ---- switch: copy plans (hlpool.memory.switch) ---------------------------------------------
+# A switch between two snapshots whose differing spans are all copied (none re-mapped) needs no
+# walk over the runs and no new mapped list: hlpool.memory.switch makes the plan once per pair of
+# snapshots, and this copies it. (switch_slot above does the general case.)
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+
+
+def copy_plan(uintptr_t host, int64_t npages, bytes plan, bytearray resident, int64_t resident_count):
+    """Copy a switch plan into the slot at ``host`` (``npages`` pages) and pin the pages.
+
+    ``plan``: native int64 triples (first page, pages, source address of the first page in a
+    read-only view of its layer, or 0 for zeros). Each page is copied (or zeroed) and marked
+    in ``resident``. Safe because every span is checked to lie inside the slot (and inside
+    ``resident``) before anything is written, the slot mapping spans ``npages`` pages (the
+    caller's), and each source span lies in a view of the layer its run was built from
+    (hlpool.memory.switch builds plans only from a snapshot's own runs, as switch_slot's
+    callers do). Returns (pages copied, resident_count).
+    """
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(plan), n = size // 24, i
+    cdef const int64_t *p = <const int64_t *>PyBytes_AS_STRING(plan)
+    cdef uint8_t *res = <uint8_t *>PyByteArray_AS_STRING(resident)
+    cdef int64_t first, count, page, copied = 0
+    cdef uintptr_t src
+    if size % 24:
+        raise ValueError("malformed copy plan")
+    if PyByteArray_GET_SIZE(resident) < npages:
+        raise ValueError("resident map smaller than the slot")
+    for i in range(n):
+        first, count = p[3 * i], p[3 * i + 1]
+        if first < 0 or count <= 0 or count > npages or first > npages - count:
+            raise ValueError("copy plan span %d+%d outside the slot's %d pages" % (first, count, npages))
+    for i in range(n):
+        first, count, src = p[3 * i], p[3 * i + 1], <uintptr_t>p[3 * i + 2]
+        for page in range(first, first + count):
+            if src:
+                memcpy(<void *>(host + (<uintptr_t>page << PAGE_SHIFT)),
+                       <const void *>(src + (<uintptr_t>(page - first) << PAGE_SHIFT)), PAGE)
+            else:
+                memset(<void *>(host + (<uintptr_t>page << PAGE_SHIFT)), 0, PAGE)
+            if not res[page]:
+                res[page] = 1
+                resident_count += 1
+        copied += count
+    return copied, resident_count

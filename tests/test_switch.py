@@ -3,9 +3,11 @@
 The isolation guarantee is checked against the definition: after a switch the guest sees
 byte for byte what a fresh ``Sandbox(target)`` sees, in every page of every memory slot
 (read through the host mappings, the VIF page included), in every piece of CPU state the
-guest can write (read by the guest itself: tests/guests/tenant.c ``state``), in its mapped
-files and its buffers. Tenants are children of one C base that planted secrets in data,
-heap, stack, vector registers, debug registers, CR8 and KERNEL_GS_BASE.
+guest can write (read by the guest itself: tests/guests/tenant.c ``state``; and what KVM
+holds of the debug registers and XCR0, which a call does not reload), in its mapped files and
+its buffers. Tenants are children of one C base that planted secrets in data, heap, stack,
+vector registers, debug registers (DR0-3, DR6, DR7), CR8 and KERNEL_GS_BASE; a hostile call
+also shrinks XCR0.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 from hlpool import _mapping
 from hlpool.errors import SandboxBrokenError, SnapshotIncompatibleError
 from hlpool.guest.layout import PAGE, MemoryConfig
+from hlpool.kvm import abi as kvm_abi
 from hlpool.machine.machine import SandboxStatus
 from hlpool.memory import switch as switch_module
 from hlpool.memory.guest_memory import RestorePolicy
@@ -86,6 +89,14 @@ def _diff(a: dict[str, bytes], b: dict[str, bytes], skip_control: int | None = N
     return bad
 
 
+def _kvm_cpu_state(sb: Sandbox) -> tuple[bytes, bytes]:
+    """KVM's debug registers and XCRs of a sandbox's vCPU (on PVM the guest cannot read its XCR0:
+    xgetbv shows the host's; a snapshot taken now would hold these)."""
+    debugregs = kvm_abi.KvmDebugregs()
+    kvm_abi.ioctl(sb.vcpu.fd, kvm_abi.KVM_GET_DEBUGREGS, debugregs)
+    return bytes(debugregs), bytes(sb.vcpu.get_xcrs())
+
+
 def assert_like_fresh(sb: Sandbox, target: Snapshot, **options) -> None:
     """The switched sandbox ``sb`` is indistinguishable from a fresh Sandbox(target)."""
     with Sandbox(target, timeout=10, **options) as fresh:
@@ -95,6 +106,7 @@ def assert_like_fresh(sb: Sandbox, target: Snapshot, **options) -> None:
         assert sb.exports == fresh.exports
         assert sb.snapshot_in_use is target
         assert sb.call("state") == fresh.call("state")
+        assert _kvm_cpu_state(sb) == _kvm_cpu_state(fresh)
         assert sb.call("digest") == fresh.call("digest")
         assert _diff(_image(sb), _image(fresh)) == []  # after a call each: the control pages too
 
@@ -105,6 +117,8 @@ OPS = st.lists(st.one_of(
     st.tuples(st.just("keep"), st.integers(1, 10**6)),      # a call with restore=False, then switch away
     st.tuples(st.just("scribble"), st.integers(0, 150)),    # many dirty pages: restore drops some
     st.tuples(st.just("vif"), st.integers(1, 10**6)),       # data in the VIF page, outside the snapshot
+    st.tuples(st.just("xcr0"), st.integers(0, 4)),          # XCR0 shrunk, then switch
+    st.tuples(st.just("hop"), st.integers(0, 24)),          # two switches with no call between
 ), min_size=1, max_size=6)
 
 
@@ -124,10 +138,34 @@ def test_a_switched_sandbox_is_a_fresh_sandbox_of_the_target(family, monkeypatch
                 sb.call("plant", arg, arg % 40)
             elif op == "vif":
                 sb.call("vif_write", arg, restore=False)  # the VIF page is put back by the switch itself
+            elif op == "hop":  # the control page holds the first tenant's first-call stub at the second switch
+                sb.switch(family[arg // 5])
+                sb.switch(family[arg % 5])
+                assert_like_fresh(sb, family[arg % 5], **options)
+            elif op == "xcr0":  # switched at once: on VMX the next call into the same tenant would fault
+                sb.call("shrink_xcr0")
+                sb.switch(family[arg])
+                assert_like_fresh(sb, family[arg], **options)
             elif op == "keep":
                 sb.call("plant", arg, arg % 40, restore=False)
             else:
                 assert sb.call("scribble", arg, arg) == arg
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])
+def test_a_hostile_tenants_cpu_state_does_not_reach_the_next_one(family, strict):
+    """Debug registers (DR0-3, DR6, DR7), XCR0, CR8, KERNEL_GS_BASE and vector registers written by
+    one tenant's call are the next tenant's own after a switch, between every two tenants."""
+    with Sandbox(family[1], timeout=10, strict_cpu_reset=strict) as sb:
+        for k in (2, 3, 0, 4, 1, 1):
+            sb.call("plant", 31 + k, 2)
+            sb.call("shrink_xcr0")
+            before = _kvm_cpu_state(sb)
+            sb.switch(family[k])
+            with Sandbox(family[k], timeout=10, strict_cpu_reset=strict) as fresh:
+                assert _kvm_cpu_state(fresh) != before  # the call did change what the switch must reset
+                assert sb.call("state") == fresh.call("state")
+                assert _kvm_cpu_state(sb) == _kvm_cpu_state(fresh)
 
 
 def test_switching_puts_back_only_what_differs(family):
@@ -326,3 +364,89 @@ def test_switch_slot_shows_the_target_and_survives_drops(snapshots, order, copy_
         _mapping.unmap(host, MODEL_PAGES * PAGE)
         for layer in layers:
             layer.close()
+
+
+def _per_page(flat) -> list[tuple[int, int]]:
+    """A flat (first, count, ident, base) run list as (ident, base) per page (base 0 for zeros)."""
+    out = []
+    for i in range(0, len(flat), 4):
+        out += [(flat[i + 2], flat[i + 3] if flat[i + 2] >= 0 else 0)] * flat[i + 1]
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(snapshots=RUN_LISTS, order=st.lists(st.integers(0, 5), min_size=1, max_size=10),
+       copy_max=st.sampled_from([0, 1, 2, 3, 8, 1 << 20]))
+def test_a_copy_plan_does_what_switch_slot_does(snapshots, order, copy_max):
+    """Where ``plan_copies`` gives a plan, ``_mapping.copy_plan`` leaves the slot, the resident map
+    and the mapping exactly as ``switch_slot`` does (two copies of one slot, switched side by side)."""
+    from hlpool.memory.layers import Layer
+    from hlpool.memory.switch import plan_copies, slot_runs
+
+    layers = tuple(Layer.from_pages([b"".join(bytes([k + 1, i % 251]) * (PAGE // 2) for i in range(MODEL_PAGES))])
+                   for k in range(3))
+    snaps = [_model_runs(s, layers) for s in snapshots]
+    hosts = [_mapping.reserve(MODEL_PAGES * PAGE) for _ in range(2)]
+    try:
+        for host in hosts:
+            for r in snaps[0]:
+                if r.layer < 0:
+                    _mapping.map_anonymous_fixed(host + r.first_page * PAGE, r.count * PAGE)
+                else:
+                    _mapping.map_file_fixed(host + r.first_page * PAGE, r.count * PAGE, layers[r.layer].fd,
+                                            r.offset)
+        mapped = [slot_runs(snaps[0], layers).runs for _ in hosts]
+        resident, count, current = [bytearray(MODEL_PAGES) for _ in hosts], [0, 0], snaps[0]
+        for index in order:
+            target = snaps[index % len(snaps)]
+            cur, tgt = slot_runs(current, layers), slot_runs(target, layers)
+            plan = plan_copies(cur, tgt, copy_max)
+            results = []
+            for k, host in enumerate(hosts):
+                if k == 1 and plan is not None:
+                    copied, count[k] = _mapping.copy_plan(host, MODEL_PAGES, plan, resident[k], count[k])
+                    results.append((copied, 0, 0, 0))
+                    continue
+                copied, dropped, remapped, calls, count[k], out = _mapping.switch_slot(
+                    host, MODEL_PAGES, mapped[k], cur.runs, tgt.runs, tgt.src, tgt.fd, tgt.foff, resident[k],
+                    count[k], copy_max)
+                if calls:
+                    mapped[k] = array("q", out)
+                else:  # what MemorySwitcher relies on: with no re-map the mapping is the same, page by page
+                    assert _per_page(out) == _per_page(mapped[k])
+                results.append((copied, dropped, remapped, calls))
+            assert results[0] == results[1]
+            assert resident[0] == resident[1] and count[0] == count[1] == sum(resident[0])
+            assert mapped[0] == mapped[1]
+            for p in range(MODEL_PAGES):
+                got = [_mapping.read_bytes(host + p * PAGE, PAGE) for host in hosts]
+                assert got[0] == got[1] == _expected(target, p), f"page {p}"
+            current = target
+    finally:
+        for host in hosts:
+            _mapping.unmap(host, MODEL_PAGES * PAGE)
+        for layer in layers:
+            layer.close()
+
+
+def test_a_copy_plan_outside_the_slot_is_refused_before_anything_is_written():
+    host, source = _mapping.reserve(4 * PAGE), _mapping.reserve(PAGE)
+    try:
+        _mapping.map_anonymous_fixed(host, 4 * PAGE)
+        _mapping.map_anonymous_fixed(source, PAGE)
+        _mapping.write_bytes(source, b"\x07" * PAGE)
+        resident = bytearray(4)
+        for bad in ((0, 1, source, 3, 2, 0), (0, 1, source, -1, 1, 0), (0, 1, source, 2, 0, 0)):
+            with pytest.raises(ValueError, match="outside"):  # the first span is valid: nothing copied yet
+                _mapping.copy_plan(host, 4, array("q", bad).tobytes(), resident, 0)
+        with pytest.raises(ValueError, match="malformed"):
+            _mapping.copy_plan(host, 4, b"\0" * 20, resident, 0)
+        with pytest.raises(ValueError, match="resident"):
+            _mapping.copy_plan(host, 4, b"", bytearray(3), 0)
+        assert _mapping.read_bytes(host, 4 * PAGE) == bytes(4 * PAGE) and resident == bytearray(4)
+        assert _mapping.copy_plan(host, 4, array("q", (1, 1, source, 3, 1, 0)).tobytes(), resident, 0) == (2, 2)
+        assert _mapping.read_bytes(host, 4 * PAGE) == bytes(PAGE) + b"\x07" * PAGE + bytes(2 * PAGE)
+        assert resident == bytearray((0, 1, 0, 1))
+    finally:
+        _mapping.unmap(host, 4 * PAGE)
+        _mapping.unmap(source, PAGE)

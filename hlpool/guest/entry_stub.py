@@ -25,7 +25,13 @@ touches no guest memory; RFLAGS is untouched (mov does not change flags).
 What it does not reset (debug registers, XCR0 itself, CR8 and KERNEL_GS_BASE:
 state only privileged guest code can change on purpose, and whose reset costs
 an ioctl or a trapped instruction per call) is reset by ``strict_cpu_reset``,
-for CR8 by one more instruction in this stub.
+for CR8 by one more instruction in this stub. A switch to another snapshot
+resets all four: CR8 and KERNEL_GS_BASE by more instructions of this stub in
+the first call after it (``cr8``/``kernel_gs_base`` of :func:`control_page`),
+debug registers and XCR0 by two ioctls (hlpool.machine.switching), not here:
+on PVM a ``mov`` to a debug register (~9 us) and ``xsetbv`` (~12 us) each trap
+into the hypervisor's instruction emulator, so seven of them would cost more
+than the ioctls.
 MSRs need no reset: the host denies guest MSR writes (see hlpool.kvm.vm).
 """
 

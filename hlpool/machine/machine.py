@@ -162,6 +162,7 @@ class Machine:
         self._in_capacity = layout.input.size - abi.HL_MSG_HEADER_SIZE
         self._reply_addr = self.memory.host_address(layout.reply.start, layout.reply.size)
         self._reply_size = layout.reply.size
+        self._control_addr = self.memory.host_address(layout.control.start, PAGE)  # the host writes the stub here
         self._reply_capacity = layout.reply.size - abi.HL_MSG_HEADER_SIZE
         self._in_used = 0
         self._reply_used = 0
@@ -283,8 +284,10 @@ class Machine:
         change it without an MSR write); the plain control page is put back after that call.
         """
         with self._lock:
-            self._refuse_reentry("switch")
-            self._check_usable()
+            if self._in_call:
+                self._refuse_reentry("switch")
+            if self.status is not SandboxStatus.READY or self._pid != _getpid():
+                self._check_usable()
             return switch_machine(self, target)
 
     def map_file(self, path: str, *, name: str | None = None,
@@ -422,7 +425,7 @@ class Machine:
                 _vcpu_run.arm_deadline(0)
             self._log.end_call()
             if self._control_after_switch is not None:  # the first call after a switch is done
-                self.memory.write(self.layout.control.start, self._control_after_switch)
+                _mapping.write_bytes(self._control_addr, self._control_after_switch)
                 self._control_after_switch = None
         if restore:
             self._restore_locked()

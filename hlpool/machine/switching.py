@@ -9,23 +9,44 @@ its whole saved state with ~8 ioctls, ~90 us here; a switch avoids most of them)
 - general, segment and control registers: sync regs at the next call (no ioctl), as every call;
 - x87/SSE/AVX: the entry stub's xrstor at the next call (KVM_SET_XSAVE only if the control page
   cannot hold every component the target's XCR0 enables);
-- CR8 and KERNEL_GS_BASE: two more stub instructions in the first call after the switch
-  (KVM_SET_SREGS does not reach CR8 on PVM; swapgs lets a guest change KERNEL_GS_BASE without an
-  MSR write, and KVM_SET_MSRS costs ~45 us here); then the plain control page is put back;
-- debug registers and XCR0: KVM_SET_DEBUGREGS and KVM_SET_XCRS (~5 us each);
+- CR8 and KERNEL_GS_BASE: more stub instructions in the first call after the switch (a trapped
+  ``mov %rax,%cr8``, and swapgs/wrgsbase/swapgs: ~20 us of that call on PVM; KVM_SET_SREGS does
+  not reach CR8 on PVM, and KVM_SET_MSRS costs ~45 us here); then the plain control page is put
+  back. Only the bytes of the control page that differ from what it holds are written;
+- debug registers (DR0-3, DR6, DR7) and XCR0: KVM_SET_DEBUGREGS and KVM_SET_XCRS at every switch,
+  whatever the guest did (~5 us each; the first vCPU ioctl after a call ~12 us). Not in the stub:
+  on PVM every ``mov %rax,%drN`` and ``xsetbv`` traps into the hypervisor's instruction emulator
+  (~9 us and ~12 us each, measured in a guest), so six DR writes and an xsetbv would cost the
+  first call ~65 us to save the switch ~18 us. Never skipped: only reading them back (another
+  ioctl) could show that a call left them alone, and the guest's word is worth nothing. (On PVM
+  guest code runs under the host's XCR0 and xgetbv shows it, but KVM's copy, which a guest's
+  xsetbv changes, is what a snapshot taken next would hold.);
 - other MSRs: the host denies guest MSR writes, so they hold the snapshot's values: set only
   where the target's saved values differ from the current snapshot's;
 - vCPU events (pending exceptions, NMI, interrupt shadow): not reset. At a call's end the vCPU
   sits at a completed `out` with none pending, so they carry nothing from one tenant to another.
 
 In ``strict_cpu_reset`` mode the next call reloads the whole saved state anyway.
+
+What a switch computes from a snapshot (entry pages, raw ioctl arguments, exports) is kept with
+the snapshot (:func:`hlpool.memory.switch.derived`), and what it computes from a pair of
+snapshots (that they are of one family, the MSRs that differ, the control page bytes that
+differ; the memory's copy plan, see :func:`hlpool.memory.switch.plan_copies`) with the target,
+for its last :data:`PAIRS_PER_TARGET` sources. After a call every page and line a switch
+touches is cold (the guest ran in between: ~0.5-1 us per Python-level step here), so a switch
+between tenants served before does little besides the copy and the two ioctls: a few dict
+lookups, two fstat (the snapshot files unchanged), one copy of the planned pages, one write
+of the control page's differing bytes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import time
-from typing import TYPE_CHECKING
+import weakref
+from typing import TYPE_CHECKING, Any
 
+from hlpool import _mapping
 from hlpool.errors import SandboxBrokenError, SnapshotIncompatibleError
 from hlpool.guest import entry_stub
 from hlpool.guest.boot import CR4_FSGSBASE
@@ -38,6 +59,13 @@ if TYPE_CHECKING:
     from hlpool.machine.machine import Machine
 
 _time_ns = time.time_ns
+_ioctl = fcntl.ioctl  # a set-ioctl with a bytes argument: ~0.7 us less than ctypes
+
+#: How many source snapshots a target remembers pair data for (bounds memory in a pool that
+#: switches among many tenants; a miss only recomputes a few hundred microseconds' worth).
+PAIRS_PER_TARGET = 16
+
+_ENTRY_KEYS = (("entry", False), ("entry", True))  # an _Entry's key in derived(), by strict_cpu_reset
 
 
 def entry_for(machine: "Machine", snapshot: SnapshotImage, *, kernel_gs_base: int | None = None,
@@ -60,68 +88,155 @@ def entry_for(machine: "Machine", snapshot: SnapshotImage, *, kernel_gs_base: in
     return page, bytes(regs), (mask & needed) == needed
 
 
+class _Entry:
+    """What switching to (or from) one snapshot needs, computed once per snapshot and mode."""
+
+    __slots__ = ("plain", "entry_regs", "covered", "first", "after_first", "stub_kgs", "kgs", "exports",
+                 "debugregs", "xcrs", "pairs")
+
+    def __init__(self, machine: "Machine", target: SnapshotImage) -> None:
+        vcpu = target.vcpu
+        strict = machine.strict_cpu_reset
+        self.kgs = vcpu.msrs.get(kvm_abi.MSR_KERNEL_GS_BASE)
+        fsgsbase = bool(kvm_abi.KvmSregs.from_buffer_copy(vcpu.sregs).cr4 & CR4_FSGSBASE)
+        self.stub_kgs = self.kgs if self.kgs is not None and fsgsbase and not strict else None
+        self.plain, self.entry_regs, self.covered = entry_for(machine, target)
+        # CR8 as a fresh vCPU shows it: on PVM KVM_SET_SREGS does not reach it (the reset value, 0)
+        sregs_cr8 = kvm_abi.KvmSregs.from_buffer_copy(vcpu.sregs).cr8
+        fresh_cr8 = 0 if machine.vm.kvm.info.flavour == "pvm" else sregs_cr8
+        self.first = entry_for(machine, target, kernel_gs_base=self.stub_kgs, cr8=fresh_cr8)[0]
+        self.after_first = self.plain if self.plain != self.first else None  # put back after the first call
+        self.exports = {n: i for i, n in enumerate(target.exports or ())}
+        # the exact struct sizes KVM reads (a blob from a file may be longer)
+        self.debugregs = (bytes(kvm_abi.KvmDebugregs.from_buffer_copy(vcpu.debugregs))
+                          if vcpu.debugregs else None)
+        self.xcrs = bytes(kvm_abi.KvmXcrs.from_buffer_copy(vcpu.xcrs)) if vcpu.xcrs else None
+        self.pairs: dict[int, _Pair] = {}  # id(a source snapshot) -> what switching from it needs
+
+
+def _entry(machine: "Machine", image: SnapshotImage, values: dict[Any, Any]) -> _Entry:
+    """``image``'s :class:`_Entry` for ``machine``'s mode, cached in ``values`` (its derived dict):
+    the same for every sandbox of its family in this process (one KVM, one CPU, one layout)."""
+    key = _ENTRY_KEYS[machine.strict_cpu_reset]
+    entry = values.get(key)
+    if entry is None:
+        entry = values[key] = _Entry(machine, image)
+    return entry
+
+
+def _differing(a: bytes, b: bytes) -> tuple[int, int]:
+    """The smallest [start, end) outside which ``a`` and ``b`` (same length) are equal."""
+    if a == b:
+        return 0, 0
+    lo, hi = 0, len(a)  # a[:lo] == b[:lo]; the first difference is below hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    start = lo
+    lo, hi = start, len(a)  # a[hi:] == b[hi:]; the last difference is at or after lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[mid:] == b[mid:]:
+            hi = mid
+        else:
+            lo = mid
+    return start, hi
+
+
+class _Pair:
+    """What a switch from one snapshot to another needs beyond the target's :class:`_Entry`
+    (kept in the target's entry, for its last :data:`PAIRS_PER_TARGET` sources)."""
+
+    __slots__ = ("source", "msrs", "control")
+
+    def __init__(self, machine: "Machine", current: SnapshotImage, cur: _Entry, target: SnapshotImage,
+                 tgt: _Entry) -> None:
+        if machine.strict_cpu_reset:
+            self.msrs: dict[int, int] = {}
+        else:
+            self.msrs = {k: v for k, v in target.vcpu.msrs.items()
+                         if (k != kvm_abi.MSR_KERNEL_GS_BASE or tgt.stub_kgs is None)
+                         and current.vcpu.msrs.get(k) != v}
+            if tgt.kgs is not None and tgt.stub_kgs is None:
+                self.msrs[kvm_abi.MSR_KERNEL_GS_BASE] = tgt.kgs
+        # The control page holds cur.first until the first call after a switch to ``current``
+        # ran, cur.plain otherwise (the host is its only writer: at creation, at a switch, after
+        # that first call): the bytes of tgt.first that differ from each, as (offset, bytes).
+        self.control = tuple((lo, memoryview(tgt.first)[lo:hi]) for lo, hi in (
+            _differing(cur.plain, tgt.first), _differing(cur.first, tgt.first)))
+        self.source: Any = None  # a weak reference to ``current`` once cached
+
+
+def _pair(machine: "Machine", current: SnapshotImage, target: SnapshotImage, tv: dict[Any, Any]) -> _Pair:
+    """The checks and the cached data of a switch ``current`` -> ``target`` (``tv``: the target's
+    derived dict); raises if the two are not of one family. A pair is cached only once checked."""
+    if cached_family(current) != cached_family(target) or target.exports is None:
+        problem = incompatibility(current, target) or "the target is a boot image"
+        raise SnapshotIncompatibleError(f"{machine.name}: cannot switch to {target!r}: {problem}")
+    tgt = _entry(machine, target, tv)
+    pair = _Pair(machine, current, _entry(machine, current, derived(current)), target, tgt)
+    try:
+        pair.source = weakref.ref(current)
+    except TypeError:  # an image type without weak references: not cached
+        return pair
+    if len(tgt.pairs) >= PAIRS_PER_TARGET:
+        tgt.pairs.clear()
+    tgt.pairs[id(current)] = pair
+    return pair
+
+
 def switch_machine(machine: "Machine", target: SnapshotImage) -> SwitchStats:
     """:meth:`Machine.switch` (the caller holds the machine's lock and checked it is usable)."""
     start = _time_ns()
     current = machine.base_snapshot
-    problem = (None if cached_family(current) == cached_family(target) and target.exports is not None
-               else incompatibility(current, target) or "the target is a boot image")
-    if problem is not None:
-        raise SnapshotIncompatibleError(f"{machine.name}: cannot switch to {target!r}: {problem}")
+    strict = machine.strict_cpu_reset
+    tv = derived(target)
+    tgt = tv.get(_ENTRY_KEYS[strict])
+    pair = tgt.pairs.get(id(current)) if tgt is not None else None
+    if pair is None or pair.source() is not current:  # not switched from ``current`` before
+        pair = _pair(machine, current, target, tv)
+        tgt = tv[_ENTRY_KEYS[strict]]
     if machine._private_memory:
         raise SnapshotIncompatibleError(f"{machine.name}: a sandbox with private_memory=True cannot switch "
                                         "(its memory is copied, not mapped from the snapshot's files)")
     check_unchanged(target.layers, target.mapped_files)
     switcher = machine._switcher or MemorySwitcher(current)
-    vcpu = target.vcpu
-    kgs = vcpu.msrs.get(kvm_abi.MSR_KERNEL_GS_BASE)
-    cache = derived(target)
-    entry = cache.get(("entry", machine.strict_cpu_reset))
-    if entry is None:  # the same for every sandbox of this process (one KVM, one CPU)
-        fsgsbase = bool(kvm_abi.KvmSregs.from_buffer_copy(vcpu.sregs).cr4 & CR4_FSGSBASE)
-        stub_kgs = kgs if kgs is not None and fsgsbase and not machine.strict_cpu_reset else None
-        plain, entry_regs, covered = entry_for(machine, target)
-        # CR8 as a fresh vCPU shows it: on PVM KVM_SET_SREGS does not reach it (the reset value, 0)
-        sregs_cr8 = kvm_abi.KvmSregs.from_buffer_copy(vcpu.sregs).cr8
-        fresh_cr8 = 0 if machine.vm.kvm.info.flavour == "pvm" else sregs_cr8
-        first = entry_for(machine, target, kernel_gs_base=stub_kgs, cr8=fresh_cr8)[0]
-        exports = {n: i for i, n in enumerate(target.exports or ())}
-        debugregs = kvm_abi.KvmDebugregs.from_buffer_copy(vcpu.debugregs) if vcpu.debugregs else None
-        xcrs = kvm_abi.KvmXcrs.from_buffer_copy(vcpu.xcrs) if vcpu.xcrs else None
-        entry = cache[("entry", machine.strict_cpu_reset)] = (plain, entry_regs, covered, first, stub_kgs, exports,
-                                                              debugregs, xcrs)
-    plain, entry_regs, covered, first, stub_kgs, exports, debugregs, xcrs = entry
-    msrs = {} if machine.strict_cpu_reset else {
-        k: v for k, v in vcpu.msrs.items()
-        if (k != kvm_abi.MSR_KERNEL_GS_BASE or stub_kgs is None) and current.vcpu.msrs.get(k) != v}
-    if kgs is not None and stub_kgs is None and not machine.strict_cpu_reset:
-        msrs[kvm_abi.MSR_KERNEL_GS_BASE] = kgs
+    # the bytes of the control page to write: it holds current's first-call page until that call ran
+    offset, data = pair.control[machine._control_after_switch is not None]
     try:
         # _reload_registers: no guest code ran since the last restore or switch
         dirty, copied, remapped, calls, system = machine.memory.switch(
             current, target, switcher, restored=machine._reload_registers)
         machine._switcher = switcher
-        machine._mapped_files.switch(target.mapped_files, table_intact=not system)
-        machine.memory.write(machine.layout.control.start, first)
-        if not machine.strict_cpu_reset:  # strict mode reloads the whole vCPU state at the next call
-            if debugregs is not None:  # the KVM_SET_* ioctls only read these structs: shared
-                kvm_abi.ioctl(machine.vcpu.fd, kvm_abi.KVM_SET_DEBUGREGS, debugregs)
-            if xcrs is not None:
-                machine.vcpu.set_xcrs(xcrs)
-            if not covered and vcpu.xsave:
-                machine.vcpu.set_xsave(kvm_abi.KvmXsave.from_buffer_copy(vcpu.xsave))
-            if msrs:
-                machine.vcpu.set_msrs(msrs)
+        files = machine._mapped_files
+        if system or target.mapped_files or files.watched:  # else no file before or after, the table intact
+            files.switch(target.mapped_files, table_intact=not system)
+        if data:
+            _mapping.write_bytes(machine._control_addr + offset, data)
+        if not strict:  # strict mode reloads the whole vCPU state at the next call
+            fd = machine.vcpu.fd
+            if tgt.debugregs is not None:
+                _ioctl(fd, kvm_abi.KVM_SET_DEBUGREGS, tgt.debugregs)
+            if tgt.xcrs is not None:
+                _ioctl(fd, kvm_abi.KVM_SET_XCRS, tgt.xcrs)
+            if not tgt.covered and target.vcpu.xsave:
+                machine.vcpu.set_xsave(kvm_abi.KvmXsave.from_buffer_copy(target.vcpu.xsave))
+            if pair.msrs:
+                machine.vcpu.set_msrs(pair.msrs)
     except Exception as exc:
         machine.mark_broken(f"switch to {target!r} failed half-way: {exc}")
         raise SandboxBrokenError(f"{machine.name}: switch failed half-way ({exc}); discard the sandbox") from exc
     machine.base_snapshot = target
-    machine._exports = dict(exports)
-    machine._entry_regs = entry_regs
-    machine._control_after_switch = plain if plain != first else None
-    if machine.strict_cpu_reset:
-        machine._strict_msrs = {k: vcpu.msrs.get(k, v) for k, v in machine._strict_msrs.items()}
-    machine._clear_io()
+    machine._exports = tgt.exports  # shared: never changed (a machine replaces its dict, as here)
+    machine._entry_regs = tgt.entry_regs
+    machine._control_after_switch = tgt.after_first
+    if strict:
+        vmsrs = target.vcpu.msrs
+        machine._strict_msrs = {k: vmsrs.get(k, v) for k, v in machine._strict_msrs.items()}
+    if machine._in_used or machine._reply_used:  # after a call with restore=False
+        machine._clear_io()
     machine._reload_registers = True
-    stats = SwitchStats(copied, remapped, calls, dirty, (_time_ns() - start) / 1000)
-    return stats
+    return SwitchStats(copied, remapped, calls, dirty, (_time_ns() - start) / 1000)

@@ -32,6 +32,14 @@ page; a re-map or a drop unpins it. :class:`MemorySwitcher` remembers which
 file range is mapped under each page (``mapped``) to keep the invariant across
 any number of switches. The system slot (read-only to the guest, never
 restored) is always copied.
+
+A switch between two snapshots whose differing spans are all short enough to
+copy (the common case: a script layer's 20-40 pages) follows a *copy plan*
+made once per pair of snapshots (:func:`plan_copies`, kept with the target):
+one ``_mapping.copy_plan`` call copies the planned pages and pins them, with no
+walk over the runs and no new ``mapped`` list (a copy keeps the mapping). The
+plan does exactly what ``switch_slot`` would (tests/test_switch.py compares the
+two); any other switch goes through ``switch_slot``.
 """
 
 from __future__ import annotations
@@ -162,9 +170,12 @@ _cache_lock = threading.Lock()
 def derived(image: SnapshotImage) -> dict[Any, Any]:
     """A dict of values computed from a snapshot, kept while the snapshot object lives (a
     snapshot is immutable: its runs, layers and vCPU state never change). The switch caches
-    its run arrays, family key and entry pages here, so a switch to a tenant served before
-    recomputes nothing."""
+    its run arrays, family key, entry pages and copy plans here, so a switch to a tenant
+    served before recomputes nothing."""
     key = id(image)
+    hit = _cache.get(key)  # the hot path takes no lock: a dict read is atomic, the entry checked by identity
+    if hit is not None and hit[0]() is image:
+        return hit[1]
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None and hit[0]() is image:
@@ -208,6 +219,72 @@ def cached_family(image: SnapshotImage) -> str:
     return family
 
 
+# ---- copy plans -----------------------------------------------------------------------------
+
+#: How many source snapshots a target keeps copy plans for (see :func:`plan_copies`).
+PLANS_PER_TARGET = 16
+
+
+def plan_copies(current: SlotRuns, target: SlotRuns, copy_max: int) -> bytes | None:
+    """The pages ``_mapping.switch_slot`` would copy to switch a slot from ``current`` to
+    ``target``, as a plan for ``_mapping.copy_plan`` (int64 triples: first page, pages, source
+    address or 0 for zeros), if it would copy every span it puts back; else None.
+
+    ``switch_slot`` walks the pieces where the mapped, current and target runs all stay the
+    same and puts back each piece whose current and target sources differ: a piece of at
+    most ``copy_max`` pages by copying the target's bytes. Whatever is mapped only splits
+    those pieces further, so if every differing piece of current and target alone has at most
+    ``copy_max`` pages, switch_slot copies exactly these pages whatever is mapped, and leaves
+    the mapping as it is: the plan is the same for every sandbox and every switch of the pair.
+    """
+    cur, tgt, src = current.runs, target.runs, target.src
+    plan = array("q")
+    ic = it = 0
+    pos = 0
+    nc, nt = len(cur), len(tgt)
+    while ic < nc and it < nt:
+        end = min(cur[ic] + cur[ic + 1], tgt[it] + tgt[it + 1])
+        ident = tgt[it + 2]
+        if cur[ic + 2] != ident or (ident >= 0 and cur[ic + 3] != tgt[it + 3]):
+            count = end - pos
+            if count > copy_max:
+                return None
+            first_src = src[it // 4]
+            plan.extend((pos, count, first_src + (pos - tgt[it]) * PAGE if first_src else 0))
+        pos = end
+        if cur[ic] + cur[ic + 1] == end:
+            ic += 4
+        if tgt[it] + tgt[it + 1] == end:
+            it += 4
+    if ic != nc or it != nt:  # the two do not tile the same pages: let switch_slot say so
+        return None
+    return plan.tobytes()
+
+
+def _switch_plan(current: SnapshotImage, target: SnapshotImage, copy_max: int) -> tuple[Any, ...]:
+    """(weakref to ``current`` or None, main slot copy plan or None, system runs equal) for a
+    switch ``current`` -> ``target``, kept with the target for its last few sources."""
+    values = derived(target)
+    plans = values.get("plans")
+    if plans is None:
+        plans = values["plans"] = {}
+    key = (id(current), copy_max)
+    hit = plans.get(key)
+    if hit is not None and hit[0]() is current:
+        return hit
+    cur, tgt = snapshot_runs(current), snapshot_runs(target)
+    plan = plan_copies(cur["main"], tgt["main"], copy_max)
+    same_system = cur["system"].runs == tgt["system"].runs
+    try:
+        ref = weakref.ref(current)
+    except TypeError:  # an image type without weak references: not cached
+        return None, plan, same_system
+    if len(plans) >= PLANS_PER_TARGET:
+        plans.clear()
+    hit = plans[key] = (ref, plan, same_system)
+    return hit
+
+
 # ---- the switch ---------------------------------------------------------------------------
 
 
@@ -229,17 +306,24 @@ class MemorySwitcher:
         """Switch the main slot at ``main_host`` (restored to ``current``) and the system slot at
         ``system_host`` to ``target``. Returns (copied, remapped or dropped pages, remap calls,
         resident_count, system pages copied)."""
-        cur, tgt = snapshot_runs(current), snapshot_runs(target)
-        t = tgt["main"]
-        copied, dropped, remapped, calls, resident_count, mapped = _mapping.switch_slot(
-            main_host, len(resident), self.mapped["main"], cur["main"].runs, t.runs, t.src, t.fd, t.foff,
-            resident, resident_count, self.copy_max)
-        self.mapped["main"] = array("q", mapped)
-        t = tgt["system"]
-        system = 0
-        if cur["system"].runs != t.runs:  # children usually share their base's system pages
-            system, _d, _r, _c, _n, mapped = _mapping.switch_slot(
+        _ref, plan, same_system = _switch_plan(current, target, self.copy_max)
+        dropped = remapped = calls = system = 0
+        if plan is not None:  # every differing span is copied: the mapping stays as it is
+            copied, resident_count = _mapping.copy_plan(main_host, len(resident), plan, resident, resident_count)
+        else:
+            cur, tgt = snapshot_runs(current), snapshot_runs(target)
+            t = tgt["main"]
+            copied, dropped, remapped, calls, resident_count, mapped = _mapping.switch_slot(
+                main_host, len(resident), self.mapped["main"], cur["main"].runs, t.runs, t.src, t.fd, t.foff,
+                resident, resident_count, self.copy_max)
+            if calls:  # only a re-mapped span changes what is mapped where (a copy or a drop keeps the mapping)
+                self.mapped["main"] = array("q", mapped)
+        if not same_system:  # children usually share their base's system pages
+            cur, tgt = snapshot_runs(current), snapshot_runs(target)
+            t = tgt["system"]
+            system, _dropped, _remapped, system_calls, _count, mapped = _mapping.switch_slot(
                 system_host, len(self._system_resident), self.mapped["system"], cur["system"].runs, t.runs,
                 t.src, t.fd, t.foff, self._system_resident, 0, _SYSTEM_COPY_ALL)
-            self.mapped["system"] = array("q", mapped)
+            if system_calls:  # never, as every span is copied; kept for the rule above
+                self.mapped["system"] = array("q", mapped)
         return copied + system, dropped + remapped, calls, resident_count, system

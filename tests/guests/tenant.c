@@ -4,7 +4,8 @@
  * plant(seed, pages) writes secrets derived from `seed` into every area a guest can write:
  * static data (`pages` pages of it), the heap (a malloc'ed block), the stack (a deep
  * buffer), xmm0-15 and the upper halves of ymm0-15, the x87 control word and MXCSR,
- * debug registers DR0-3, CR8 and KERNEL_GS_BASE (via swapgs). A test derives tenants with
+ * debug registers DR0-3, DR6 and DR7 (no breakpoint enabled), CR8 and KERNEL_GS_BASE (via
+ * swapgs); shrink_xcr0() writes XCR0 (x87|SSE only). A test derives tenants with
  * plant(..., restore=False) + snapshot(), and also calls it on a sandbox it then switches
  * away from, to leave secrets in the CPU state a call does not reset.
  *
@@ -60,6 +61,11 @@ static void plant_cpu(uint64_t seed) {
     d0 &= 0x00007fffffffffffULL; d1 &= 0x00007fffffffffffULL; d2 &= 0x00007fffffffffffULL; d3 &= 0x00007fffffffffffULL;
     __asm__ volatile("mov %0, %%dr0\n\tmov %1, %%dr1\n\tmov %2, %%dr2\n\tmov %3, %%dr3"
                      : : "r"(d0), "r"(d1), "r"(d2), "r"(d3));
+    /* DR7: no L/G enable bit (no breakpoint fires) and GD clear, but LE/GE and RW/LEN from the seed;
+     * DR6: the status bits B0-B3 from the seed */
+    uint64_t d7 = 0x400 | ((seed & 3) << 8) | ((mix(seed + 104) & 0xffff) << 16);
+    uint64_t d6 = 0xffff0ff0 | (seed & 0xf);
+    __asm__ volatile("mov %0, %%dr7\n\tmov %1, %%dr6" : : "r"(d7), "r"(d6));
     uint64_t cr8 = 1 + (seed % 14);
     __asm__ volatile("mov %0, %%cr8" : : "r"(cr8));
     uint64_t kgs = mix(seed + 200) & 0x00007ffffffff000ULL, gs;
@@ -89,7 +95,7 @@ struct cpu_state {
     uint16_t fcw;
     uint16_t pad;
     uint32_t mxcsr;
-    uint64_t dr[4], dr7, cr8, kgs, gs, fs, xcr0;
+    uint64_t dr[4], dr7, cr8, kgs, gs, fs, xcr0, dr6;
 };
 
 static hl_value state(const hl_args *a) {
@@ -114,6 +120,7 @@ static hl_value state(const hl_args *a) {
     __asm__ volatile("mov %%dr2, %0" : "=r"(s.dr[2]));
     __asm__ volatile("mov %%dr3, %0" : "=r"(s.dr[3]));
     __asm__ volatile("mov %%dr7, %0" : "=r"(s.dr7));
+    __asm__ volatile("mov %%dr6, %0" : "=r"(s.dr6));
     __asm__ volatile("mov %%cr8, %0" : "=r"(s.cr8));
     uint64_t gs, kgs;
     __asm__ volatile("rdgsbase %0" : "=r"(gs));
@@ -125,6 +132,15 @@ static hl_value state(const hl_args *a) {
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     s.xcr0 = ((uint64_t)hi << 32) | lo;
     return hl_bytes(&s, sizeof(s));
+}
+
+/* XCR0 := x87|SSE, as a hostile tenant may leave it (on VMX the next call's entry stub then
+ * faults and the host reloads the whole vCPU state; on PVM guest code runs under the host's
+ * XCR0, so only KVM's copy changes: a switch must still reset it). */
+static hl_value shrink_xcr0(const hl_args *a) {
+    (void)a;
+    __asm__ volatile("xsetbv" : : "a"(3), "d"(0), "c"(0));
+    return hl_int(0);
 }
 
 /* Reads back what the tenant's memory holds, as a digest (data area, heap block, plants). */
@@ -174,5 +190,6 @@ int hl_main(void) {
     hl_export("state", state);
     hl_export("digest", digest);
     hl_export("scribble", scribble);
+    hl_export("shrink_xcr0", shrink_xcr0);
     return 0;
 }
