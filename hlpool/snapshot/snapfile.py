@@ -67,7 +67,7 @@ from hlpool.guest import abi as guest_abi
 from hlpool.guest.entry_stub import xcr0_of
 from hlpool.guest.layout import PAGE, Layout, MemoryConfig, page_up
 from hlpool.kvm.system import system
-from hlpool.kvm.vcpu import VcpuState
+from hlpool.kvm.vcpu import VcpuState, shared_state
 from hlpool.memory.image import S
 from hlpool.memory.layers import Layer, Run
 from hlpool.memory.mapped_files import (
@@ -551,8 +551,7 @@ def _vcpu_of(raw: _VcpuMeta, path: str) -> VcpuState:
     dr6, dr7, flags, *reserved = _DEBUGREGS_TAIL.unpack_from(raw.debugregs, 32)
     if dr6 >> 32 or dr7 >> 32 or flags or any(reserved):
         raise _fail(path, "vCPU debug registers are malformed")
-    return VcpuState(regs=raw.regs, sregs=raw.sregs, xsave=raw.xsave, xcrs=raw.xcrs, msrs=dict(raw.msrs),
-                     debugregs=raw.debugregs, events=raw.events)
+    return shared_state(raw.regs, raw.sregs, raw.xsave, raw.xcrs, raw.msrs, raw.debugregs, raw.events)
 
 
 _layouts: dict[tuple, Layout] = {}  # (memory configuration, image size) -> Layout: one per family, not per file
