@@ -26,6 +26,7 @@ import os
 
 cdef extern from "sys/mman.h":
     int MAP_NORESERVE
+    int MAP_POPULATE
 
 # Guest memory pages are the contract's HL_PAGE_SIZE (hlpool_abi.h); the shift and
 # the 2 MiB large page are x86-64 paging constants, which no header here defines.
@@ -100,11 +101,12 @@ def map_anonymous_fixed(uintptr_t addr, size_t size):
         raise _oserror("mmap(anonymous, %d bytes)" % size)
 
 
-def map_file_view(int fd, size_t size):
-    """A read-only shared view of a whole file (page-cache pages, never copied)."""
+def map_file_view(int fd, size_t size, bint populate=False):
+    """A read-only shared view of a whole file (page-cache pages, never copied). ``populate``:
+    fill its page tables now (MAP_POPULATE: one system call instead of a fault per page later)."""
     if size == 0:
         return 0
-    cdef void *p = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0)
+    cdef void *p = mmap(NULL, size, PROT_READ, MAP_SHARED | (MAP_POPULATE if populate else 0), fd, 0)
     if p == MAP_FAILED:
         raise _oserror("mmap(view of fd %d, %d bytes)" % (fd, size))
     return <uintptr_t>p
@@ -543,3 +545,37 @@ def copy_plan(uintptr_t host, int64_t npages, bytes plan, bytearray resident, in
                 resident_count += 1
         copied += count
     return copied, resident_count
+
+
+def plan_copies(const int64_t[:] cur, const int64_t[:] tgt, const int64_t[:] src, int64_t copy_max):
+    """hlpool.memory.switch.plan_copies over the flat run arrays (see its docstring): the copy
+    plan (native int64 triples) or None. Reads only: every index is checked against the arrays'
+    lengths (a run array is flat (first, count, ident, base) records, ``src`` one entry per run)."""
+    cdef Py_ssize_t nc = cur.shape[0], nt = tgt.shape[0], ic = 0, it = 0
+    cdef int64_t pos = 0, end, a, b, ident, count, first_src
+    out = bytearray()
+    cdef int64_t triple[3]
+    if nc % 4 or nt % 4 or src.shape[0] < nt // 4:
+        raise ValueError("malformed run arrays")
+    while ic < nc and it < nt:
+        a = cur[ic] + cur[ic + 1]
+        b = tgt[it] + tgt[it + 1]
+        end = a if a < b else b
+        ident = tgt[it + 2]
+        if cur[ic + 2] != ident or (ident >= 0 and cur[ic + 3] != tgt[it + 3]):
+            count = end - pos
+            if count > copy_max:
+                return None
+            first_src = src[it // 4]
+            triple[0] = pos
+            triple[1] = count
+            triple[2] = first_src + (pos - tgt[it]) * PAGE if first_src else 0
+            out += (<char *>triple)[:24]
+        pos = end
+        if a == end:
+            ic += 4
+        if b == end:
+            it += 4
+    if ic != nc or it != nt:
+        return None
+    return bytes(out)

@@ -450,3 +450,21 @@ def test_a_copy_plan_outside_the_slot_is_refused_before_anything_is_written():
     finally:
         _mapping.unmap(host, 4 * PAGE)
         _mapping.unmap(source, PAGE)
+
+
+def test_prepare_switch_does_the_targets_part_ahead_and_changes_nothing(kvm):
+    from hlpool.guest.examples import example_path
+    from hlpool.sandbox.scripts import base_snapshot, load_script
+
+    base = base_snapshot("js")
+    a = load_script(base, "function f() { return 'a'; }")
+    b = load_script(base, "function f() { return 'b'; }")
+    with Sandbox(a) as sb:
+        assert sb.call("call", "f", []) == "a"
+        assert not switch_module.derived(b)  # nothing computed for b yet
+        assert sb.prepare_switch(b) is True
+        assert switch_module.derived(b)  # its entry and run arrays are kept with it now
+        assert sb.snapshot_in_use is a and sb.call("call", "f", []) == "a"  # the sandbox is still at a
+        sb.switch(b)
+        assert sb.call("call", "f", []) == "b"
+        assert sb.prepare_switch(Snapshot.from_elf(example_path("echo"))) is False  # another family

@@ -44,7 +44,7 @@ from __future__ import annotations
 import fcntl
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hlpool import _mapping
 from hlpool.errors import SandboxBrokenError, SnapshotIncompatibleError
@@ -53,7 +53,8 @@ from hlpool.guest.boot import CR4_FSGSBASE
 from hlpool.kvm import abi as kvm_abi
 from hlpool.memory.image import SnapshotImage
 from hlpool.memory.mapped_files import check_unchanged
-from hlpool.memory.switch import MemorySwitcher, SwitchStats, cached_family, derived, incompatibility
+from hlpool.memory.switch import (MemorySwitcher, SwitchStats, cached_family, derived, incompatibility,
+                                  restore_inputs, snapshot_runs)
 
 if TYPE_CHECKING:
     from hlpool.machine.machine import Machine
@@ -68,12 +69,29 @@ PAIRS_PER_TARGET = 16
 _ENTRY_KEYS = (("entry", False), ("entry", True))  # an _Entry's key in derived(), by strict_cpu_reset
 
 
-def entry_for(machine: "Machine", snapshot: SnapshotImage, *, kernel_gs_base: int | None = None,
+class EntryHost(NamedTuple):
+    """What a snapshot's entry depends on besides the snapshot: the process's KVM, the family's
+    layout and the reset mode (a :class:`Machine` has all three; a worker preparing a switch
+    before it has a VM of the family makes one of these)."""
+
+    kvm: Any
+    layout: Any
+    strict_cpu_reset: bool
+
+
+def _host(machine: "Machine | EntryHost") -> EntryHost:
+    if isinstance(machine, EntryHost):
+        return machine
+    return EntryHost(machine.vm.kvm, machine.layout, machine.strict_cpu_reset)
+
+
+def entry_for(machine: "Machine | EntryHost", snapshot: SnapshotImage, *, kernel_gs_base: int | None = None,
               cr8: int | None = None) -> tuple[bytes, bytes, bool]:
     """The control page and entry registers of calls into ``snapshot`` (a finished one) on
     ``machine``, and whether the stub's XSAVE image covers every component the snapshot's XCR0
     enables. ``cr8``/``kernel_gs_base``: also load these (else CR8 from the snapshot in strict mode)."""
-    kvm = machine.vm.kvm
+    machine = _host(machine)
+    kvm = machine.kvm
     regs = kvm_abi.KvmRegs.from_buffer_copy(snapshot.vcpu.regs)
     xcr0 = entry_stub.xcr0_of(snapshot.vcpu.xcrs)
     if kvm.info.flavour == "pvm":  # PVM runs guest code under the host's XCR0, not the guest's
@@ -94,7 +112,8 @@ class _Entry:
     __slots__ = ("plain", "entry_regs", "covered", "first", "after_first", "stub_kgs", "kgs", "exports",
                  "debugregs", "xcrs", "pairs")
 
-    def __init__(self, machine: "Machine", target: SnapshotImage) -> None:
+    def __init__(self, machine: "Machine | EntryHost", target: SnapshotImage) -> None:
+        machine = _host(machine)
         vcpu = target.vcpu
         strict = machine.strict_cpu_reset
         self.kgs = vcpu.msrs.get(kvm_abi.MSR_KERNEL_GS_BASE)
@@ -103,18 +122,65 @@ class _Entry:
         self.plain, self.entry_regs, self.covered = entry_for(machine, target)
         # CR8 as a fresh vCPU shows it: on PVM KVM_SET_SREGS does not reach it (the reset value, 0)
         sregs_cr8 = kvm_abi.KvmSregs.from_buffer_copy(vcpu.sregs).cr8
-        fresh_cr8 = 0 if machine.vm.kvm.info.flavour == "pvm" else sregs_cr8
-        self.first = entry_for(machine, target, kernel_gs_base=self.stub_kgs, cr8=fresh_cr8)[0]
+        fresh_cr8 = 0 if machine.kvm.info.flavour == "pvm" else sregs_cr8
+        self.first = _kept(entry_for(machine, target, kernel_gs_base=self.stub_kgs, cr8=fresh_cr8)[0])
+        self.plain, self.entry_regs = _kept(self.plain), _kept(self.entry_regs)
         self.after_first = self.plain if self.plain != self.first else None  # put back after the first call
-        self.exports = {n: i for i, n in enumerate(target.exports or ())}
+        self.exports = _kept_exports(target.exports or ())
         # the exact struct sizes KVM reads (a blob from a file may be longer)
-        self.debugregs = (bytes(kvm_abi.KvmDebugregs.from_buffer_copy(vcpu.debugregs))
+        self.debugregs = (_kept(bytes(kvm_abi.KvmDebugregs.from_buffer_copy(vcpu.debugregs)))
                           if vcpu.debugregs else None)
-        self.xcrs = bytes(kvm_abi.KvmXcrs.from_buffer_copy(vcpu.xcrs)) if vcpu.xcrs else None
+        self.xcrs = _kept(bytes(kvm_abi.KvmXcrs.from_buffer_copy(vcpu.xcrs))) if vcpu.xcrs else None
         self.pairs: dict[int, _Pair] = {}  # id(a source snapshot) -> what switching from it needs
 
 
-def _entry(machine: "Machine", image: SnapshotImage, values: dict[Any, Any]) -> _Entry:
+# Tenants of one family mostly have equal entry pages and blobs (two 4 KiB control pages per
+# tenant otherwise): equal values are kept once, bounded. All are immutable (the exports dict
+# is only read).
+_KEPT_MAX = 512
+_kept_values: dict[Any, Any] = {}
+
+
+def _kept(value: bytes) -> bytes:
+    kept = _kept_values.get(value)
+    if kept is None:
+        if len(_kept_values) >= _KEPT_MAX:
+            _kept_values.clear()
+        kept = _kept_values[value] = value
+    return kept
+
+
+def _kept_exports(names: "tuple[str, ...] | list[str]") -> dict[str, int]:
+    key = ("exports", tuple(names))
+    kept = _kept_values.get(key)
+    if kept is None:
+        if len(_kept_values) >= _KEPT_MAX:
+            _kept_values.clear()
+        kept = _kept_values[key] = {n: i for i, n in enumerate(key[1])}
+    return kept
+
+
+def prepare(machine: "Machine", target: SnapshotImage) -> bool:
+    """Compute what a switch of ``machine`` to ``target`` needs of ``target`` alone, ahead of the
+    switch; False (nothing done) if ``target`` is not of its family."""
+    if target.exports is None or cached_family(machine.base_snapshot) != cached_family(target):
+        return False
+    prepare_target(target, _host(machine))
+    return True
+
+
+def prepare_target(target: SnapshotImage, host: EntryHost) -> None:
+    """What a switch to ``target`` needs of ``target`` alone (its entry pages, run arrays and
+    restore arrays), kept with the snapshot object: the first switch to it then computes only
+    what depends on the snapshot switched from."""
+    if target.exports is None:
+        return
+    _entry(host, target, derived(target))
+    snapshot_runs(target)
+    restore_inputs(target)
+
+
+def _entry(machine: "Machine | EntryHost", image: SnapshotImage, values: dict[Any, Any]) -> _Entry:
     """``image``'s :class:`_Entry` for ``machine``'s mode, cached in ``values`` (its derived dict):
     the same for every sandbox of its family in this process (one KVM, one CPU, one layout)."""
     key = _ENTRY_KEYS[machine.strict_cpu_reset]

@@ -25,6 +25,9 @@ F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
 F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 1, 2, 4, 8
 
 
+POPULATE_MAX = 4 << 20  # layers up to this size get their view's page tables filled when it is made
+
+
 class Layer:
     """An immutable run of pages in a file descriptor.
 
@@ -80,7 +83,9 @@ class Layer:
         with self._lock:
             if not self._resources[1] and self.size:
                 total = self.data_offset + self.size
-                self._resources[1] = _mapping.map_file_view(self.fd, total)
+                # A small layer's page tables are filled at once: a switch copies from it right away,
+                # and a fault per page costs more here (PVM) than one populating mmap.
+                self._resources[1] = _mapping.map_file_view(self.fd, total, total <= POPULATE_MAX)
                 self._resources[2] = total
             return self._resources[1] + self.data_offset if self._resources[1] else 0
 

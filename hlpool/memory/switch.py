@@ -237,28 +237,8 @@ def plan_copies(current: SlotRuns, target: SlotRuns, copy_max: int) -> bytes | N
     ``copy_max`` pages, switch_slot copies exactly these pages whatever is mapped, and leaves
     the mapping as it is: the plan is the same for every sandbox and every switch of the pair.
     """
-    cur, tgt, src = current.runs, target.runs, target.src
-    plan = array("q")
-    ic = it = 0
-    pos = 0
-    nc, nt = len(cur), len(tgt)
-    while ic < nc and it < nt:
-        end = min(cur[ic] + cur[ic + 1], tgt[it] + tgt[it + 1])
-        ident = tgt[it + 2]
-        if cur[ic + 2] != ident or (ident >= 0 and cur[ic + 3] != tgt[it + 3]):
-            count = end - pos
-            if count > copy_max:
-                return None
-            first_src = src[it // 4]
-            plan.extend((pos, count, first_src + (pos - tgt[it]) * PAGE if first_src else 0))
-        pos = end
-        if cur[ic] + cur[ic + 1] == end:
-            ic += 4
-        if tgt[it] + tgt[it + 1] == end:
-            it += 4
-    if ic != nc or it != nt:  # the two do not tile the same pages: let switch_slot say so
-        return None
-    return plan.tobytes()
+    # In Cython (_mapping.plan_copies, the same walk: ~2 us instead of ~80 for a JS tenant's runs).
+    return _mapping.plan_copies(current.runs, target.runs, target.src, copy_max)
 
 
 def _switch_plan(current: SnapshotImage, target: SnapshotImage, copy_max: int) -> tuple[Any, ...]:

@@ -26,6 +26,8 @@ import msgspec
 import prctl
 
 from hlpool.errors import GuestTimeout, HlpoolError, SandboxBrokenError, SnapshotIncompatibleError
+from hlpool.kvm.system import system as kvm_system
+from hlpool.machine.switching import EntryHost, prepare_target
 from hlpool.memory.guest_memory import RestorePolicy
 from hlpool.pool import channel as ipc
 from hlpool.pool import confine
@@ -116,9 +118,13 @@ class SandboxCache:
 
     def open(self, path: str) -> None:
         """Open the snapshot at ``path`` now (ahead of its first call), keeping it in the LRU of open
-        snapshots; a snapshot already open is left where it is in that order."""
-        if path not in self._snapshots and path not in self._at:
-            self._snapshot(path)
+        snapshots (a snapshot already open is left where it is in that order), and prepare what a
+        switch to it needs of it alone (:func:`hlpool.machine.switching.prepare_target`)."""
+        if path in self._snapshots or path in self._at:
+            return
+        snapshot = self._snapshot(path)
+        if self.config.switch_tenants:  # a later switch to it computes only what the VM's tenant adds
+            prepare_target(snapshot, EntryHost(kvm_system(), snapshot.layout, self.config.strict_cpu_reset))
 
     def _snapshot(self, path: str) -> Snapshot:
         snapshot = self._snapshots.get(path)

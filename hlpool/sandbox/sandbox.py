@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from hlpool.machine import switching
 from hlpool.machine.machine import HostFunction, Machine, SandboxStatus
 from hlpool.memory.switch import SwitchStats
 from hlpool.snapshot.capture import Retain, capture
@@ -60,6 +61,14 @@ class Sandbox(Machine):
         if not isinstance(target, Snapshot):
             raise TypeError(f"Sandbox.switch needs a Snapshot, not {type(target).__name__}")
         return super().switch(target)
+
+    def prepare_switch(self, target: Snapshot) -> bool:
+        """Do now the part of a later :meth:`switch` to ``target`` that depends on ``target`` alone
+        (its entry pages and run arrays, kept with the snapshot object); changes nothing in the
+        sandbox. False if ``target`` is not of this sandbox's family (a switch would refuse it).
+        A pool's worker does this when it opens a tenant ahead of its first call."""
+        with self._lock:
+            return switching.prepare(self, target)
 
     @property
     def snapshot_in_use(self) -> Snapshot:
