@@ -579,3 +579,32 @@ def plan_copies(const int64_t[:] cur, const int64_t[:] tgt, const int64_t[:] src
     if ic != nc or it != nt:
         return None
     return bytes(out)
+
+
+def slot_run_arrays(const int64_t[:] runs, list per_layer):
+    """hlpool.memory.switch.slot_runs in one pass: the flat (first, count, ident, base) records and
+    the source address, fd and file offset of each run, as native int64 bytearrays. ``runs``:
+    flat (first page, count, layer index or -1 for zeros, byte offset in the layer) records
+    (a RunList's array, checked by the snapshot already); ``per_layer``: (ident, view address,
+    fd, data offset) per layer (an index outside it raises)."""
+    if runs.shape[0] % 4:
+        raise ValueError("malformed run array")
+    cdef Py_ssize_t n = runs.shape[0] // 4, nl = len(per_layer), i, index
+    cdef int64_t first, count, offset, ident, view, layer_fd, data_offset
+    flat, src, fds, foff = bytearray(n * 32), bytearray(n * 8), bytearray(n * 8), bytearray(n * 8)
+    cdef int64_t *F = <int64_t *>PyByteArray_AS_STRING(flat)
+    cdef int64_t *S = <int64_t *>PyByteArray_AS_STRING(src)
+    cdef int64_t *D = <int64_t *>PyByteArray_AS_STRING(fds)
+    cdef int64_t *O = <int64_t *>PyByteArray_AS_STRING(foff)
+    for i in range(n):
+        first, count, index, offset = runs[4 * i], runs[4 * i + 1], runs[4 * i + 2], runs[4 * i + 3]
+        if index < 0:
+            F[4 * i], F[4 * i + 1], F[4 * i + 2], F[4 * i + 3] = first, count, -1, 0
+            S[i], D[i], O[i] = 0, -1, 0
+        else:
+            if index >= nl:
+                raise ValueError("run refers to layer %d of %d" % (index, nl))
+            ident, view, layer_fd, data_offset = per_layer[index]
+            F[4 * i], F[4 * i + 1], F[4 * i + 2], F[4 * i + 3] = first, count, ident, offset - first * PAGE
+            S[i], D[i], O[i] = view + offset, layer_fd, data_offset + offset
+    return flat, src, fds, foff

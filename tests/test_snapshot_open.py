@@ -245,3 +245,17 @@ def test_processes_forked_after_an_open_read_with_their_own_buffer(family, tmp_p
                 break
             time.sleep(0.01)
     assert failures == [] and statuses == [0, 0]
+
+
+def test_a_snapshots_runs_are_kept_compactly_and_read_as_runs():
+    from hlpool.memory.layers import Run, RunList
+
+    runs = [Run(0, 3, 0, 0), Run(3, 1, -1, 0), Run(4, 60, 1, 8192), Run(64, 2**20, 0, 2**40)]
+    kept = RunList(runs)
+    assert len(kept) == 4 and list(kept) == runs and kept == runs and kept == RunList(runs)
+    assert kept[2] == Run(4, 60, 1, 8192) and kept[-1].end_page == 64 + 2**20
+    assert kept[1:3] == runs[1:3]
+    assert kept != runs[:3] and kept != RunList(runs[:3])
+    with pytest.raises(IndexError):
+        kept[4]
+    assert len(kept.flat) == 16  # four int64 a run, no per-run objects

@@ -79,6 +79,9 @@ class EntryHost(NamedTuple):
     strict_cpu_reset: bool
 
 
+_images: dict[tuple[bytes, int], tuple[bytes, int]] = {}  # (XSAVE area, XCR0) -> the stub's image and mask
+
+
 def _host(machine: "Machine | EntryHost") -> EntryHost:
     if isinstance(machine, EntryHost):
         return machine
@@ -96,7 +99,13 @@ def entry_for(machine: "Machine | EntryHost", snapshot: SnapshotImage, *, kernel
     xcr0 = entry_stub.xcr0_of(snapshot.vcpu.xcrs)
     if kvm.info.flavour == "pvm":  # PVM runs guest code under the host's XCR0, not the guest's
         xcr0 |= kvm.supported_xcr0
-    image, mask = entry_stub.restore_image(snapshot.vcpu.xsave, xcr0, kvm.xsave_components)
+    key = (snapshot.vcpu.xsave, xcr0)  # equal for most of a family (blobs kept once: hashed once)
+    hit = _images.get(key)
+    if hit is None:
+        if len(_images) >= _KEPT_MAX:
+            _images.clear()
+        hit = _images[key] = entry_stub.restore_image(snapshot.vcpu.xsave, xcr0, kvm.xsave_components)
+    image, mask = hit
     if cr8 is None and machine.strict_cpu_reset:
         cr8 = kvm_abi.KvmSregs.from_buffer_copy(snapshot.vcpu.sregs).cr8
     page = entry_stub.control_page(regs.rip, regs.rax, regs.rdx, image, cr8=cr8, kernel_gs_base=kernel_gs_base)

@@ -53,7 +53,7 @@ from typing import Any
 from hlpool import _mapping
 from hlpool.guest.layout import PAGE
 from hlpool.memory.image import SnapshotImage
-from hlpool.memory.layers import Layer, Run
+from hlpool.memory.layers import Layer, Run, RunList
 
 #: Spans of differing pages up to this size are copied; longer ones are re-mapped.
 #: Measured by bench/switch.py on the PVM development host (2 vCPUs, loaded): putting back
@@ -145,22 +145,15 @@ class SlotRuns:
 
 
 def slot_runs(runs: list[Run], layers: tuple[Layer, ...]) -> SlotRuns:
-    flat, src, fd, foff = array("q"), array("q"), array("q"), array("q")
     # Per layer once (a snapshot has a few layers and hundreds of runs): ident, view, fd, data offset.
     per_layer = [(_ident(layer), layer.view(), layer.fd, layer.file_offset(0)) for layer in layers]
-    for first, count, index, offset in runs:
-        if index < 0:
-            flat.extend((first, count, -1, 0))
-            src.append(0)
-            fd.append(-1)
-            foff.append(0)
-        else:
-            ident, view, layer_fd, data_offset = per_layer[index]
-            flat.extend((first, count, ident, offset - first * PAGE))
-            src.append(view + offset)
-            fd.append(layer_fd)
-            foff.append(data_offset + offset)
-    return SlotRuns(flat, src, fd, foff)
+    arrays = []
+    flat = runs.flat if isinstance(runs, RunList) else RunList(runs).flat
+    for raw in _mapping.slot_run_arrays(flat, per_layer):  # one Cython pass, then typed arrays
+        typed = array("q")
+        typed.frombytes(raw)
+        arrays.append(typed)
+    return SlotRuns(*arrays)
 
 
 _cache: dict[int, tuple[Any, dict[Any, Any]]] = {}
@@ -203,11 +196,12 @@ def restore_inputs(image: SnapshotImage) -> tuple[array, array, array]:
     values = derived(image)
     inputs = values.get("restore")
     if inputs is None:
-        main = image.runs["main"]
-        views = [layer.view() for layer in image.layers]
-        inputs = values["restore"] = (
-            array("Q", (r.first_page for r in main)), array("Q", (r.count for r in main)),
-            array("Q", (views[r.layer] + r.offset if r.layer >= 0 else 0 for r in main)))
+        main = snapshot_runs(image)["main"]  # the same numbers, all non-negative: reinterpreted
+        firsts, counts, sources = array("Q"), array("Q"), array("Q")
+        firsts.frombytes(main.runs[0::4].tobytes())
+        counts.frombytes(main.runs[1::4].tobytes())
+        sources.frombytes(main.src.tobytes())
+        inputs = values["restore"] = (firsts, counts, sources)
     return inputs
 
 

@@ -295,7 +295,10 @@ class Pool(AnswerPath):
         if not self._open_on_register or handle.path in self._opened_ahead:
             return handle
         # A plain Future: no one waits for it, and it takes no pending slot (not a user's call).
-        call = Call(concurrent.futures.Future(), handle, "", b"", 0, next(self._ids), eager=True, op=ipc.OP_OPEN)
+        # Not eager: its answer waits in the channel for whoever reads the worker's answers next
+        # (the pool's thread within 0.25 s, at once when the channel is full): a burst of
+        # registrations costs the pool's thread one wake-up per 16 hints, not two per hint.
+        call = Call(concurrent.futures.Future(), handle, "", b"", 0, next(self._ids), op=ipc.OP_OPEN)
         with self._lock:
             if self._closed or self._broken:
                 return handle

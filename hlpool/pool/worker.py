@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import gc
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from hlpool.snapshot.snapshot import Snapshot
 log = logging.getLogger(__name__)
 
 MAX_CACHED_PARENTS = 64  # base snapshots a worker keeps open for their children (cleared beyond)
+FREEZE_EVERY = 256  # snapshots opened between two gc.freeze() calls (see _freeze_long_lived)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class SandboxCache:
         self._vms: collections.OrderedDict[int, Sandbox] = collections.OrderedDict()  # id -> VM, LRU first
         self._snapshots: collections.OrderedDict[str, Snapshot] = collections.OrderedDict()
         self._parents: dict[bytes, Snapshot] = {}  # parents opened once for all their children
+        self._opened = 0  # snapshots opened (see _freeze_long_lived)
         self.created = 0  # VMs made
         self.switches = 0  # VMs moved to another snapshot of their family
 
@@ -135,6 +138,9 @@ class SandboxCache:
             self._parents.clear()
         snapshot = self._with_free_fds(lambda: Snapshot.open(path, parents=self._parents))
         self._snapshots[path] = snapshot
+        self._opened += 1
+        if self._opened % FREEZE_EVERY == 0:
+            _freeze_long_lived()
         while len(self._snapshots) > self.config.max_open_snapshots:
             # A VM at an evicted snapshot keeps it alive; the others' files close with the object.
             self._snapshots.popitem(last=False)
@@ -207,6 +213,18 @@ class SandboxCache:
         self._at.clear()
         self._snapshots.clear()
         self._parents.clear()
+
+
+def _freeze_long_lived() -> None:
+    """Move the objects alive now out of the garbage collector's sight (``gc.freeze``).
+
+    Each open snapshot is ~48 objects the collector tracks (its runs are tuples), and a worker
+    keeps thousands open: a full collection then takes tens of milliseconds (~55-80 ms with
+    1,000 open), a pause in whatever call it lands in. Snapshots form no reference cycles (they
+    are freed by reference counting when the LRU drops them), so frozen ones are not leaked;
+    the young generations are collected first so that recent cyclic garbage is not frozen."""
+    gc.collect(1)
+    gc.freeze()
 
 
 def _out_of_fds(exc: BaseException | None) -> bool:

@@ -34,7 +34,7 @@ from hlpool.errors import SnapshotError
 from hlpool.guest.layout import PAGE, Layout, MemoryConfig
 from hlpool.kvm.vcpu import VcpuState
 from hlpool.machine.machine import HostFunction
-from hlpool.memory.layers import Layer, Run, check_runs
+from hlpool.memory.layers import Layer, Run, RunList, check_runs
 from hlpool.memory.mapped_files import MappedFile
 from hlpool.memory.switch import family_of
 from hlpool.snapshot.flatten import flatten_snapshot
@@ -59,7 +59,7 @@ class Snapshot:
     vcpu: VcpuState
     exports: tuple[str, ...] | None
     layers: tuple[Layer, ...]
-    runs: dict[str, list[Run]]
+    runs: "dict[str, RunList | list[Run]]"  # a RunList per slot once made
     image_segments: tuple[tuple[int, int, str], ...] = ()
     mapped_files: tuple[MappedFile, ...] = ()
     parent: "Snapshot | None" = None
@@ -67,6 +67,9 @@ class Snapshot:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Kept compactly (a worker holds thousands of snapshots); reads give Run tuples as before.
+        object.__setattr__(self, "runs", {slot: runs if isinstance(runs, RunList) else RunList(runs)
+                                          for slot, runs in self.runs.items()})
         # The only check of a snapshot file's runs (read_snapshot relies on it): keep it here.
         sizes = [layer.size for layer in self.layers]
         check_runs(self.runs["system"], self.layout.system.size // PAGE, sizes, "system slot")
