@@ -140,6 +140,8 @@ class WorkerLink:
     pid: int = 0
     pidfd: int = -1
     queue: collections.deque = field(default_factory=collections.deque)
+    # OP_OPEN hints waiting to be sent (see Pool._open_ahead): in groups, after a short delay
+    hints: collections.deque = field(default_factory=collections.deque)
     inflight: collections.deque = field(default_factory=collections.deque)
     # What the worker holds, as the router expects it: family -> the snapshot path its VM is at
     # (without switching, path -> path), least recently used first.

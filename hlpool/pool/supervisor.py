@@ -45,6 +45,9 @@ from hlpool.pool import channel as ipc
 from hlpool.pool import loopcollect, routing
 from hlpool.pool.answers import (  # noqa: F401 (WATCHDOG_GRACE, BATCH_WAIT_MAX: re-exported)
     BATCH_WAIT_MAX, CALLER_GRACE, PIPELINE_DEPTH, WATCHDOG_GRACE, AnswerPath)
+
+HINT_GROUP = 16  # open hints sent together (see Pool._open_ahead)
+HINT_DELAY = 0.02  # or this long after the first of them was made
 from hlpool.pool.builder import BuildLimits, SnapshotBuilder, check_memory_config
 from hlpool.pool.calls import (  # noqa: F401 (RemoteTraceback: re-exported)
     Call, CallFuture, RemoteTraceback, WorkerLink, check_call, rebuild_error, results_in_order)
@@ -295,16 +298,29 @@ class Pool(AnswerPath):
         if not self._open_on_register or handle.path in self._opened_ahead:
             return handle
         # A plain Future: no one waits for it, and it takes no pending slot (not a user's call).
-        # Not eager: its answer waits in the channel for whoever reads the worker's answers next
-        # (the pool's thread within 0.25 s, at once when the channel is full): a burst of
-        # registrations costs the pool's thread one wake-up per 16 hints, not two per hint.
-        call = Call(concurrent.futures.Future(), handle, "", b"", 0, next(self._ids), op=ipc.OP_OPEN)
+        # Not eager: its answer waits in the channel for whoever reads the worker's answers next.
+        # Hints are sent by the worker's thread in groups (HINT_GROUP, or HINT_DELAY after the
+        # first): a burst of registrations neither wakes the worker once per tenant nor has the
+        # registering thread post to it, and opens run after short quiet spells.
+        call = Call(concurrent.futures.Future(), handle, "", b"", 0, next(self._ids), op=ipc.OP_OPEN,
+                    started=time.monotonic())
         with self._lock:
             if self._closed or self._broken:
                 return handle
             self._opened_ahead.add(handle.path)
-            self._enqueue_locked(self._workers[routing.home_index(handle, len(self._workers))], call)
+            w = self._workers[routing.home_index(handle, len(self._workers))]
+            w.hints.append(call)
+            if len(w.hints) == 1 or len(w.hints) >= HINT_GROUP:
+                w.wakeup.notify()
         return handle
+
+    def _hints_due_locked(self, w: WorkerLink) -> float:
+        """Seconds until ``w``'s waiting hints are to be sent (0: now; inf: none waiting)."""
+        if not w.hints:
+            return float("inf")
+        if len(w.hints) >= HINT_GROUP:
+            return 0.0
+        return max(0.0, w.hints[0].started + HINT_DELAY - time.monotonic())
 
     def map(self, snapshot: Any, fn: str, iterable: Iterable[Iterable[Any]], *,
             timeout: float | None | object = ...) -> Iterator[Any]:
@@ -441,7 +457,10 @@ class Pool(AnswerPath):
         """One round of :meth:`_run_worker`; False when the worker's thread should end."""
         with self._lock:
             while not w.queue and not w.inflight and not self._closed and not self._broken:
-                w.wakeup.wait(0.25)
+                due = self._hints_due_locked(w)
+                if due <= 0:
+                    break
+                w.wakeup.wait(min(0.25, due))
                 if not w.is_alive():
                     break
             if (self._closed or self._broken) and not w.queue and not w.inflight:
@@ -450,6 +469,9 @@ class Pool(AnswerPath):
                 w.expire_queued()
             while w.queue and w.alive and len(w.inflight) < PIPELINE_DEPTH:
                 self._dispatch_locked(w, w.queue.popleft())
+            if w.hints and not w.queue and w.alive and self._hints_due_locked(w) <= 0:
+                while w.hints and len(w.inflight) < PIPELINE_DEPTH:  # calls first; hints in what is left
+                    self._dispatch_locked(w, w.hints.popleft())
             busy = bool(w.inflight)
             if busy and w.inflight[0].in_loop and self._loop_collector is not None:
                 # An event loop collects these answers (hlpool.pool.loopcollect): step in only when the
