@@ -51,7 +51,7 @@ from hlpool.pool import builder as one_shot
 from hlpool.pool.store import SnapshotStore
 from hlpool.pool.worker import WorkerConfig
 from hlpool.sandbox import Sandbox, scripts
-from hlpool.snapshot.snapfile import HEADER, MAGIC, write_snapshot
+from hlpool.snapshot.snapfile import HEADER, MAGIC, write_snapshot_file
 from hlpool.snapshot.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -292,15 +292,14 @@ class _Loader:
                                 f"snapshot store's whole quota of {budget} bytes (Pool(store_quota=...), "
                                 f"hlpool serve --store-quota)")
         for _attempt in range(3):
-            written = write_snapshot(child, out, sync=False).layers[-1]
-            written.close()
+            digest, _offset, _size = write_snapshot_file(child, out, sync=False)  # the supervisor opens it
             if self.store.pin(out):  # collected between the rename and the pin: write it again
                 break
         else:
             raise SnapshotError(f"{out}: removed from the store as soon as it was written")
         child.layers[-1].close()
         self._held.append(out)
-        return {"path": out, "created": True, "sha256": written.sha256.hex(), "family": self.family}
+        return {"path": out, "created": True, "sha256": digest.hex(), "family": self.family}
 
     def _reuse(self, out: str) -> bytes | None:
         """The content hash of ``out`` if it is stored already, whole (its hash checked), and now pinned."""

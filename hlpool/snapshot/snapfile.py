@@ -119,15 +119,22 @@ def _vcpu_to_meta(v: VcpuState) -> dict[str, Any]:
             "msrs": [[k, val] for k, val in v.msrs.items()], "debugregs": v.debugregs, "events": v.events}
 
 
-def _relative_path(target: str, directory: str) -> str:
-    return os.path.relpath(target, directory)
-
-
 def write_snapshot(snapshot: S, path: str, *, sync: bool = True) -> S:
     """Persist ``snapshot``'s top layer to ``path``; returns the file-backed snapshot.
 
     ``sync=False`` skips the fsyncs (file and directory): for content-addressed files whose
     writer can tell a torn file after a crash from its content hash and write it again."""
+    path = os.path.abspath(path)
+    digest, data_offset, data_size = write_snapshot_file(snapshot, path, sync=sync)
+    read_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    layer = Layer(read_fd, data_size, digest, path=path, data_offset=data_offset)
+    _remember(path, os.fstat(read_fd), layer)
+    return dataclasses.replace(snapshot, layers=snapshot.layers[:-1] + (layer,), path=path, info=dict(snapshot.info))
+
+
+def write_snapshot_file(snapshot: S, path: str, *, sync: bool = True) -> tuple[bytes, int, int]:
+    """:func:`write_snapshot` without reopening the file: (top layer's content hash, its data offset,
+    its size), for a writer that hands the file on (the script builder)."""
     if snapshot.exports is None:
         raise SnapshotError("a boot snapshot (before hl_main ran) cannot be persisted")
     path = os.path.abspath(path)
@@ -148,9 +155,9 @@ def write_snapshot(snapshot: S, path: str, *, sync: bool = True) -> S:
         "image_segments": [list(s) for s in snapshot.image_segments],
         "runs": {slot: [[r.first_page, r.count, r.layer, r.offset] for r in runs]
                  for slot, runs in snapshot.runs.items()},
-        "parents": [{"sha256": layer.sha256, "path": _relative_path(layer.path, directory), "size": layer.size}
+        "parents": [{"sha256": layer.sha256, "path": os.path.relpath(layer.path, directory), "size": layer.size}
                     for layer in parents],
-        "mapped_files": [{"path": f.path, "relpath": _relative_path(f.path, directory),
+        "mapped_files": [{"path": f.path, "relpath": os.path.relpath(f.path, directory),
                           "guest_address": f.guest_address, "size": f.size, "sha256": f.sha256,
                           "name": f.name} for f in snapshot.mapped_files],
         "info": {k: v for k, v in snapshot.info.items() if isinstance(v, (str, int, float, bool))},
@@ -201,11 +208,7 @@ def write_snapshot(snapshot: S, path: str, *, sync: bool = True) -> S:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-
-    read_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    layer = Layer(read_fd, data_size, content.digest(), path=path, data_offset=data_offset)
-    _remember(path, os.fstat(read_fd), layer)
-    return dataclasses.replace(snapshot, layers=parents + (layer,), path=path, info=dict(snapshot.info))
+    return content.digest(), data_offset, data_size
 
 
 def _write_all(fd: int, data: bytes) -> None:
