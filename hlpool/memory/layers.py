@@ -141,13 +141,22 @@ class RunList:
     its integers (~100), and one object for the garbage collector instead of one per run; a
     worker keeps thousands of snapshots open. Compares equal to a list of the same runs."""
 
-    __slots__ = ("flat",)
+    __slots__ = ("flat", "_listed")
 
     def __init__(self, runs: "Iterable[Sequence[int]]" = ()) -> None:
         flat = array("q")
         for run in runs:
             flat.extend(run)
         self.flat = flat  # (first page, count, layer, offset) per run
+        self._listed: "tuple[Run, ...] | None" = None
+
+    def listed(self) -> "tuple[Run, ...]":
+        """The runs as Run tuples, made once and kept: for snapshots whose runs are walked again
+        and again (the base a script builder captures each script's layer from), not for the
+        thousands of tenants a worker keeps open."""
+        if self._listed is None:
+            self._listed = tuple(self)
+        return self._listed
 
     def __len__(self) -> int:
         return len(self.flat) // 4
@@ -165,8 +174,7 @@ class RunList:
 
     def __iter__(self) -> "Iterator[Run]":
         flat = self.flat
-        for k in range(0, len(flat), 4):
-            yield Run(flat[k], flat[k + 1], flat[k + 2], flat[k + 3])
+        return map(Run._make, zip(flat[0::4], flat[1::4], flat[2::4], flat[3::4]))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, RunList):
@@ -205,6 +213,9 @@ def check_runs(runs: list[Run], pages: int, layer_sizes: list[int], what: str) -
     were slower for the ~30 runs of a tenant's slot)."""
     expected = 0
     layers = len(layer_sizes)
+    if isinstance(runs, RunList):  # straight from its array: no Run made per run
+        flat = runs.flat
+        runs = zip(flat[0::4], flat[1::4], flat[2::4], flat[3::4])  # type: ignore[assignment]
     for first, count, layer, offset in runs:
         if first != expected or count <= 0:
             raise SnapshotError(f"{what}: runs do not tile the slot (gap or overlap at page {expected})")

@@ -22,7 +22,7 @@ from hlpool.errors import SnapshotError
 from hlpool.guest.layout import FILES_TABLE, IMAGE_BASE, PAGE, SYSTEM_BASE, Area
 from hlpool.machine.machine import Machine
 from hlpool.memory.image import SnapshotImage
-from hlpool.memory.layers import Layer, Run, coalesce
+from hlpool.memory.layers import Layer, Run, RunList, coalesce
 from hlpool.snapshot.regions import SLOTS, Region, regions_of
 
 MAX_RUNS_PER_SLOT = 64  # bounds the host mappings each sandbox needs
@@ -78,7 +78,8 @@ def capture(
     for slot in SLOTS:
         host = machine.slot_host_address(slot)
         pieces: list[_Piece] = []
-        for run in parent.runs[slot]:
+        parent_runs = parent.runs[slot]
+        for run in parent_runs.listed() if isinstance(parent_runs, RunList) else parent_runs:
             if ranges is not None:
                 decisions = _range_decisions(run, ranges[slot])
             else:

@@ -153,8 +153,7 @@ def write_snapshot_file(snapshot: S, path: str, *, sync: bool = True) -> tuple[b
         "vcpu": _vcpu_to_meta(snapshot.vcpu),
         "exports": list(snapshot.exports),
         "image_segments": [list(s) for s in snapshot.image_segments],
-        "runs": {slot: [[r.first_page, r.count, r.layer, r.offset] for r in runs]
-                 for slot, runs in snapshot.runs.items()},
+        "runs": {slot: [list(r) for r in runs] for slot, runs in snapshot.runs.items()},
         "parents": [{"sha256": layer.sha256, "path": os.path.relpath(layer.path, directory), "size": layer.size}
                     for layer in parents],
         "mapped_files": [{"path": f.path, "relpath": os.path.relpath(f.path, directory),
