@@ -141,3 +141,21 @@ def test_shutdown_from_another_thread_while_the_loop_runs(kvm, example, tmp_path
     while _eventfds() != before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _eventfds() == before
+
+
+def test_call_future_never_blocks_the_loop_when_the_pool_is_full(kvm, example, tmp_path):
+    from hlpool import PoolOverloadedError
+
+    with Pool(workers=1, snapshot_dir=tmp_path, max_pending=2) as pool:
+        fib = pool.snapshot(example("fib"))
+
+        async def main() -> None:
+            running = [pool.call_future(fib, "compute", [LONG // 5]) for _ in range(2)]
+            start = time.monotonic()
+            with pytest.raises(PoolOverloadedError):
+                pool.call_future(fib, "compute", [1])  # raises at once, even though the pool blocks
+            assert time.monotonic() - start < 0.05
+            assert all(isinstance(v, int) for v in await asyncio.gather(*running))
+            assert isinstance(await pool.call(fib, "compute", 1), int)  # room again
+
+        asyncio.run(main())
