@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent / "hlpool"
 
 # Lowest first. A module may import from its own layer and from lower ones.
 LAYERS = ["kvm", "guest", "memory", "machine", "snapshot", "sandbox", "pool", "ray", "service", "cli"]
-LEAVES = {"hlpool.errors", "hlpool.defaults", "hlpool.version", "hlpool._mapping"}
+LEAVES = {"hlpool.errors", "hlpool.defaults", "hlpool.version", "hlpool._mapping", "hlpool.kept"}
 TOP = {"hlpool", "hlpool.worker", "hlpool.supervisor"}  # re-exports of the public API
 MAX_LINES = 700
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 from hlpool import _mapping
+from hlpool.kept import KeptValues
 from hlpool.errors import KvmError
 from hlpool.kvm import _vcpu_run, abi, pvm
 from hlpool.kvm.vm import Vm
@@ -45,34 +46,19 @@ class VcpuState:
 
 # The vCPU states of a family's snapshot files are nearly all equal (70 JS tenants: 4 distinct
 # register sets, 2 XSAVE areas, one of everything else), and a worker keeps thousands of snapshots
-# open: equal blobs are kept once (~5 KiB less per open snapshot). Bounded; the values are
-# immutable (a VcpuState's MSR dict is never changed: it may be shared).
-_SHARED_MAX = 256
-_shared_blobs: dict[bytes, bytes] = {}
-_shared_msrs: dict[tuple, dict[int, int]] = {}
-
-
-def _remember(table: dict, key: Any, value: Any) -> Any:
-    if len(table) >= _SHARED_MAX:
-        table.clear()
-    table[key] = value
-    return value
-
-
-def _shared(blob: bytes) -> bytes:
-    kept = _shared_blobs.get(blob)
-    return kept if kept is not None else _remember(_shared_blobs, blob, blob)
+# open: equal blobs are kept once (~5 KiB less per open snapshot). A VcpuState's MSR dict may be
+# shared that way: it is never changed.
+_blobs = KeptValues(256)
+_msr_tables = KeptValues(256)
 
 
 def shared_state(regs: bytes, sregs: bytes, xsave: bytes, xcrs: bytes, msrs: "Sequence[tuple[int, int]]",
                  debugregs: bytes, events: bytes) -> VcpuState:
     """A VcpuState whose blobs (and MSR dict) are the objects already kept for equal values."""
     key = tuple(msrs)
-    shared_msrs = _shared_msrs.get(key)
-    if shared_msrs is None:
-        shared_msrs = _remember(_shared_msrs, key, dict(key))
-    return VcpuState(regs=_shared(regs), sregs=_shared(sregs), xsave=_shared(xsave), xcrs=_shared(xcrs),
-                     msrs=shared_msrs, debugregs=_shared(debugregs), events=_shared(events))
+    one = _blobs.one
+    return VcpuState(regs=one(regs), sregs=one(sregs), xsave=one(xsave), xcrs=one(xcrs),
+                     msrs=_msr_tables.one_for(key, lambda: dict(key)), debugregs=one(debugregs), events=one(events))
 
 
 class Vcpu:

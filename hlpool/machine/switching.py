@@ -50,6 +50,7 @@ from hlpool import _mapping
 from hlpool.errors import SandboxBrokenError, SnapshotIncompatibleError
 from hlpool.guest import entry_stub
 from hlpool.guest.boot import CR4_FSGSBASE
+from hlpool.kept import KeptValues
 from hlpool.kvm import abi as kvm_abi
 from hlpool.memory.image import SnapshotImage
 from hlpool.memory.mapped_files import check_unchanged
@@ -79,7 +80,7 @@ class EntryHost(NamedTuple):
     strict_cpu_reset: bool
 
 
-_images: dict[tuple[bytes, int], tuple[bytes, int]] = {}  # (XSAVE area, XCR0) -> the stub's image and mask
+_images = KeptValues(512)  # (XSAVE area, XCR0) -> the stub's image and mask
 
 
 def _host(machine: "Machine | EntryHost") -> EntryHost:
@@ -99,13 +100,9 @@ def entry_for(machine: "Machine | EntryHost", snapshot: SnapshotImage, *, kernel
     xcr0 = entry_stub.xcr0_of(snapshot.vcpu.xcrs)
     if kvm.info.flavour == "pvm":  # PVM runs guest code under the host's XCR0, not the guest's
         xcr0 |= kvm.supported_xcr0
-    key = (snapshot.vcpu.xsave, xcr0)  # equal for most of a family (blobs kept once: hashed once)
-    hit = _images.get(key)
-    if hit is None:
-        if len(_images) >= _KEPT_MAX:
-            _images.clear()
-        hit = _images[key] = entry_stub.restore_image(snapshot.vcpu.xsave, xcr0, kvm.xsave_components)
-    image, mask = hit
+    # equal for most of a family (its XSAVE blobs are kept once, so hashed once)
+    image, mask = _images.one_for((snapshot.vcpu.xsave, xcr0), lambda: entry_stub.restore_image(
+        snapshot.vcpu.xsave, xcr0, kvm.xsave_components))
     if cr8 is None and machine.strict_cpu_reset:
         cr8 = kvm_abi.KvmSregs.from_buffer_copy(snapshot.vcpu.sregs).cr8
     page = entry_stub.control_page(regs.rip, regs.rax, regs.rdx, image, cr8=cr8, kernel_gs_base=kernel_gs_base)
@@ -132,41 +129,25 @@ class _Entry:
         # CR8 as a fresh vCPU shows it: on PVM KVM_SET_SREGS does not reach it (the reset value, 0)
         sregs_cr8 = kvm_abi.KvmSregs.from_buffer_copy(vcpu.sregs).cr8
         fresh_cr8 = 0 if machine.kvm.info.flavour == "pvm" else sregs_cr8
-        self.first = _kept(entry_for(machine, target, kernel_gs_base=self.stub_kgs, cr8=fresh_cr8)[0])
-        self.plain, self.entry_regs = _kept(self.plain), _kept(self.entry_regs)
+        self.first = _kept.one(entry_for(machine, target, kernel_gs_base=self.stub_kgs, cr8=fresh_cr8)[0])
+        self.plain, self.entry_regs = _kept.one(self.plain), _kept.one(self.entry_regs)
         self.after_first = self.plain if self.plain != self.first else None  # put back after the first call
         self.exports = _kept_exports(target.exports or ())
         # the exact struct sizes KVM reads (a blob from a file may be longer)
-        self.debugregs = (_kept(bytes(kvm_abi.KvmDebugregs.from_buffer_copy(vcpu.debugregs)))
+        self.debugregs = (_kept.one(bytes(kvm_abi.KvmDebugregs.from_buffer_copy(vcpu.debugregs)))
                           if vcpu.debugregs else None)
-        self.xcrs = _kept(bytes(kvm_abi.KvmXcrs.from_buffer_copy(vcpu.xcrs))) if vcpu.xcrs else None
+        self.xcrs = _kept.one(bytes(kvm_abi.KvmXcrs.from_buffer_copy(vcpu.xcrs))) if vcpu.xcrs else None
         self.pairs: dict[int, _Pair] = {}  # id(a source snapshot) -> what switching from it needs
 
 
 # Tenants of one family mostly have equal entry pages and blobs (two 4 KiB control pages per
-# tenant otherwise): equal values are kept once, bounded. All are immutable (the exports dict
-# is only read).
-_KEPT_MAX = 512
-_kept_values: dict[Any, Any] = {}
-
-
-def _kept(value: bytes) -> bytes:
-    kept = _kept_values.get(value)
-    if kept is None:
-        if len(_kept_values) >= _KEPT_MAX:
-            _kept_values.clear()
-        kept = _kept_values[value] = value
-    return kept
+# tenant otherwise): equal values are kept once. All are immutable (the exports dict is only read).
+_kept = KeptValues(512)
 
 
 def _kept_exports(names: "tuple[str, ...] | list[str]") -> dict[str, int]:
     key = ("exports", tuple(names))
-    kept = _kept_values.get(key)
-    if kept is None:
-        if len(_kept_values) >= _KEPT_MAX:
-            _kept_values.clear()
-        kept = _kept_values[key] = {n: i for i, n in enumerate(key[1])}
-    return kept
+    return _kept.one_for(key, lambda: {n: i for i, n in enumerate(key[1])})
 
 
 def prepare(machine: "Machine", target: SnapshotImage) -> bool:

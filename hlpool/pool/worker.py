@@ -218,9 +218,10 @@ class SandboxCache:
 def _freeze_long_lived() -> None:
     """Move the objects alive now out of the garbage collector's sight (``gc.freeze``).
 
-    Each open snapshot is ~48 objects the collector tracks (its runs are tuples), and a worker
-    keeps thousands open: a full collection then takes tens of milliseconds (~55-80 ms with
-    1,000 open), a pause in whatever call it lands in. Snapshots form no reference cycles (they
+    Each open (and prepared) snapshot is a dozen or so objects the collector tracks, and a
+    worker keeps thousands open: full collections then take milliseconds to tens of
+    milliseconds (~55-80 ms measured with 1,000 open before runs became one array), a pause in
+    whatever call they land in. Snapshots form no reference cycles (they
     are freed by reference counting when the LRU drops them), so frozen ones are not leaked;
     the young generations are collected first so that recent cyclic garbage is not frozen."""
     gc.collect(1)
