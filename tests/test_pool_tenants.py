@@ -158,3 +158,30 @@ def test_opening_ahead_neither_blocks_removal_nor_fails_when_the_file_is_gone(kv
         assert pool.submit(kept, "who", (1,)).result(timeout=30) == ["tenant-7", 1, 1]
         stats = pool.stats()[0]
         assert (stats["calls"], stats["errors"], stats["crashes"]) == (1, 0, 0)
+
+
+def test_an_open_hint_in_a_channel_is_not_load_for_routing(kvm, tmp_path):
+    """A hint's answer may wait a moment for its reader; routing must not take it for a call
+    (it once sent two long calls to one worker while the other held only an answered hint)."""
+    with Pool(workers=2, snapshot_dir=tmp_path) as pool:
+        first = pool.script("js", tenant_source(0))
+        assert pool.submit(first, "who", (1,)).result(timeout=30) == ["tenant-0", 1, 1]
+        probe = pool.script("js", tenant_source(99))  # to learn its home worker
+        home = pool._workers[zlib.crc32(probe.path.encode()) % 2]
+        with home.reader:  # nobody reads the home worker's answers while the test holds this
+            handle = pool.script("js", tenant_source(1))
+            if zlib.crc32(handle.path.encode()) % 2 != home.index:
+                handle = next(h for h in (pool.script("js", tenant_source(i)) for i in range(2, 40))
+                              if zlib.crc32(h.path.encode()) % 2 == home.index)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not (home.channel.responses.value and not home.hints):
+                time.sleep(0.01)
+            assert home.channel.responses.value >= 1  # answered hints wait in the channel
+            with pool._lock:
+                assert home.opens_in_flight == len(home.inflight) >= 1
+                assert home.load == len(home.queue) == 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and home.inflight:
+            time.sleep(0.01)
+        assert home.opens_in_flight == 0 and home.load == 0
+        assert pool.submit(handle, "who", (2,)).result(timeout=30)[1:] == [1, 2]

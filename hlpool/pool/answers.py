@@ -87,6 +87,8 @@ class AnswerPath:
                 if call.op == ipc.OP_CALL:
                     w.calls += 1
                     w.errors += status != ipc.STATUS_OK
+                else:
+                    w.opens_in_flight -= 1
                 batch.append((call, status, data, figures[1]))
             w.sandboxes, _, w.vms_created, w.switches = figures
             if w.inflight:  # the worker starts the next call about now (the watchdog measures from here)

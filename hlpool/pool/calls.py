@@ -166,10 +166,13 @@ class WorkerLink:
     # loop waits for (see hlpool.pool.loopcollect).
     notify_fd: int = -1
     loop_answers: int = 0  # answers an event loop took (the rest: the pool's thread or callers in result())
+    opens_in_flight: int = 0  # OP_OPEN hints among ``inflight``
 
     @property
     def load(self) -> int:
-        return len(self.queue) + len(self.inflight)
+        """Calls queued or in the channel (open hints left out: they cost a worker ~0.3 ms, and an
+        answered one may wait a moment for its reader; see Pool._open_ahead)."""
+        return len(self.queue) + len(self.inflight) - self.opens_in_flight
 
     def is_alive(self) -> bool:
         """The worker process exists (its pidfd is not readable yet)."""

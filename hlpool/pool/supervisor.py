@@ -433,6 +433,7 @@ class Pool(AnswerPath):
         w.sent += 1
         call.worker = w
         w.inflight.append(call)
+        w.opens_in_flight += call.op == ipc.OP_OPEN
         w.channel.requests.release()
 
     def _run_worker(self, w: WorkerLink) -> None:
@@ -514,6 +515,7 @@ class Pool(AnswerPath):
                     # a call the worker never took had no effect anywhere: it goes to the queue again
                     (lost if w.channel.taken(w.received + offset, call.request_id) else retry).append(call)
             w.inflight.clear()
+            w.opens_in_flight = 0
             for call in reversed(retry):
                 call.worker = None
                 call.retried = True
