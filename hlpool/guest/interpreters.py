@@ -326,7 +326,7 @@ def _build_recipe(language: str, src: Path) -> dict[str, Any]:
     else:
         sources = [glue_dir / "lua_guest.c", *(src / s for s in LUA_SOURCES)]
         defines = list(flags["defines"])
-    # interp_util.h (shared by both glues) lives with the JS glue.
+    # interp_util.h and pack_alloc.h (shared by both glues) live with the JS glue.
     return {"sources": sources, "include_dirs": [glue_dir, PROGRAMS_DIR / "js", src], "defines": defines,
             "optimize": flags["optimize"], "cflags": list(flags["cflags"])}
 
@@ -341,7 +341,8 @@ def _build_key(language: str) -> str:
     digest = hashlib.sha256(sdk_fingerprint().encode())
     digest.update(spec.sha256.encode())
     digest.update(repr(_patches(language)).encode())
-    for path in sorted((PROGRAMS_DIR / language).iterdir()) + [PROGRAMS_DIR / "js" / "interp_util.h"]:
+    shared = [PROGRAMS_DIR / "js" / "interp_util.h", PROGRAMS_DIR / "js" / "pack_alloc.h"]
+    for path in dict.fromkeys(sorted((PROGRAMS_DIR / language).iterdir()) + shared):
         if path.suffix in (".c", ".h"):
             digest.update(path.name.encode())
             digest.update(path.read_bytes())

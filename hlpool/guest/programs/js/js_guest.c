@@ -30,6 +30,7 @@
 
 #include "quickjs.h"
 #include "interp_util.h"
+#include "pack_alloc.h"
 
 static JSRuntime *rt;
 static JSContext *ctx;
@@ -446,8 +447,11 @@ static hl_value fn_eval(const hl_args *a) {
 static hl_value fn_load(const hl_args *a) {
     size_t len;
     const char *src = hl_arg_str(a, 0, &len);
+    /* What this load allocates goes to fresh, contiguous pages (its snapshot layer stays small). */
+    pack_begin_load(PACK_LOAD_BUDGET);
     begin_call();
     hl_value r = finish(JS_Eval(ctx, src, len, "<script>", JS_EVAL_TYPE_GLOBAL), 0);
+    pack_end_load();
     /* A snapshot is usually taken after load(): do not freeze a random sequence into it. */
     rng_seeded = 0;
     memset(rng, 0, sizeof rng);
@@ -593,6 +597,44 @@ static JSValue global_ref(JSValueConst global, const char *name) {
     return JS_GetPropertyStr(ctx, global, name);
 }
 
+/* ---- memory: QuickJS's allocation hooks over pack_alloc.h, with QuickJS's own accounting ---- */
+
+#define JS_BLOCK_OVERHEAD PACK_HEADER
+
+static void *js_pack_malloc(JSMallocState *s, size_t size) {
+    if (size > s->malloc_limit || s->malloc_size + size > s->malloc_limit) return NULL;
+    void *p = pack_malloc(size);
+    if (!p) return NULL;
+    s->malloc_count++;
+    s->malloc_size += pack_usable_size(p) + JS_BLOCK_OVERHEAD;
+    return p;
+}
+
+static void js_pack_free(JSMallocState *s, void *p) {
+    if (!p) return;
+    s->malloc_count--;
+    s->malloc_size -= pack_usable_size(p) + JS_BLOCK_OVERHEAD;
+    pack_free(p);
+}
+
+static void *js_pack_realloc(JSMallocState *s, void *p, size_t size) {
+    if (!p) return size ? js_pack_malloc(s, size) : NULL;
+    size_t old = pack_usable_size(p);
+    if (size == 0) {
+        js_pack_free(s, p);
+        return NULL;
+    }
+    if (size > old && (size - old > s->malloc_limit || s->malloc_size + (size - old) > s->malloc_limit)) return NULL;
+    void *q = pack_realloc(p, size);
+    if (!q) return NULL;
+    s->malloc_size = s->malloc_size - old + pack_usable_size(q);
+    return q;
+}
+
+static const JSMallocFunctions pack_malloc_functions = {
+    js_pack_malloc, js_pack_free, js_pack_realloc, pack_usable_size,
+};
+
 static const char SETTLE_SOURCE[] =
     "(function (p) {\n"
     "    var box = { state: 0, value: undefined };\n"
@@ -602,9 +644,10 @@ static const char SETTLE_SOURCE[] =
     "})";
 
 int hl_main(void) {
-    rt = JS_NewRuntime();
-    if (!rt) return 1;
     memory_limit = guest_heap_size() / 4 * 3;
+    pack_init(PACK_REGION_SIZE);
+    rt = JS_NewRuntime2(&pack_malloc_functions, NULL);
+    if (!rt) return 1;
     JS_SetMemoryLimit(rt, memory_limit);
     /* Leave a margin below the guest stack for C frames between QuickJS's checks. */
     size_t stack = guest_stack_size();

@@ -32,6 +32,7 @@
 #include "lualib.h"
 
 #include "interp_util.h"
+#include "pack_alloc.h"
 
 static lua_State *L;
 static size_t mem_used, mem_limit;
@@ -46,12 +47,12 @@ static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     (void)ud;
     size_t old = ptr ? osize : 0;
     if (nsize == 0) {
-        free(ptr);
+        pack_free(ptr);
         mem_used -= old;
         return NULL;
     }
     if (nsize > old && (nsize - old > mem_limit || mem_used + (nsize - old) > mem_limit)) return NULL;
-    void *p = realloc(ptr, nsize);
+    void *p = pack_realloc(ptr, nsize);
     if (!p) {
         if (ptr && nsize <= old) { /* Lua expects shrinking to succeed: keep the bigger block */
             mem_used -= old - nsize;
@@ -330,7 +331,10 @@ static hl_value fn_eval(const hl_args *a) {
 static hl_value fn_load(const hl_args *a) {
     struct job j = {.kind = JOB_LOAD};
     j.src = hl_arg_str(a, 0, &j.len);
+    /* What this load allocates goes to fresh, contiguous pages (its snapshot layer stays small). */
+    pack_begin_load(PACK_LOAD_BUDGET);
     hl_value r = run_job(&j);
+    pack_end_load();
     /* A snapshot is usually taken after load(): do not freeze a random sequence into it. */
     if (!rng_explicit) rng_seeded = 0;
     return r;
@@ -430,6 +434,7 @@ static int open_libs(lua_State *l) {
 
 int hl_main(void) {
     mem_limit = guest_heap_size() / 4 * 3;
+    pack_init(PACK_REGION_SIZE);
     L = lua_newstate(limited_alloc, NULL);
     if (!L) return 1;
     lua_atpanic(L, panic);
