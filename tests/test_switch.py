@@ -468,3 +468,65 @@ def test_prepare_switch_does_the_targets_part_ahead_and_changes_nothing(kvm):
         sb.switch(b)
         assert sb.call("call", "f", []) == "b"
         assert sb.prepare_switch(Snapshot.from_elf(example_path("echo"))) is False  # another family
+
+
+def _tenant_child(base: Snapshot, seed: int) -> Snapshot:
+    with Sandbox(base, timeout=10) as sb:
+        sb.call("plant", seed, 4, restore=False)
+        return sb.snapshot()
+
+
+def _inode_at(fd: int) -> int | None:
+    try:
+        return os.fstat(fd).st_ino
+    except OSError:
+        return None
+
+
+def test_a_closed_layer_stays_until_its_last_sandbox_lets_go(family):
+    """Layer.close() while sandboxes use the layer: they keep mapping and copying from it (its
+    descriptor number is not reused by another file under them); nothing new can use it."""
+    from hlpool.errors import SnapshotError
+
+    child = _tenant_child(family[0], 4242)
+    layer = child.layers[-1]
+    assert not layer.persisted
+    with Sandbox(child, timeout=10) as expected:
+        want = expected.call("digest")
+    with Sandbox(child, timeout=10) as sb, Sandbox(family[1], timeout=10) as other:
+        other.switch(child)
+        other.switch(family[1])  # the pair's switch data are cached with the child now
+        fd, inode = layer.fd, os.fstat(layer.fd).st_ino
+        layer.close()
+        assert layer.closed and _inode_at(fd) == inode  # held by the sandbox: released later
+        # new layers and files take new descriptors; the sandbox still restores from its own
+        others = [_tenant_child(family[0], 7000 + k) for k in range(3)]
+        for _ in range(3):
+            sb.call("scribble", 5, 40)
+            assert sb.call("digest") == want
+        assert _inode_at(fd) == inode
+        # nothing new may use the closed layer: a sandbox, a switch (the sandbox goes on)
+        with pytest.raises(SnapshotError, match="closed"):
+            Sandbox(child, timeout=10)
+        with pytest.raises(SnapshotError, match="closed"):
+            other.switch(child)
+        assert other.status is SandboxStatus.READY and other.snapshot_in_use is family[1]
+        assert_like_fresh(other, family[1])
+        sb.switch(others[0])  # switching away lets go of the closed layer: released now
+        assert _inode_at(fd) != inode
+        assert_like_fresh(sb, others[0])
+        with pytest.raises(SnapshotError, match="closed"):
+            sb.switch(child)
+        assert_like_fresh(sb, others[0])
+    for o in others:
+        o.layers[-1].close()
+
+
+def test_closing_a_layer_with_no_sandbox_releases_it_at_once(family):
+    child = _tenant_child(family[0], 99)
+    with Sandbox(child, timeout=10) as sb:
+        sb.call("digest")
+    before = len(os.listdir("/proc/self/fd"))
+    child.layers[-1].close()
+    assert len(os.listdir("/proc/self/fd")) == before - 1
+    child.layers[-1].close()  # twice is harmless

@@ -53,6 +53,7 @@ from hlpool.guest.boot import CR4_FSGSBASE
 from hlpool.kept import KeptValues
 from hlpool.kvm import abi as kvm_abi
 from hlpool.memory.image import SnapshotImage
+from hlpool.memory.layers import pin_layers, unpin_layers
 from hlpool.memory.mapped_files import check_unchanged
 from hlpool.memory.switch import (MemorySwitcher, SwitchStats, cached_family, derived, incompatibility,
                                   restore_inputs, snapshot_runs)
@@ -258,14 +259,19 @@ def switch_machine(machine: "Machine", target: SnapshotImage) -> SwitchStats:
     if machine._private_memory:
         raise SnapshotIncompatibleError(f"{machine.name}: a sandbox with private_memory=True cannot switch "
                                         "(its memory is copied, not mapped from the snapshot's files)")
-    check_unchanged(target.layers, target.mapped_files)
+    pinned = pin_layers(target.layers)  # a closed layer is refused here, before anything changes
+    try:
+        check_unchanged(target.layers, target.mapped_files)
+    except BaseException:
+        unpin_layers(pinned)
+        raise
     switcher = machine._switcher or MemorySwitcher(current)
     # the bytes of the control page to write: it holds current's first-call page until that call ran
     offset, data = pair.control[machine._control_after_switch is not None]
     try:
         # _reload_registers: no guest code ran since the last restore or switch
         dirty, copied, remapped, calls, system = machine.memory.switch(
-            current, target, switcher, restored=machine._reload_registers)
+            current, target, switcher, restored=machine._reload_registers, pinned=pinned)
         machine._switcher = switcher
         files = machine._mapped_files
         if system or target.mapped_files or files.watched:  # else no file before or after, the table intact

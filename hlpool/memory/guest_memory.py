@@ -36,7 +36,7 @@ from hlpool.errors import GuestProtocolError
 from hlpool.guest.layout import PAGE, SLOT_HOT, SLOT_IO, SLOT_MAIN, SLOT_SYSTEM, SLOT_VIF, VIF_PAGE, Area, Layout
 from hlpool.kvm.vm import MemorySlot, Vm
 from hlpool.memory import _dirty
-from hlpool.memory.layers import Layer, Run
+from hlpool.memory.layers import Layer, Run, pin_layers, unpin_layers
 
 #: ``dirty_log="auto"`` uses the dirty bitmap up to this logged-slot size. Its fixed cost per call
 #: (KVM_GET_DIRTY_LOG + the bitmap scan) grows with the slot; the dirty ring's follows the dirty
@@ -169,7 +169,9 @@ class GuestMemory:
         self.policy = policy
         self._slots: dict[str, SlotMapping] = {}
         self._vif_host = 0  # where this process sees the VIF page (see _reset_vif_page)
+        self._pinned: tuple[Layer, ...] = ()  # the layers memory maps and restores from (Layer.pin)
         try:
+            self._pinned = pin_layers(layers)
             if not vm.dirty_ring_entries and policy.dirty_log != "ring":
                 vm.enable_manual_dirty_protect()  # before the logged slot exists
             self._slots["vif"] = SlotMapping(Area("vif", VIF_PAGE, PAGE), None, layers)
@@ -322,7 +324,7 @@ class GuestMemory:
     # ---- switching to another snapshot of the family (hlpool.memory.switch) ----------------
 
     def switch(self, current: "SnapshotImage", target: "SnapshotImage", switcher: "MemorySwitcher",
-               restored: bool = False) -> tuple[int, ...]:
+               restored: bool = False, pinned: tuple[Layer, ...] | None = None) -> tuple[int, ...]:
         """Make memory show ``target`` instead of ``current`` (same layout; see hlpool.memory.switch).
 
         Restores the last call's dirty pages first, then puts back the pages whose source
@@ -331,11 +333,21 @@ class GuestMemory:
         never drops a resident page (it copies it back). Returns (dirty restored, copied,
         remapped, remap calls, system pages copied). ``restored``: the guest has not run since
         the last restore, so memory is at ``current`` already and the restore is skipped.
+        ``pinned``: the target's layers, pinned by the caller (:func:`pin_layers`); this memory
+        holds those pins from now on, or lets go of them if the switch fails.
         """
-        dirty = 0 if restored else self.restore().dirty
-        copied, remapped, calls, self._resident_count, system = switcher.switch(
-            self.main_host, self._slots["system"].host, current, target, self._resident, self._resident_count)
-        self._run_first, self._run_count, self._run_source = restore_inputs(target)
+        if pinned is None:
+            pinned = pin_layers(target.layers)  # before anything is copied from them
+        try:
+            dirty = 0 if restored else self.restore().dirty
+            copied, remapped, calls, self._resident_count, system = switcher.switch(
+                self.main_host, self._slots["system"].host, current, target, self._resident, self._resident_count)
+            self._run_first, self._run_count, self._run_source = restore_inputs(target)
+        except BaseException:
+            unpin_layers(pinned)
+            raise
+        unpin_layers(self._pinned)
+        self._pinned = pinned
         return dirty, copied, remapped, calls, system
 
     def slot_runs_host(self, name: str) -> SlotMapping:
@@ -346,3 +358,6 @@ class GuestMemory:
         for m in self._slots.values():
             m.close()
         self._slots.clear()
+        pinned, self._pinned = self._pinned, ()
+        unpin_layers(pinned)
+

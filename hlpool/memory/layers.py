@@ -45,9 +45,12 @@ class Layer:
         self.data_offset = data_offset  # where page data starts in the file
         self.fingerprint: tuple[int, int, int] = (0, 0, 0)  # (inode, size, mtime_ns) when verified
         self._lock = threading.Lock()
-        # [fd, view address, view size]: released together when the layer is collected.
+        # [fd, view address, view size]: released together when the layer is collected, or closed
+        # and no sandbox holds it (see pin).
         self._resources = [fd, 0, 0]
         self._finalizer = weakref.finalize(self, _release, self._resources)
+        self._pins = 0
+        self._closing = False
 
     @classmethod
     def from_pages(cls, chunks: list[bytes | memoryview], name: str = "hlpool-layer") -> "Layer":
@@ -82,6 +85,8 @@ class Layer:
     def view(self) -> int:
         """Address of a read-only shared view of the page data (made once, kept; valid after fork)."""
         with self._lock:
+            if self._closing:
+                raise SnapshotError(f"{self!r} was closed")
             if not self._resources[1] and self.size:
                 total = self.data_offset + self.size
                 # A small layer's page tables are filled at once: a switch copies from it right away,
@@ -95,12 +100,53 @@ class Layer:
             raise SnapshotError(f"read of {size} bytes at {offset} outside a {self.size}-byte layer")
         return os.pread(self.fd, size, self.data_offset + offset)
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called (its resources may still be held by sandboxes)."""
+        return self._closing
+
     def close(self) -> None:
+        """Release the descriptor and the view now, or when the last sandbox holding the layer
+        lets go of it (:func:`pin_layers`). A closed layer cannot back a new sandbox or a switch."""
+        with _PINS:
+            self._closing = True
+            if self._pins:
+                return
         self._finalizer()
 
     def __repr__(self) -> str:
         where = self.path or "memory"
         return f"<Layer {self.sha256.hex()[:12]} {self.size} bytes in {where}>"
+
+
+# Pins of every layer change under one lock: a switch pins and unpins a few layers at once.
+_PINS = threading.Lock()
+
+
+def pin_layers(layers: "tuple[Layer, ...]") -> "tuple[Layer, ...]":
+    """Keep each layer's file descriptor and view until :func:`unpin_layers`: a sandbox maps its
+    memory from the descriptors and copies pages from the views by address, so neither may go
+    (and a descriptor's number be reused by another file) while one holds the layers. All or
+    none: raises :class:`~hlpool.SnapshotError` if one was closed."""
+    with _PINS:
+        for layer in layers:
+            if layer._closing:
+                raise SnapshotError(f"{layer!r} was closed")
+        for layer in layers:
+            layer._pins += 1
+    return layers
+
+
+def unpin_layers(layers: "tuple[Layer, ...]") -> None:
+    """Let go of a :func:`pin_layers`; a layer closed meanwhile is released by its last holder."""
+    released = []
+    with _PINS:
+        for layer in layers:
+            layer._pins -= 1
+            if layer._closing and not layer._pins:
+                released.append(layer)
+    for layer in released:
+        layer._finalizer()
 
 
 def _release(resources: list[int]) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hlpool import _mapping
-from hlpool.errors import HlpoolError, SnapshotIntegrityError, SnapshotParentError
+from hlpool.errors import HlpoolError, SnapshotError, SnapshotIntegrityError, SnapshotParentError
 from hlpool.guest import abi
 from hlpool.guest.layout import FILES_TABLE, LARGE_PAGE, PAGE, SLOT_FIRST_FILE, Layout, align_up, page_up
 from hlpool.kvm.vm import MemorySlot, Vm
@@ -344,6 +344,8 @@ def _table_bytes(entries: tuple[tuple[int, int, str], ...]) -> bytes:
 def check_unchanged(layers: "tuple[Layer, ...]", files: "tuple[MappedFile, ...]") -> None:
     """Cheap check (fstat/stat) that no snapshot file or mapped file changed since it was verified."""
     for layer in layers:
+        if layer.closed:  # its descriptor may be another file's now
+            raise SnapshotError(f"{layer!r} was closed")
         if layer.path is None:
             continue
         try:
