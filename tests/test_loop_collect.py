@@ -159,3 +159,50 @@ def test_call_future_never_blocks_the_loop_when_the_pool_is_full(kvm, example, t
             assert isinstance(await pool.call(fib, "compute", 1), int)  # room again
 
         asyncio.run(main())
+
+
+def test_every_way_a_loop_call_ends_frees_its_pending_slot(kvm, example, tmp_path):
+    """A loop call's future is settled by the loop itself (LoopCallFuture): answers, guest errors,
+    timeouts, a cancelled queued call, a cancelled running call and a crash each give back their
+    pending slot, so a pool with max_pending=4 keeps taking calls afterwards."""
+    from hlpool import GuestError, PoolOverloadedError
+
+    with Pool(workers=1, snapshot_dir=tmp_path, max_pending=4) as pool:
+        faults = pool.snapshot(example("faults"))
+        fib = pool.snapshot(example("fib"))
+        echo = pool.snapshot(example("echo"))
+
+        async def rounds() -> None:
+            for k in range(3):
+                assert await pool.call(echo, "echo", k) == k
+                with pytest.raises(GuestError, match="failed on purpose"):
+                    await pool.call(faults, "fail", "x")
+                with pytest.raises(GuestTimeout):
+                    await pool.call(faults, "infinite_loop", timeout=0.1)
+                running = pool.call_future(fib, "compute", [LONG // 10])
+                queued = pool.call_future(echo, "echo", ["never"])
+                queued.cancel()
+                await asyncio.sleep(0.02)
+                running.cancel()  # it runs on; its answer comes later, unobserved
+                with pytest.raises(asyncio.CancelledError):
+                    await running
+            pid = pool.stats()[0]["pid"]
+            crashing = pool.call_future(fib, "compute", [LONG])
+            await asyncio.sleep(0.1)
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(WorkerCrashed):
+                await crashing
+            # every slot is back: four calls at once are taken, a fifth is refused at once
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    batch = [pool.call_future(echo, "echo", [i]) for i in range(4)]
+                    break
+                except PoolOverloadedError:  # the cancelled running calls still finishing
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+            with pytest.raises(PoolOverloadedError):
+                pool.call_future(echo, "echo", ["fifth"])
+            assert await asyncio.gather(*batch) == [0, 1, 2, 3]
+
+        asyncio.run(asyncio.wait_for(rounds(), 60))

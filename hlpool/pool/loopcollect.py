@@ -52,27 +52,9 @@ class LoopCollector:
             loop.add_reader(w.notify_fd, self._ready, w)
             self._watched.append(w.notify_fd)
 
-    def wrap(self, future: concurrent.futures.Future) -> asyncio.Future:
-        """An asyncio future of the loop that settles with ``future`` (a pool call's)."""
-        waiter = self.loop.create_future()
-
-        def settle(done: concurrent.futures.Future) -> None:
-            if threading.get_ident() == self.thread_id:
-                _copy(done, waiter)
-            else:  # the pool's thread took the answer (the safety net): hand it to the loop
-                try:
-                    self.loop.call_soon_threadsafe(_copy, done, waiter)
-                except RuntimeError:  # the loop is closed: no one waits any more
-                    pass
-
-        def cancelled(w: asyncio.Future) -> None:
-            if w.cancelled():
-                future.cancel()  # a queued call is dropped; a running one finishes unobserved
-
-        # The base class's add_done_callback: CallFuture's own would make the pool's thread collect.
-        concurrent.futures.Future.add_done_callback(future, settle)
-        waiter.add_done_callback(cancelled)
-        return waiter
+    def new_future(self, pool: "Pool") -> "LoopCallFuture":
+        """The future of a call made from this loop (see :class:`LoopCallFuture`)."""
+        return LoopCallFuture(pool, self)
 
     def _ready(self, w: "WorkerLink") -> None:
         """The worker signalled answers: take every one posted so far (in the loop's thread)."""
@@ -108,17 +90,95 @@ class LoopCollector:
         self._watched.clear()
 
 
-def _copy(done: concurrent.futures.Future, waiter: asyncio.Future) -> None:
+_PENDING, _RUNNING, _CANCELLED, _FINISHED = range(4)
+_STATES = threading.Lock()  # the state changes of every LoopCallFuture (a few at a time, never nested)
+
+
+class LoopCallFuture:
+    """The future of a pool call made from the event loop (:meth:`Pool.call_future`).
+
+    The pool sets it as it sets a ``concurrent.futures.Future`` (``set_running_or_notify_cancel``,
+    ``set_result``, ``set_exception``, ``cancel``, ``done``), and it settles the loop's asyncio
+    future (:attr:`waiter`) directly: in the loop's thread at once (the loop takes most answers
+    itself), from another thread (the pool's, stepping in) through ``call_soon_threadsafe``. No
+    condition variable, no callback list and no second future per call: a front end makes one
+    per request. Cancelling the waiter cancels the call if it has not started; a finished call
+    frees its pending slot as a CallFuture does.
+    """
+
+    __slots__ = ("_pool", "_collector", "waiter", "_state")
+
+    def __init__(self, pool: "Pool", collector: LoopCollector) -> None:
+        self._pool = pool
+        self._collector = collector
+        self._state = _PENDING
+        self.waiter: asyncio.Future = collector.loop.create_future()
+        self.waiter.add_done_callback(self._waiter_done)
+
+    def _waiter_done(self, waiter: asyncio.Future) -> None:
+        if waiter.cancelled():
+            self.cancel()  # a queued call is dropped; a running one finishes unobserved
+
+    def set_running_or_notify_cancel(self) -> bool:
+        with _STATES:
+            if self._state == _CANCELLED:
+                return False
+            if self._state != _PENDING:
+                raise RuntimeError(f"call future in state {self._state} cannot start")
+            self._state = _RUNNING
+            return True
+
+    def cancel(self) -> bool:
+        with _STATES:
+            if self._state == _CANCELLED:
+                return True
+            if self._state != _PENDING:
+                return False
+            self._state = _CANCELLED
+        self._finish(None, None, True)
+        return True
+
+    def cancelled(self) -> bool:
+        return self._state == _CANCELLED
+
+    def done(self) -> bool:
+        return self._state >= _CANCELLED
+
+    def set_result(self, value: Any) -> None:
+        self._end(value, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._end(None, exc)
+
+    def _end(self, value: Any, exc: BaseException | None) -> None:
+        with _STATES:
+            if self._state >= _CANCELLED:
+                ended = "cancelled" if self._state == _CANCELLED else "finished"
+                raise concurrent.futures.InvalidStateError(f"call future already {ended}")
+            self._state = _FINISHED
+        self._finish(value, exc, False)
+
+    def _finish(self, value: Any, exc: BaseException | None, cancel: bool) -> None:
+        self._pool._release_pending()
+        collector = self._collector
+        if threading.get_ident() == collector.thread_id:
+            _settle(self.waiter, value, exc, cancel)
+        else:  # the pool's thread took the answer (the safety net): hand it to the loop
+            try:
+                collector.loop.call_soon_threadsafe(_settle, self.waiter, value, exc, cancel)
+            except RuntimeError:  # the loop is closed: no one waits any more
+                pass
+
+
+def _settle(waiter: asyncio.Future, value: Any, exc: BaseException | None, cancel: bool) -> None:
     if waiter.done():
         return
-    if done.cancelled():
+    if cancel:
         waiter.cancel()
-        return
-    exc = done.exception()
-    if exc is not None:
+    elif exc is not None:
         waiter.set_exception(exc)
     else:
-        waiter.set_result(done.result())
+        waiter.set_result(value)
 
 
 def poke(w: "WorkerLink") -> None:

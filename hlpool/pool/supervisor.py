@@ -252,7 +252,7 @@ class Pool(AnswerPath):
 
     def _submit(self, snapshot: Any, fn: str, args: Iterable[Any], timeout: float | None | object,
                 deadline: float | None, block: bool, eager: bool = False,
-                in_loop: bool = False) -> concurrent.futures.Future:
+                loop: "loopcollect.LoopCollector | None" = None) -> Any:
         if self._closed:
             raise PoolClosedError("the pool is shut down")
         if self._broken:
@@ -261,10 +261,14 @@ class Pool(AnswerPath):
         timeout = self.call_timeout if timeout is ... else timeout
         fn, args, payload = check_call(handle, fn, args, self._max_payload, timeout, deadline)
         self._take_pending_slot(block)
-        future = CallFuture(self)
+        if loop is None:
+            future: Any = CallFuture(self)
+        else:  # an event loop's call: that loop collects the answer and settles its own future
+            future = loop.new_future(self)
         call = Call(future, handle, fn, payload, int(timeout * 1e9) if timeout else 0, next(self._ids),
-                     expires=time.monotonic() + deadline if deadline else 0.0, eager=eager, in_loop=in_loop)
-        future._call = call
+                    expires=time.monotonic() + deadline if deadline else 0.0, eager=eager, in_loop=loop is not None)
+        if loop is None:
+            future._call = call
         with self._lock:
             if self._closed or self._broken:
                 future.cancel()  # releases the pending slot
@@ -353,7 +357,7 @@ class Pool(AnswerPath):
         collector = self._collector_for(asyncio.get_running_loop())
         if collector is None:
             return asyncio.wrap_future(self._submit(snapshot, fn, args, timeout, deadline, block=False, eager=True))
-        return collector.wrap(self._submit(snapshot, fn, args, timeout, deadline, block=False, in_loop=True))
+        return self._submit(snapshot, fn, args, timeout, deadline, block=False, loop=collector).waiter
 
     def _collector_for(self, loop: asyncio.AbstractEventLoop) -> "loopcollect.LoopCollector | None":
         collector = self._loop_collector
