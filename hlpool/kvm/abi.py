@@ -120,13 +120,21 @@ class KvmMsrsHeader(ctypes.Structure):
     _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32)]
 
 
+_msrs_types: dict[int, type] = {}  # count -> its struct type (making a ctypes class costs ~50-100 us)
+
+
 def msrs_struct(count: int) -> ctypes.Structure:
     """A ``struct kvm_msrs`` with room for ``count`` entries."""
+    kind = _msrs_types.get(count)
+    if kind is None:
 
-    class KvmMsrs(ctypes.Structure):
-        _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32), ("entries", KvmMsrEntry * count)]
+        class KvmMsrs(ctypes.Structure):
+            _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32), ("entries", KvmMsrEntry * count)]
 
-    msrs = KvmMsrs()
+        kind = KvmMsrs
+        if len(_msrs_types) < 64:
+            _msrs_types[count] = kind
+    msrs = kind()
     msrs.nmsrs = count
     return msrs
 
