@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 SUFFIX = ".hlsnap"
 PIN_DIR = ".pins"
 PIN_SUFFIX = ".pins"
-USAGE_TTL = 1.0  # seconds a usage scan is reused (plus what this process added since)
+USAGE_TTL = 1.0  # seconds a usage scan is reused (plus what this process added since)...
+USAGE_SCAN_SHARE = 100  # ...or this many times as long as the scan took, if that is longer
 _TEMP = re.compile(r"\.hlsnap\.tmp-(\d+)-\d+$")
 _serial = itertools.count(1)
 
@@ -95,6 +96,8 @@ class SnapshotStore:
         self._children: dict[str, set[str]] = {}
         self._usage: int | None = None
         self._usage_at = 0.0
+        self._usage_ttl = USAGE_TTL
+        self._sizes: dict[tuple[str, int], int] = {}  # (name, inode) -> size, from the last usage scan
         self._added = 0
 
     # ---- names ------------------------------------------------------------------------------
@@ -144,6 +147,26 @@ class SnapshotStore:
                     self._compact()
                 else:
                     self._write_pin_line(b"-" + os.path.basename(path).encode() + b"\n")
+
+    def unpin_many(self, paths: Iterable[str | os.PathLike]) -> None:
+        """:meth:`unpin` each of ``paths``, with one pin-file write (a builder drops its pins of an
+        answer at once)."""
+        with self._lock:
+            names = []
+            for p in paths:
+                path = os.path.abspath(os.fspath(p))
+                if path in self._pins:
+                    self._pins.discard(path)
+                    if self.contains(path):
+                        names.append(os.path.basename(path))
+            if not names or self._pin_fd < 0:
+                return
+            with self._gc_lock(fcntl.LOCK_SH):
+                if self._pin_lines > 1024 and self._pin_lines > 4 * len(self._pins):
+                    self._compact()
+                else:
+                    self._write_pin_line(b"".join(b"-" + n.encode() + b"\n" for n in names))
+                    self._pin_lines += len(names) - 1
 
     def pinned(self, path: str | os.PathLike) -> bool:
         """True if this store object pins ``path``."""
@@ -255,12 +278,45 @@ class SnapshotStore:
 
     def usage(self, fresh: bool = True) -> int:
         """Bytes the store's snapshot files take (their sizes). ``fresh=False``: a scan up to
-        :data:`USAGE_TTL` seconds old plus what :meth:`note_added` counted since."""
+        :data:`USAGE_TTL` seconds old, or older while scans are slow (a scan may take at most
+        1/:data:`USAGE_SCAN_SHARE` of the time), plus what :meth:`note_added` counted since.
+
+        A fresh scan stats every file; a periodic one (``fresh=False``) stats only files it has
+        not seen (by name and inode: store files are immutable), so with 10,000 tenants it is
+        a directory listing, not 10,000 ``stat`` calls."""
         now = time.monotonic()
-        if fresh or self._usage is None or now - self._usage_at > USAGE_TTL:
-            self._usage = sum(st.st_size for st in self.files().values())
-            self._usage_at, self._added = now, 0
+        if fresh or self._usage is None or now - self._usage_at > self._usage_ttl:
+            self._usage = self._scan_usage(full=fresh or self._usage is None)
+            done = time.monotonic()
+            self._usage_at, self._added = done, 0
+            self._usage_ttl = max(USAGE_TTL, USAGE_SCAN_SHARE * (done - now))
         return self._usage + self._added
+
+    def _scan_usage(self, full: bool) -> int:
+        known = {} if full else self._sizes
+        sizes: dict[tuple[str, int], int] = {}
+        try:
+            entries = os.scandir(self.directory)
+        except FileNotFoundError:
+            self._sizes = sizes
+            return 0
+        with entries:
+            for entry in entries:
+                if not entry.name.endswith(SUFFIX) or entry.name.startswith("."):
+                    continue
+                key = (entry.name, entry.inode())
+                size = known.get(key)
+                if size is None:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    size = st.st_size
+                sizes[key] = size
+        self._sizes = sizes
+        return sum(sizes.values())
 
     def note_added(self, size: int) -> None:
         """A file of ``size`` bytes was just added to the store (counted until the next scan)."""
