@@ -292,7 +292,7 @@ class _Loader:
                                 f"snapshot store's whole quota of {budget} bytes (Pool(store_quota=...), "
                                 f"hlpool serve --store-quota)")
         for _attempt in range(3):
-            digest, _offset, _size = write_snapshot_file(child, out, sync=False)  # the supervisor opens it
+            digest, _offset, _size = write_snapshot_file(child, out, sync=False, ahead=True)  # (not reopened)
             if self.store.pin(out):  # collected between the rename and the pin: write it again
                 break
         else:
@@ -333,8 +333,7 @@ class _Loader:
         self.discard()
 
     def release(self) -> None:
-        for path in self._held:
-            self.store.unpin(path)
+        self.store.unpin_many(self._held)
         self._held.clear()
 
     def discard(self) -> None:

@@ -24,6 +24,7 @@ from hlpool.machine.machine import Machine
 from hlpool.memory.image import SnapshotImage
 from hlpool.memory.layers import Layer, Run, RunList, coalesce
 from hlpool.snapshot.regions import SLOTS, Region, regions_of
+from hlpool.snapshot.snapwrite import PendingLayer
 
 MAX_RUNS_PER_SLOT = 64  # bounds the host mappings each sandbox needs
 
@@ -99,8 +100,10 @@ def capture(
 
 
 def lay_out(pieces_by_slot: dict[str, list[_Piece]], new_index: int) -> tuple[dict[str, list[Run]], Layer]:
-    """Runs for each slot and the new layer (a sealed memfd) holding the ``new`` pieces' bytes,
-    at layer index ``new_index``; each slot's runs bounded to :data:`MAX_RUNS_PER_SLOT`."""
+    """Runs for each slot and the new layer holding the ``new`` pieces' bytes, at layer index
+    ``new_index``; each slot's runs bounded to :data:`MAX_RUNS_PER_SLOT`. The layer keeps the bytes
+    (copied out of the guest now) in memory until it is written into a file or needed as a
+    descriptor (then a sealed memfd): :class:`~hlpool.snapshot.snapwrite.PendingLayer`."""
     chunks: list[bytes] = []
     layer_size = 0
     runs: dict[str, list[Run]] = {}
@@ -118,24 +121,8 @@ def lay_out(pieces_by_slot: dict[str, list[_Piece]], new_index: int) -> tuple[di
             else:
                 slot_runs.append(Run(piece.first, piece.count, piece.layer, piece.offset))
         runs[slot] = coalesce(slot_runs)
-    return runs, Layer.from_pages(_batched(chunks), name="hlpool-snapshot")
-
-
-def _batched(chunks: list[bytes], limit: int = 4 << 20) -> list[bytes]:
-    """Small chunks joined into pieces of up to ``limit`` bytes: one write into the memfd per piece,
-    not per page run (a system call costs ~20 us under PVM; a script's layer is ~20 scattered pages)."""
-    out: list[bytes] = []
-    batch: list[bytes] = []
-    size = 0
-    for chunk in chunks:
-        if batch and size + len(chunk) > limit:
-            out.append(b"".join(batch) if len(batch) > 1 else batch[0])
-            batch, size = [], 0
-        batch.append(chunk)
-        size += len(chunk)
-    if batch:
-        out.append(b"".join(batch) if len(batch) > 1 else batch[0])
-    return out
+    # (written with pwritev, a few hundred pieces per system call: no join, no memfd unless needed)
+    return runs, PendingLayer(chunks, name="hlpool-snapshot")
 
 
 def _page_ranges(snapshot: SnapshotImage, retain: Sequence[tuple[int, int]]) -> dict[str, list[tuple[int, int]]]:
@@ -217,6 +204,13 @@ def _decisions(run: Run, regions: list[Region], retain: Callable[[Region], bool 
 def _classify(parent: SnapshotImage, host: int, span: Run, dirty: list[int], decision: bool | None,
               flatten: bool) -> list[_Piece]:
     """Pieces for one span of a parent run (one backing, one retain decision)."""
+    lo = bisect.bisect_left(dirty, span.first_page)
+    hi = bisect.bisect_left(dirty, span.end_page)
+    if lo == hi and decision is None and not flatten:  # untouched: the parent's pages (most spans)
+        if span.layer < 0:
+            return [_Piece(span.first_page, span.count, ZERO)]
+        source = parent.layers[span.layer].view()
+        return [_Piece(span.first_page, span.count, REF, span.layer, span.offset, source + span.offset)]
     source = parent.layers[span.layer].view() if span.layer >= 0 else 0
     if decision is True:  # keep the parent's bytes, whatever the sandbox wrote
         if span.layer < 0:
@@ -241,8 +235,6 @@ def _classify(parent: SnapshotImage, host: int, span: Run, dirty: list[int], dec
         else:
             out.append(_Piece(first, count, REF, span.layer, offset, source + offset))
 
-    lo = bisect.bisect_left(dirty, span.first_page)
-    hi = bisect.bisect_left(dirty, span.end_page)
     cursor = span.first_page
     for page in dirty[lo:hi]:
         clean(cursor, page - cursor)

@@ -78,6 +78,7 @@ from hlpool.memory.mapped_files import (
     name_problem,
     open_regular,
 )
+from hlpool.snapshot.snapwrite import layer_chunks, publish, stream_chunks, write_all_at
 from hlpool.version import __version__ as hlpool_version
 
 MAGIC = b"HLSNAP\r\n"
@@ -132,9 +133,10 @@ def write_snapshot(snapshot: S, path: str, *, sync: bool = True) -> S:
     return dataclasses.replace(snapshot, layers=snapshot.layers[:-1] + (layer,), path=path, info=dict(snapshot.info))
 
 
-def write_snapshot_file(snapshot: S, path: str, *, sync: bool = True) -> tuple[bytes, int, int]:
+def write_snapshot_file(snapshot: S, path: str, *, sync: bool = True, ahead: bool = False) -> tuple[bytes, int, int]:
     """:func:`write_snapshot` without reopening the file: (top layer's content hash, its data offset,
-    its size), for a writer that hands the file on (the script builder)."""
+    its size), for a writer that hands the file on (the script builder; ``ahead``: into a file made
+    in the background while it was idle, see :func:`hlpool.snapshot.snapwrite.publish`)."""
     if snapshot.exports is None:
         raise SnapshotError("a boot snapshot (before hl_main ran) cannot be persisted")
     path = os.path.abspath(path)
@@ -154,7 +156,7 @@ def write_snapshot_file(snapshot: S, path: str, *, sync: bool = True) -> tuple[b
         "exports": list(snapshot.exports),
         "image_segments": [list(s) for s in snapshot.image_segments],
         "runs": {slot: [list(r) for r in runs] for slot, runs in snapshot.runs.items()},
-        "parents": [{"sha256": layer.sha256, "path": os.path.relpath(layer.path, directory), "size": layer.size}
+        "parents": [{"sha256": layer.sha256, "path": _relative(layer.path, directory), "size": layer.size}
                     for layer in parents],
         "mapped_files": [{"path": f.path, "relpath": os.path.relpath(f.path, directory),
                           "guest_address": f.guest_address, "size": f.size, "sha256": f.sha256,
@@ -168,52 +170,42 @@ def write_snapshot_file(snapshot: S, path: str, *, sync: bool = True) -> tuple[b
     data_size = top.size
     meta_offset = data_offset + data_size
     file_size = meta_offset + len(meta_bytes)
+    chunks, _size = layer_chunks(top)  # a captured layer's bytes straight from memory (no memfd)
 
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        content = hashlib.sha256()
-        os.lseek(fd, data_offset, os.SEEK_SET)
-        offset = 0
-        while offset < data_size:
-            chunk = top.read(offset, min(8 << 20, data_size - offset))
+    def header(digest: bytes) -> bytes:
+        raw = bytearray(PAGE)
+        HEADER.pack_into(raw, 0, MAGIC, FORMAT_VERSION, HEADER.size, 0, meta_offset, len(meta_bytes),
+                         data_offset, data_size, file_size, digest, 0)
+        struct.pack_into("<I", raw, HEADER_CRC_OFFSET, zlib.crc32(raw[:HEADER_CRC_OFFSET]))
+        return bytes(raw)
+
+    content = hashlib.sha256()
+
+    def write(fd: int) -> None:
+        if chunks is not None:  # hash first, then header, data and metadata in one pwritev
+            for chunk in chunks:
+                content.update(chunk)
+            content.update(meta_bytes)
+            write_all_at(fd, [header(content.digest()), *chunks, meta_bytes], 0)
+            return
+        offset = data_offset
+        for chunk in stream_chunks(top):
             content.update(chunk)
-            _write_all(fd, chunk)
-            offset += len(chunk)
+            offset = write_all_at(fd, [chunk], offset)
         content.update(meta_bytes)
-        _write_all(fd, meta_bytes)
-        header = bytearray(PAGE)
-        HEADER.pack_into(header, 0, MAGIC, FORMAT_VERSION, HEADER.size, 0, meta_offset, len(meta_bytes),
-                         data_offset, data_size, file_size, content.digest(), 0)
-        struct.pack_into("<I", header, HEADER_CRC_OFFSET, zlib.crc32(header[:HEADER_CRC_OFFSET]))
-        os.pwrite(fd, bytes(header), 0)
-        if sync:
-            os.fsync(fd)
-        os.fchmod(fd, 0o444)
-        os.close(fd)
-        fd = -1
-        os.rename(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    if sync:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_all_at(fd, [meta_bytes], offset)
+        write_all_at(fd, [header(content.digest())], 0)
+
+    publish(path, write, sync=sync, ahead=ahead)
     return content.digest(), data_offset, data_size
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def _relative(path: str, directory: str) -> str:
+    """``os.path.relpath(path, directory)``, without its cost for a file in ``directory`` itself
+    (a script's layer and its base share the store directory)."""
+    if os.path.dirname(path) == directory and os.path.isabs(path):
+        return os.path.basename(path)
+    return os.path.relpath(path, directory)
 
 
 # ---- what a file needs (rules: the module docstring) ---------------------------------------
