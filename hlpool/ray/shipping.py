@@ -20,6 +20,7 @@ from typing import Any, Callable
 from hlpool.errors import SnapshotError, SnapshotIntegrityError
 from hlpool.pool.store import SUFFIX
 from hlpool.snapshot.snapshot import Snapshot
+from hlpool.snapshot.snapwrite import publish, write_all_at
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def install(directory: str, name: str, sha256: str, data: bytes, hashes: FileHas
     returns (path, written). A file already there with the same hash is kept (written False). A file of
     the same name with other bytes (another build of the same source, e.g. left by an earlier driver) is
     replaced if ``drop_stale(path)`` removes it (nobody uses it); else :class:`SnapshotError`."""
-    path = os.path.join(directory, check_name(name))
+    path = os.path.abspath(os.path.join(directory, check_name(name)))
     if hashlib.sha256(data).hexdigest() != sha256:
         raise SnapshotIntegrityError(f"{name}: the shipped bytes do not match their content hash")
     present = hashes.of(path)
@@ -108,21 +109,8 @@ def install(directory: str, name: str, sha256: str, data: bytes, hashes: FileHas
         raise SnapshotError(f"{path} holds another build of {name} (other bytes, in use here); RayPool cannot "
                             f"place the shipped one next to it: give this node's pools their own snapshot "
                             f"directory (RayPool(node_snapshot_dir=...))")
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_native_id()}"  # the store collects those of dead writers
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o444)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    # atomically and read-only: a writer killed half-way leaves nothing under ``path``
+    publish(path, lambda fd: write_all_at(fd, [data], 0), sync=True)
     return path, True
 
 
