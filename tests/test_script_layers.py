@@ -159,3 +159,21 @@ def test_a_memory_bomb_while_loading_is_the_interpreters_error(bases, language):
     snap = load_script(bases[language], ONE_LINE[language][0])  # the base is as it was
     with Sandbox(snap) as sb:
         assert sb.call("call", "f") == 1
+
+
+@pytest.mark.parametrize("language", ["js", "lua"])
+def test_a_small_heap_leaves_calls_their_memory(kvm, language):
+    """The load region takes at most 1/8 of the heap: with a 5 MiB heap (an interpreter limit
+    of 3.75 MiB) a call can still build a big string (2.5 MB in JS; 1 MB in Lua, whose buffer
+    doubles on the way), as with libc's allocator alone."""
+    from hlpool.guest.layout import MIB, MemoryConfig
+
+    interpreters.build_interpreters()
+    config = MemoryConfig(heap_size=5 * MIB, stack_size=1 * MIB, out_size=1 * MIB)
+    source = ("function big(n) { return 'x'.repeat(n).length; }" if language == "js" else
+              "function big(n) return #string.rep('x', n) end")
+    snap = load_script(base_snapshot(language, config=config), source)
+    assert _own_pages(snap) <= ONE_LINE[language][1] + 2  # packed here too
+    size = 2_500_000 if language == "js" else 1_000_000
+    with Sandbox(snap) as sb:
+        assert sb.call("call", "big", [size]) == size

@@ -645,7 +645,7 @@ static const char SETTLE_SOURCE[] =
 
 int hl_main(void) {
     memory_limit = guest_heap_size() / 4 * 3;
-    pack_init(PACK_REGION_SIZE);
+    pack_init(guest_heap_size());
     rt = JS_NewRuntime2(&pack_malloc_functions, NULL);
     if (!rt) return 1;
     JS_SetMemoryLimit(rt, memory_limit);

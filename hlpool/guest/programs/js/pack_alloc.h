@@ -42,7 +42,8 @@
 #define PACK_HEADER ((size_t)8)
 #define PACK_SMALL_MAX ((size_t)1024) /* blocks up to this size (header included) have exact lists */
 #define PACK_SMALL_LISTS (PACK_SMALL_MAX / PACK_GRAIN + 1)
-#define PACK_REGION_SIZE ((size_t)4 << 20)  /* the region: loads layered on loads share it */
+#define PACK_REGION_SIZE ((size_t)4 << 20)  /* the region (loads layered on loads share it)... */
+#define PACK_REGION_SHARE 8                  /* ...at most this share of the heap (1/8), the rest is libc's */
 #define PACK_LOAD_BUDGET ((size_t)64 << 10)  /* what one load may take from it */
 
 typedef struct pack_free_block {
@@ -59,8 +60,10 @@ static struct {
     pack_free_block *small[PACK_SMALL_LISTS];
 } pack;
 
-/* Reserve the region (`bytes` rounded down to pages). Call once, before the first allocation. */
-static inline void pack_init(size_t bytes) {
+/* Reserve the region: PACK_REGION_SIZE, or 1/PACK_REGION_SHARE of a heap of `heap_size` bytes if
+ * that is less (calls allocate from libc, in the rest). Call once, before the first allocation. */
+static inline void pack_init(size_t heap_size) {
+    size_t bytes = heap_size / PACK_REGION_SHARE < PACK_REGION_SIZE ? heap_size / PACK_REGION_SHARE : PACK_REGION_SIZE;
     bytes &= ~(size_t)4095;
     void *p = bytes ? mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) : MAP_FAILED;
     if (p == MAP_FAILED) return; /* every block from libc */

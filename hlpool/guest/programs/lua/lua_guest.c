@@ -434,7 +434,7 @@ static int open_libs(lua_State *l) {
 
 int hl_main(void) {
     mem_limit = guest_heap_size() / 4 * 3;
-    pack_init(PACK_REGION_SIZE);
+    pack_init(guest_heap_size());
     L = lua_newstate(limited_alloc, NULL);
     if (!L) return 1;
     lua_atpanic(L, panic);
