@@ -254,6 +254,80 @@ def test_sigterm_drains_every_frontend(kvm, tmp_path, store, example, to_every_p
     assert not rundir.exists()
 
 
+def _long_calls(srv, count: int, seconds: float) -> tuple[list, list[threading.Thread]]:
+    """``count`` sha256 calls of about ``seconds`` each, started in threads (results appended)."""
+    start = time.monotonic()
+    assert srv.call("sha256", "digest_rounds", b"seed", 100_000)[0] == 200
+    rounds = max(10_000, min(200_000_000, int(100_000 * seconds / max(time.monotonic() - start, 1e-3))))
+    results: list = []
+
+    def client() -> None:
+        try:
+            results.append(srv.call("sha256", "digest_rounds", b"seed", rounds)[0])
+        except Exception as exc:  # noqa: BLE001 (checked by the caller)
+            results.append(repr(exc))
+
+    threads = [threading.Thread(target=client) for _ in range(count)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: re.search(rf"^hlpool_calls_in_flight {count}\.0$", srv.metrics(), re.M), 20,
+             "the calls did not start")
+    return results, threads
+
+
+def test_a_front_end_takes_a_late_duplicate_stop_as_the_same_stop(kvm, tmp_path, store, example):
+    """systemd's default signals every process of the service; the supervisor forwards its own signal
+    too, so each front end gets the stop twice, here 1.5 s apart (past the single server's 1 s
+    window for duplicates): calls in flight still finish and every process exits 0."""
+    srv = start_server(tmp_path, "--frontends", "2", "--guest", f"sha256={example('sha256')}", "--grace", "30",
+                       store=store)
+    helpers = descendants(srv.pid)
+    fes = list(frontends(srv))
+    results, threads = _long_calls(srv, 2, 2.5)  # one worker per front end: up to 5 s of draining
+    srv.proc.send_signal(signal.SIGTERM)
+    time.sleep(1.5)
+    signalled = 0
+    for pid in fes:  # a front end without calls may have finished already
+        try:
+            os.kill(pid, signal.SIGTERM)
+            signalled += 1
+        except ProcessLookupError:
+            pass
+    assert signalled >= 1  # one still drains its calls (2.5 s each)
+    for t in threads:
+        t.join(60)
+    assert results == [200, 200], results
+    helpers.update(descendants(srv.pid))
+    assert_stopped_cleanly(srv, helpers, sig=None, exit_timeout=60)
+    assert "exiting now" not in srv.log()
+
+
+def test_a_second_signal_to_the_supervisor_ends_the_front_ends_at_once(kvm, tmp_path, store, example):
+    srv = start_server(tmp_path, "--frontends", "2", "--guest", f"sha256={example('sha256')}", "--grace", "60",
+                       store=store)
+    helpers = descendants(srv.pid)
+    rundir = run_dir(srv)
+    fes = list(frontends(srv))
+    results, threads = _long_calls(srv, 2, 20.0)
+    srv.proc.send_signal(signal.SIGTERM)
+    time.sleep(1.5)  # draining: the calls run on
+    start = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    code = srv.stop(None, timeout=20)
+    assert time.monotonic() - start < 10  # not the 20 s calls, not the 60 s grace
+    assert code != 0  # its front ends did not finish their work
+    assert "stopping the front ends now" in srv.log()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 2 and 200 not in results, results  # the calls were cut off
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(p) for p in helpers):
+        time.sleep(0.05)
+    assert not [p for p in helpers if alive(p)], helpers
+    assert shm_of(fes) == [] and shm_names_of(srv.pid) == []
+    assert not rundir.exists()
+
+
 def test_sigkill_of_the_main_process_takes_the_frontends_down(kvm, tmp_path, store):
     srv = start_server(tmp_path, "--frontends", "2", "--guest", "echo=" + str(_echo()), store=store)
     helpers = descendants(srv.pid)

@@ -21,7 +21,10 @@ process becomes a small supervisor:
   takes the current names from the table); SIGTERM or SIGINT is forwarded as
   SIGTERM, every front end drains as a single server does (:mod:`.serve`),
   and the supervisor exits 0 once all have exited 0, removing the run
-  directory. A second signal makes the front ends exit at once.
+  directory. A front end takes any number of stop signals as one (with
+  systemd's default it gets each twice, from systemd and from the supervisor,
+  at any interval); a second signal to the supervisor kills the front ends at
+  once (SIGKILL; their workers die with them).
 
 The front ends run in their own process group (Ctrl-C reaches only the
 supervisor, which forwards it once) and get SIGTERM when the supervisor dies
@@ -53,7 +56,7 @@ from hlpool.service.config import ServerConfig, check_config, check_port_free, f
 from hlpool.service.handlers import Service
 from hlpool.service.metrics import InFlightSlots, Metrics, SharedPoolStats
 from hlpool.service.names import NameTable, create_table
-from hlpool.service.serve import _force_exit, _raise_stop, _run, _Stop, _stop_pool, disable_created_metrics, run_loop, serve
+from hlpool.service.serve import _raise_stop, _run, _Stop, _stop_pool, disable_created_metrics, run_loop, serve
 from hlpool.version import __version__
 
 log = logging.getLogger("hlpool.server")
@@ -275,7 +278,10 @@ class _Supervisor:
             slot.ready_fd = -1
 
     def _stop(self, signum: int) -> None:
-        if self.stopping:
+        # A front end takes any number of stop signals as one (it may get each twice: from here and
+        # from whoever signalled every process of the service); a second signal here ends them now.
+        now = self.stopping
+        if now:
             log.warning("%s: stopping the front ends now", signal.Signals(signum).name)
         else:
             log.info("%s: shutting down (grace %g s)", signal.Signals(signum).name, self.config.grace)
@@ -283,7 +289,7 @@ class _Supervisor:
         for slot in self.slots:
             if slot.pid:
                 try:
-                    os.kill(slot.pid, signal.SIGTERM)  # a second one makes it exit at once
+                    os.kill(slot.pid, signal.SIGKILL if now else signal.SIGTERM)
                 except ProcessLookupError:
                     pass
 
@@ -366,12 +372,12 @@ def serve_frontend(config: ServerConfig, slot: FrontEnd, rundir: str, port: int,
             except OSError:  # a replacement: nobody waits for it
                 pass
 
-        run_loop(_run(service, sock, on_listening))
+        run_loop(_run(service, sock, on_listening, repeat_signal_exits=False))
     except _Stop:
         log.info("front end %d stopped while starting", slot.index)
     finally:
-        for sig in previous:
-            signal.signal(sig, _force_exit)
+        for sig in previous:  # a stop signal again (a duplicate): finish; the supervisor kills if it must
+            signal.signal(sig, signal.SIG_IGN)
         _stop_pool(pool, deadline=time.monotonic() + 1.0)
         names.close()
         sock.close()

@@ -100,9 +100,12 @@ def _raise_stop(signum: int, frame: Any) -> None:
 
 
 async def _run(service: Service, sock: socket.socket | None = None,
-               on_listening: Callable[[str], None] | None = None) -> None:
+               on_listening: Callable[[str], None] | None = None, repeat_signal_exits: bool = True) -> None:
     """Serve until a signal, then drain. ``sock``: a listening socket to serve (a front end's), and
-    ``on_listening(url)`` called instead of logging the "listening on" line."""
+    ``on_listening(url)`` called instead of logging the "listening on" line. ``repeat_signal_exits``:
+    a second signal (not a duplicate of the first) exits at once; a front end passes False (it may get
+    each stop twice, from its supervisor and from whoever signalled every process, at any interval:
+    its supervisor ends it with SIGKILL on a second signal of its own)."""
     config = service.config
     app = make_app(service)
     # Calls are drained by Service.drain(); the runner's own timeout bounds the other requests (registrations).
@@ -122,7 +125,7 @@ async def _run(service: Service, sock: socket.socket | None = None,
         if stop.is_set():
             # The same stop twice, e.g. systemd signalling every process of the service while the
             # front ends' supervisor forwards its own signal: only a later one means "exit now".
-            if time.monotonic() - first_signal[0] < DUPLICATE_SIGNAL_WINDOW:
+            if not repeat_signal_exits or time.monotonic() - first_signal[0] < DUPLICATE_SIGNAL_WINDOW:
                 return
             _force_exit(signum, None)
         log.info("%s: shutting down (grace %g s)", signal.Signals(signum).name, config.grace)
