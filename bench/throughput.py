@@ -50,6 +50,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def pool_threads_cpu() -> float:
+    """CPU seconds of this process's pool threads (``hlpool-pool-N``: they move queued calls into the
+    channels and take answers that no caller collects), from /proc/self/task."""
+    total = 0.0
+    for t in threading.enumerate():
+        if t.name.startswith("hlpool-pool-") and t.native_id is not None:
+            try:
+                with open(f"/proc/self/task/{t.native_id}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def worker_pids(pool) -> list[int]:
     return [s["pid"] for s in pool.stats() if s["alive"]]
 
@@ -103,6 +118,7 @@ def throughput(pool, handle, function: str, args: tuple, total: int, window: int
 
     pids = worker_pids(pool) if cpu is not None else []
     workers_before = sum(cpu_seconds(p) for p in pids)
+    threads_before = pool_threads_cpu() if cpu is not None else 0.0
     own_before = time.process_time()
     start = time.perf_counter()
     for i in range(total):
@@ -114,6 +130,7 @@ def throughput(pool, handle, function: str, args: tuple, total: int, window: int
     elapsed = time.perf_counter() - start
     if cpu is not None:
         cpu["supervisor"] = cpu.get("supervisor", 0.0) + time.process_time() - own_before
+        cpu["pool_threads"] = cpu.get("pool_threads", 0.0) + pool_threads_cpu() - threads_before
         cpu["worker"] = cpu.get("worker", 0.0) + sum(cpu_seconds(p) for p in pids) - workers_before
         cpu["calls"] = cpu.get("calls", 0) + total
     if errors:
@@ -196,8 +213,11 @@ def run(calls: int, max_workers: int, rounds: int) -> dict[str, Any]:
                     used = cpu[key]
                     supervisor_us = 1e6 * used["supervisor"] / used["calls"]
                     worker_us = 1e6 * used["worker"] / used["calls"]
+                    threads_us = 1e6 * used["pool_threads"] / used["calls"]
                     entry[label] = {
                         "cpu_us_per_call": {"supervisor": supervisor_us, "worker": worker_us,
+                                            "supervisor_pool_threads": threads_us,
+                                            "supervisor_callers": supervisor_us - threads_us,
                                             "worker_over_supervisor": worker_us / supervisor_us if supervisor_us else None},
                         "projected_calls_per_s": {str(c): projected_calls_per_s(supervisor_us, worker_us, c)
                                                   for c in PROJECTED_CORES},
@@ -235,8 +255,8 @@ def print_report(results: dict[str, Any]) -> None:
             c = e.get("cpu_us_per_call")
             if c:
                 ratio = e["latency"]["p50_us"] / local_p50[label] if label in local_p50 else None
-                cpu_rows.append([label, w, c["supervisor"], c["worker"], c["worker_over_supervisor"],
-                                 ratio if ratio is not None else "-"]
+                cpu_rows.append([label, w, c["supervisor"], c.get("supervisor_pool_threads", "-"), c["worker"],
+                                 c["worker_over_supervisor"], ratio if ratio is not None else "-"]
                                 + [e["projected_calls_per_s"][str(n)] for n in PROJECTED_CORES])
     print_table(f"Pool throughput and latency ({results['calls']} calls per latency row, "
                 f"{results['rounds']} interleaved rounds; throughput with {results['window']} outstanding; "
@@ -245,9 +265,11 @@ def print_report(results: dict[str, Any]) -> None:
     print("floor calls/s = 1e6 / p50 (one exit at a time); calls/s = median over rounds.")
     if cpu_rows:
         print_table(f"CPU per call by role ({results['window']} outstanding) and projected saturation",
-                    ["function", "workers", "supervisor us", "worker us", "worker / supervisor",
+                    ["function", "workers", "supervisor us", "of it pool threads", "worker us", "worker / supervisor",
                      "isolated p50 x Sandbox.call"] + [f"{n} cores calls/s" for n in PROJECTED_CORES], cpu_rows)
-        print("supervisor = this process (the caller's submit loop included); worker = all workers' CPU. "
+        print("supervisor = this process (the caller's submit loop included: submit() and this benchmark's "
+              "window, a threading.Semaphore and a done-callback per call); of it pool threads = the pool's "
+              "hlpool-pool-N threads (dispatch, answers); worker = all workers' CPU. "
               "Projection: min(cores / (supervisor + worker), 1 / supervisor): workers scale with cores, one "
               "Pool's supervisor is one Python process and saturates one core.")
 
