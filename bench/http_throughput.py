@@ -1,8 +1,10 @@
 """HTTP throughput of ``hlpool serve`` for K front ends, with the CPU each process role spends per request.
 
-    python bench/http_throughput.py [--quick] [--frontends 1,2] [--workers N] [--duration S]
+    python bench/http_throughput.py [--quick] [--frontends 1,2] [--lanes fast,aiohttp] [--workers N] [--duration S]
 
-For each K: starts ``hlpool serve --workers N --frontends K --port 0`` (the
+For each K, and each way of reading calls (``fast``: the default server, whose
+fast lane answers the call requests; ``aiohttp``: ``--no-fast-lane``, the
+baseline): starts ``hlpool serve --workers N --frontends K --port 0`` (the
 example guests), warms it up, then drives ``POST /v1/snapshots/echo/calls/echo``
 (``{"args":[1]}``) with ``wrk`` (``--latency``, 16 connections) and reads the
 CPU time (utime + stime from ``/proc/PID/stat``) of every process of the server
@@ -114,9 +116,9 @@ def cpu_by_role(root: int, frontends: int) -> dict[str, dict[int, int]]:
     return roles
 
 
-def start_server(workers: int, frontends: int, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(workers: int, frontends: int, log_path: Path, lane: str = "fast") -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "hlpool.cli", "serve", "--workers", str(workers), "--frontends",
-               str(frontends), "--port", "0"]
+               str(frontends), "--port", "0"] + (["--no-fast-lane"] if lane == "aiohttp" else [])
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + START_TIMEOUT
@@ -162,9 +164,9 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(wrk: str, script: str, workers: int, frontends: int, duration: float, warmup: float,
+def measure(wrk: str, script: str, workers: int, frontends: int, lane: str, duration: float, warmup: float,
             logdir: Path) -> dict[str, Any]:
-    proc, url = start_server(workers, frontends, logdir / f"server-k{frontends}.log")
+    proc, url = start_server(workers, frontends, logdir / f"server-k{frontends}-{lane}.log", lane)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -202,11 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs (under 2 minutes in all)")
     parser.add_argument("--frontends", default="1,2", help="front-end counts to measure (default %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="workers of each server (default %(default)s)")
+    parser.add_argument("--lanes", default="fast,aiohttp",
+                        help="how calls are read: fast (the default server: the fast lane) and/or aiohttp "
+                             "(--no-fast-lane, every request through aiohttp); default %(default)s")
     parser.add_argument("--duration", type=float, help="seconds of each measured wrk run (default 15, quick 6)")
     args = parser.parse_args(argv)
     duration = args.duration or (6.0 if args.quick else 15.0)
     warmup = 2.0 if args.quick else 4.0
     counts = [int(k) for k in args.frontends.split(",")]
+    lanes = [lane for lane in args.lanes.split(",") if lane]
+    if not lanes or set(lanes) - {"fast", "aiohttp"}:
+        parser.error("--lanes: fast and/or aiohttp")
     wrk = ensure_wrk()
     rows, data = [], {"connections": CONNECTIONS, "threads": THREADS, "path": PATH, "body": BODY,
                       "workers": args.workers, "duration_s": duration, "cpus": len(os.sched_getaffinity(0)),
@@ -216,16 +224,17 @@ def main(argv: list[str] | None = None) -> int:
         with open(script, "w") as f:
             f.write(f'wrk.method = "POST"\nwrk.body = \'{BODY}\'\n'
                     f'wrk.headers["Content-Type"] = "application/json"\n')
-        for k in counts:
-            status(f"K={k}: {args.workers} workers, wrk {CONNECTIONS} connections for {duration:g} s")
-            r = measure(wrk, script, args.workers, k, duration, warmup, Path(tmp))
-            data["runs"][str(k)] = r
+        for k, lane in [(k, lane) for k in counts for lane in lanes]:
+            label = f"K={k}" + ("" if lane == "fast" else f", {lane}")
+            status(f"{label}: {args.workers} workers, wrk {CONNECTIONS} connections for {duration:g} s")
+            r = measure(wrk, script, args.workers, k, lane, duration, warmup, Path(tmp))
+            data["runs"][str(k) if lane == "fast" else f"{k}-{lane}"] = r
             cpu = r["cpu_us_per_request"]
-            rows.append([f"K={k}", r["req_per_s"], r["p50_us"], r["p99_us"], cpu["frontend"], cpu["worker"],
+            rows.append([label, r["req_per_s"], r["p50_us"], r["p99_us"], cpu["frontend"], cpu["worker"],
                          cpu["main"], cpu["other"], r["wrk_cpu_us_per_request"], r["frontend_over_worker"],
                          r["projected_req_per_s"]["16"], r["projected_req_per_s"]["64"]])
             if r["non_2xx"] or r["socket_errors"]:
-                status(f"  K={k}: {r['non_2xx']} non-2xx responses, socket errors: {r['socket_errors'] or 'none'}")
+                status(f"  {label}: {r['non_2xx']} non-2xx responses, socket errors: {r['socket_errors'] or 'none'}")
     print_table(f"hlpool serve, POST {PATH} {BODY}, wrk -c{CONNECTIONS} -t{THREADS}, {args.workers} workers, "
                 f"{data['cpus']} CPUs (CPU µs per request by role)",
                 ["front ends", "req/s", "p50 µs", "p99 µs", "front-end", "workers", "main", "other", "wrk",

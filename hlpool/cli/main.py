@@ -310,7 +310,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(workers=args.workers, host=args.host, port=args.port, snapshot_dir=args.snapshot_dir,
                           guests=parse_guest_specs(args.guest), token=args.token or None, insecure=args.insecure,
                           max_body=args.max_body, call_timeout=args.call_timeout, grace=args.grace,
-                          max_pending=args.max_pending, access_log=args.access_log,
+                          max_pending=args.max_pending, access_log=args.access_log, fast_lane=not args.no_fast_lane,
                           allow_dirs=[os.path.abspath(d) for d in args.allow_dir],
                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                           build_timeout=args.build_timeout, build_memory=args.build_memory,
@@ -454,7 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds calls in flight get to finish on shutdown (default %(default)g)")
     sv.add_argument("--max-pending", type=int, default=defaults.MAX_PENDING,
                     help="calls queued or running before the server answers 429 overloaded (default %(default)s)")
-    sv.add_argument("--access-log", action="store_true", help="log every request")
+    sv.add_argument("--access-log", action="store_true", help="log every request (every request then goes "
+                                                                     "through aiohttp: no fast lane)")
+    sv.add_argument("--no-fast-lane", action="store_true",
+                    help="answer calls through aiohttp too (by default a lean HTTP/1.1 reader answers the plain "
+                         "form of POST /v1/snapshots/NAME/calls/FN itself: docs/frontends.md)")
     sv.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
                     help="let requests register guest ELF or .hlsnap files under DIR by path (repeatable; "
                          "default: none, registration by path is off)")

@@ -27,6 +27,9 @@ class ServerConfig:
     grace: float = defaults.SHUTDOWN_GRACE
     max_pending: int = defaults.MAX_PENDING
     access_log: bool = False
+    # Calls' plain requests answered by hlpool.service.fastlane (off: every request goes through aiohttp;
+    # the access log turns it off too)
+    fast_lane: bool = True
     # Directories whose files may be registered by path (POST /v1/snapshots {"path"}); none: by path is off.
     allow_dirs: list[str] = field(default_factory=list)
     header_timeout: float = defaults.HEADER_TIMEOUT

@@ -260,47 +260,93 @@ class Service:
         return json_response(entry.describe(), status=201, headers={"Location": f"/v1/snapshots/{name}"})
 
     async def call(self, request: web.Request) -> web.Response:
-        self._check_running()
         name, fn = request.match_info["name"], request.match_info["function"]
+        target = self.call_target(name, fn)
+        call = self.submit_call(target, fn, await self._read_body(request))
+        try:
+            await call.waiting
+        except BaseException:  # the answer below says what became of it; a cancelled handler is cancelled
+            pass
+        return web.Response(body=self.end_call(call), content_type="application/json", charset="utf-8")
+
+    # ---- the call route in parts (shared with the fast lane, :mod:`.fastlane`) -----------------
+
+    def call_target(self, name: str, fn: str) -> SnapshotEntry:
+        """The snapshot a call names, checked before its body is read: ``shutting_down``,
+        ``unknown_snapshot``, ``unknown_function`` (a script's functions are its own to check)."""
+        self._check_running()
         entry = self.snapshots.get(name)
-        script = entry.handle.language is not None
-        if fn not in entry.handle.exports and not script:  # a script's functions are its own to check
+        if fn not in entry.handle.exports and entry.handle.language is None:
             raise ApiError("unknown_function", f"snapshot {name!r} has no function {fn!r}; it exports "
                                                f"{', '.join(entry.handle.exports)}")
-        args, timeout = decode_call(await self._read_json(request), self.config.call_timeout)
-        outcome = "ok"
-        start = time.perf_counter()
-        self.in_flight += 1
+        return entry
+
+    def submit_call(self, entry: SnapshotEntry, fn: str, body: bytes) -> CallInFlight:
+        """Decode a call's body and hand the call to the pool (``bad_json``, ``bad_request``, the pool's
+        errors such as ``overloaded``); the returned call must be ended with :meth:`end_call` once its
+        ``waiting`` future is done."""
+        args, timeout = decode_call(parse_json(body), self.config.call_timeout)
+        call = CallInFlight(entry, fn, time.perf_counter())
+        self._call_started(1)
+        try:
+            call.waiting = self.pool.call_future(entry.handle, fn, args, timeout=timeout)
+        except BaseException as exc:
+            self._call_started(-1)
+            error = api_error(exc) if isinstance(exc, HlpoolError) else None
+            self._observe(call, error.code if error is not None else "internal")
+            if error is not None:
+                raise error from None
+            raise
+        self._waiting.add(call.waiting)
+        return call
+
+    def end_call(self, call: CallInFlight) -> bytes:
+        """The JSON answer of a call whose future is done; its error as an :class:`ApiError` (a call the
+        grace period ended: ``shutting_down``); ``asyncio.CancelledError`` if it was cancelled otherwise
+        (the handler was: the client went away, or the server cancels its handlers)."""
+        waiting = call.waiting
+        expired = waiting in self._expired
+        self._waiting.discard(waiting)
+        self._expired.discard(waiting)
+        self._call_started(-1)
+        if waiting.cancelled():
+            self._observe(call, "shutting_down" if expired else "cancelled")
+            if not expired:
+                raise asyncio.CancelledError()
+            raise ApiError("shutting_down", f"the server stopped before the call finished (grace period "
+                                            f"{self.config.grace:g} s)")
+        exc = waiting.exception()
+        if exc is not None:
+            error = api_error(exc)  # an unexpected exception is logged and answered as ``internal``
+            self._observe(call, error.code)
+            raise error from None
+        self._observe(call, "ok")
+        return encode(CallResult(result=to_json(waiting.result())))
+
+    def _call_started(self, delta: int) -> None:
+        self.in_flight += delta
         if self.in_flight_slots is not None:
             self.in_flight_slots.set(self.in_flight)
-        waiting = None
-        try:
-            try:
-                waiting = self.pool.call_future(entry.handle, fn, args, timeout=timeout)
-                self._waiting.add(waiting)
-                result = await waiting
-            except HlpoolError as exc:
-                error = api_error(exc)
-                outcome = error.code
-                raise error from None
-            except asyncio.CancelledError:
-                if waiting not in self._expired:
-                    outcome = "cancelled"  # the client went away, or the server cancels its handlers
-                    raise
-                outcome = "shutting_down"
-                raise ApiError("shutting_down", f"the server stopped before the call finished (grace period "
-                                                f"{self.config.grace:g} s)") from None
-        finally:
-            self._waiting.discard(waiting)
-            self._expired.discard(waiting)
-            self.in_flight -= 1
-            if self.in_flight_slots is not None:
-                self.in_flight_slots.set(self.in_flight)
-            # A script's function names come from requests: label only those that answered, so a
-            # client cannot grow the metrics without bound with made-up names.
-            label = fn if not script or outcome == "ok" else "<other>"
-            self.metrics.observe_call(name, label, outcome, time.perf_counter() - start)
-        return json_response(CallResult(result=to_json(result)))
+
+    def _observe(self, call: CallInFlight, outcome: str) -> None:
+        # A script's function names come from requests: label only those that answered, so a
+        # client cannot grow the metrics without bound with made-up names.
+        script = call.entry.handle.language is not None
+        label = call.fn if not script or outcome == "ok" else "<other>"
+        self.metrics.observe_call(call.entry.name, label, outcome, time.perf_counter() - call.start)
+
+
+class CallInFlight:
+    """One call submitted by :meth:`Service.submit_call`: its snapshot, function, start time and the
+    asyncio future its answer settles."""
+
+    __slots__ = ("entry", "fn", "start", "waiting")
+
+    def __init__(self, entry: SnapshotEntry, fn: str, start: float) -> None:
+        self.entry = entry
+        self.fn = fn
+        self.start = start
+        self.waiting: asyncio.Future = None  # type: ignore[assignment]  # set by submit_call
 
 
 async def in_daemon_thread(fn: Callable[[], Any], name: str) -> Any:

@@ -25,6 +25,7 @@ from hlpool.errors import HlpoolError
 from hlpool.guest.examples import EXAMPLE_HOST_FUNCTIONS, EXAMPLES, example_path
 from hlpool.pool.supervisor import Pool
 from hlpool.service.app import make_app, server_options
+from hlpool.service.fastlane import FastLane, FastLaneSite
 from hlpool.service.config import ServerConfig, check_config, check_port_free
 from hlpool.service.handlers import Service
 from hlpool.version import __version__
@@ -134,9 +135,14 @@ async def _run(service: Service, sock: socket.socket | None = None,
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    lane = None
     try:
-        site = web.TCPSite(runner, config.host, config.port, reuse_address=True) if sock is None else \
-            web.SockSite(runner, sock)
+        lane = FastLane(service, runner.server) if config.fast_lane and not config.access_log else None
+        if lane is not None:
+            site: web.BaseSite = FastLaneSite(runner, lane, sock=sock, host=config.host, port=config.port)
+        else:
+            site = web.TCPSite(runner, config.host, config.port, reuse_address=True) if sock is None else \
+                web.SockSite(runner, sock)
         try:
             await site.start()
         except OSError as exc:
@@ -156,6 +162,8 @@ async def _run(service: Service, sock: socket.socket | None = None,
         await service.drain(config.grace)
     finally:
         service.shutting_down = True
+        if lane is not None:
+            lane.close()  # idle fast-lane connections (aiohttp's are closed by the runner)
         # Stop listening (if not yet), close idle connections, wait briefly for other requests, cancel the rest.
         await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):
