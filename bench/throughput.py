@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import queue
 import statistics
 import sys
 import tempfile
@@ -100,21 +101,19 @@ def throughput(pool, handle, function: str, args: tuple, total: int, window: int
     else:
         def make_args(_i: int, fixed: tuple = args) -> tuple:
             return fixed
-    slots = threading.Semaphore(window)
-    done = threading.Event()
-    remaining = [total]
+    # The caller's window: tokens in a SimpleQueue (C: put and get take no Python-level lock or
+    # Condition), one given back by each call's done-callback; the window is whole again once
+    # every call has ended.
+    tokens: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(window):
+        tokens.put(None)
     errors: list[BaseException] = []
-    lock = threading.Lock()
 
     def finished(future: concurrent.futures.Future) -> None:
         exc = future.exception()
         if exc is not None:
             errors.append(exc)
-        slots.release()
-        with lock:
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                done.set()
+        tokens.put(None)
 
     pids = worker_pids(pool) if cpu is not None else []
     workers_before = sum(cpu_seconds(p) for p in pids)
@@ -122,11 +121,12 @@ def throughput(pool, handle, function: str, args: tuple, total: int, window: int
     own_before = time.process_time()
     start = time.perf_counter()
     for i in range(total):
-        slots.acquire()
+        tokens.get()
         pool.submit(handle, function, make_args(i)).add_done_callback(finished)
         if bar is not None:
             bar.update()
-    done.wait()
+    for _ in range(window):
+        tokens.get()
     elapsed = time.perf_counter() - start
     if cpu is not None:
         cpu["supervisor"] = cpu.get("supervisor", 0.0) + time.process_time() - own_before
@@ -268,7 +268,7 @@ def print_report(results: dict[str, Any]) -> None:
                     ["function", "workers", "supervisor us", "of it pool threads", "worker us", "worker / supervisor",
                      "isolated p50 x Sandbox.call"] + [f"{n} cores calls/s" for n in PROJECTED_CORES], cpu_rows)
         print("supervisor = this process (the caller's submit loop included: submit() and this benchmark's "
-              "window, a threading.Semaphore and a done-callback per call); of it pool threads = the pool's "
+              "window, a SimpleQueue of tokens and a done-callback per call); of it pool threads = the pool's "
               "hlpool-pool-N threads (dispatch, answers); worker = all workers' CPU. "
               "Projection: min(cores / (supervisor + worker), 1 / supervisor): workers scale with cores, one "
               "Pool's supervisor is one Python process and saturates one core.")

@@ -159,3 +159,46 @@ def test_a_done_callback_that_raises_does_not_end_the_pools_thread(example, tmp_
         assert [f.result(timeout=30) for f in futures] == list(range(20))
         assert [pool.submit(echo, "echo", (i,)).result(timeout=30) for i in range(20)] == list(range(20))
         assert pool.stats()[0]["crashes"] == 0 and pool.collector_failures == 0
+
+
+def test_call_futures_keep_the_future_contract(example, tmp_path):
+    """CallFuture makes its Condition and waiter list lazily: threads racing to block on one call,
+    timeouts, cancellation seen by wait()/as_completed(), callbacks added late, errors."""
+    with Pool(workers=1, snapshot_dir=tmp_path, call_timeout=None) as pool:
+        fib = pool.snapshot(example("fib"))
+        echo = pool.snapshot(example("echo"))
+        slow = pool.submit(fib, "compute", (LONG,))
+        with pytest.raises(concurrent.futures.TimeoutError):
+            slow.result(timeout=0.05)
+        behind = [pool.submit(echo, "echo", (i,)) for i in range(300)]  # more than the worker's channel holds
+        queued = behind[-4:]  # still in the pool's queue
+        assert queued[1].cancel() and queued[1].cancelled() and queued[1].done()
+        assert not slow.cancel() or not slow.running()  # running: cannot be cancelled
+        results: list = []
+        barrier = threading.Barrier(8)
+
+        def block() -> None:
+            barrier.wait()
+            results.append(slow.result(timeout=60))
+
+        threads = [threading.Thread(target=block) for _ in range(8)]
+        for t in threads:
+            t.start()
+        done, not_done = concurrent.futures.wait(queued, return_when=concurrent.futures.FIRST_COMPLETED, timeout=60)
+        assert queued[1] in done  # cancelled counts as done
+        for t in threads:
+            t.join(60)
+        assert len(results) == 8 and len(set(results)) == 1
+        seen = list(concurrent.futures.as_completed(queued, timeout=60))
+        assert set(seen) == set(queued)
+        assert [f.result() for i, f in enumerate(queued) if i != 1] == [296, 298, 299]
+        with pytest.raises(concurrent.futures.CancelledError):
+            queued[1].result()
+        late: list = []
+        queued[0].add_done_callback(late.append)  # already done: runs at once, in this thread
+        assert late == [queued[0]]
+        bad = pool.submit(echo, "echo", ())
+        assert isinstance(bad.exception(timeout=30), Exception)
+        with pytest.raises(type(bad.exception())):
+            bad.result()
+        assert "finished" in repr(bad)
