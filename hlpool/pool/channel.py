@@ -28,6 +28,7 @@ from hlpool.errors import HlpoolError
 PREFIX = "hlpool-"
 HEADER = struct.Struct("<16Q")  # 128 bytes
 HEADER_SIZE = HEADER.size
+_RESERVED = (0,) * 8  # the request header's unused fields
 TAKEN = struct.Struct("<Q")  # the header's last field: the request id the worker took (see mark_taken)
 TAKEN_OFFSET = HEADER_SIZE - TAKEN.size
 RESPONSE = struct.Struct("<7Q")  # the response's fields at the start of the header (the rest unused)
@@ -139,7 +140,7 @@ class Channel:
         v[data + len(path):data + len(path) + len(function)] = function
         v[data + len(path) + len(function):data + total] = payload
         HEADER.pack_into(v, base, op, request_id, timeout_ns, len(path), len(function), len(payload),
-                         expires_ns, int(notify), *([0] * 8))
+                         expires_ns, int(notify), *_RESERVED)
 
     def write_stop(self, index: int) -> None:
         HEADER.pack_into(self.view, self._slot(index), OP_STOP, *([0] * 15))

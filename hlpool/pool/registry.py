@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from hlpool.defaults import SCRIPT_LANGUAGES
@@ -45,6 +46,14 @@ class SnapshotHandle:
     input_capacity: int
     language: str | None = None  # "js" or "lua" for a script made by Pool.script()
     family: str = ""  # Snapshot.family where known: VMs of a family switch between its snapshots
+    # Derived once, used by every call: the path as sent to workers, and its hash (the home worker)
+    path_bytes: bytes = field(init=False, repr=False, compare=False)
+    path_hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        encoded = self.path.encode()
+        object.__setattr__(self, "path_bytes", encoded)  # frozen: set once, here
+        object.__setattr__(self, "path_hash", zlib.crc32(encoded))
 
     @property
     def id(self) -> str:

@@ -13,7 +13,6 @@ each worker opens and keeps only its share of many tenants.
 
 from __future__ import annotations
 
-import zlib
 from typing import Sequence
 
 from hlpool.pool.calls import WorkerLink
@@ -36,7 +35,7 @@ def family_key(handle: SnapshotHandle) -> str:
 
 def home_index(handle: SnapshotHandle, workers: int) -> int:
     """The index of ``handle``'s home worker among ``workers``: a hash of its path."""
-    return zlib.crc32(handle.path.encode()) % workers
+    return handle.path_hash % workers  # zlib.crc32 of the path, computed once per handle
 
 
 def choose_worker(workers: Sequence[WorkerLink], handle: SnapshotHandle, per_call: float, switching: bool,

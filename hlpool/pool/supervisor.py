@@ -428,7 +428,7 @@ class Pool(AnswerPath):
             if not call.timeout_ns or call.timeout_ns > left * 1e9:
                 call.timeout_ns = max(1, int(left * 1e9))
         try:
-            w.channel.write_request(w.sent, call.request_id, call.handle.path.encode(), call.function.encode(),
+            w.channel.write_request(w.sent, call.request_id, call.handle.path_bytes, call.function.encode(),
                                     call.payload, call.timeout_ns, int(call.expires * 1e9) if call.expires else 0,
                                     call.op, call.in_loop)
         except ValueError as exc:
