@@ -138,6 +138,10 @@ SAME_ANSWERS = {
     "GET on the call route": call_request().replace(b"POST ", b"GET ", 1),
     "another route": b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
     "a long name": call_request(snapshot="a" * 65),
+    "dot-dot name": call_request(snapshot=".."),
+    "dot name": call_request(snapshot="."),
+    "dot-dot function": call_request(fn=".."),
+    "double slash": call_request().replace(b"/v1/snapshots/", b"/v1//snapshots/"),
 }
 
 
