@@ -212,21 +212,18 @@ class CallFuture(concurrent.futures.Future):
             raise RuntimeError("Future in unexpected state")
 
     def set_result(self, result: Any) -> None:
-        with self._lock:
-            if self._state in _DONE_STATES:
-                raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
-            self._result = result
-            self._state = _FINISHED
-            self._notify_locked("add_result")
-        self._invoke_callbacks()
+        self._finish("_result", result, "add_result")
 
     def set_exception(self, exception: BaseException | None) -> None:
+        self._finish("_exception", exception, "add_exception")
+
+    def _finish(self, field: str, value: Any, add: str) -> None:
         with self._lock:
             if self._state in _DONE_STATES:
                 raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
-            self._exception = exception
+            setattr(self, field, value)
             self._state = _FINISHED
-            self._notify_locked("add_exception")
+            self._notify_locked(add)
         self._invoke_callbacks()
 
     def _invoke_callbacks(self) -> None:
