@@ -662,10 +662,12 @@ def test_error_mapping():
     assert api_error(RuntimeError("secret")).message == "internal server error"
 
 
-def test_sigterm_finishes_calls_in_flight(kvm, tmp_path, store, example):
+@pytest.mark.parametrize("lane", ["fast", "aiohttp"])
+def test_sigterm_finishes_calls_in_flight(kvm, tmp_path, store, example, lane):
+    """Calls read by the fast lane (the default) and by aiohttp (--no-fast-lane) drain alike."""
     grace = 4.0
     srv = start_server(tmp_path, "--guest", f"sha256={example('sha256')}", "--guest", f"faults={example('faults')}",
-                       "--grace", str(grace), store=store)
+                       "--grace", str(grace), *(["--no-fast-lane"] if lane == "aiohttp" else []), store=store)
     exited = False
     try:
         helpers = descendants(srv.pid)

@@ -265,7 +265,9 @@ class Service:
         call = self.submit_call(target, fn, await self._read_body(request))
         try:
             await call.waiting
-        except BaseException:  # the answer below says what became of it; a cancelled handler is cancelled
+        except asyncio.CancelledError:  # the call was ended by the grace period, or this handler cancelled
+            self.end_call(call, cancelled=True)  # raises (shutting_down, or the cancellation)
+        except Exception:  # noqa: BLE001 - end_call turns the call's error into its answer
             pass
         return web.Response(body=self.end_call(call), content_type="application/json", charset="utf-8")
 
@@ -300,16 +302,16 @@ class Service:
         self._waiting.add(call.waiting)
         return call
 
-    def end_call(self, call: CallInFlight) -> bytes:
+    def end_call(self, call: CallInFlight, cancelled: bool = False) -> bytes:
         """The JSON answer of a call whose future is done; its error as an :class:`ApiError` (a call the
         grace period ended: ``shutting_down``); ``asyncio.CancelledError`` if it was cancelled otherwise
-        (the handler was: the client went away, or the server cancels its handlers)."""
+        (``cancelled``: the handler waiting for it was, e.g. the server cancels its handlers)."""
         waiting = call.waiting
         expired = waiting in self._expired
         self._waiting.discard(waiting)
         self._expired.discard(waiting)
         self._call_started(-1)
-        if waiting.cancelled():
+        if cancelled or waiting.cancelled():
             self._observe(call, "shutting_down" if expired else "cancelled")
             if not expired:
                 raise asyncio.CancelledError()
