@@ -10,12 +10,15 @@ with no task, no request or response object, and the answer in one ``write``.
 Everything else goes to aiohttp, unchanged: the first request the lane does not
 take whole (another route or method, a query, percent-escapes, a header it does not
 know how to judge, ``Transfer-Encoding``, ``Content-Encoding``, ``Expect``,
-``Upgrade``, HTTP/1.0, a body over ``--max-body`` or not fully arrived, anything
-malformed) hands the connection to aiohttp's protocol for good, with the bytes
+``Upgrade``, HTTP/1.0, a body over ``--max-body``, a head or body not fully arrived,
+anything malformed) hands the connection to aiohttp's protocol for good, with the bytes
 not yet answered, at a request boundary: the lane has no answer outstanding
 then. So what the lane takes is a strict subset of HTTP/1.1 that it parses whole
 (one ``Content-Length``, header names that are tokens, values of visible ASCII),
-and any doubt ends in aiohttp's parser, which answers as it always did.
+and any doubt ends in aiohttp's parser, which answers as it always did. One difference
+is on purpose: a call the lane took whole is answered even when bytes that are not HTTP
+follow it in the same packet (aiohttp's parser, reading the whole packet first, answers
+only its 400 for the garbage); the garbage then gets aiohttp's 400 as before.
 
 What the lane keeps of the route's behaviour: the bearer token, the same checks
 and answers (the handler's own parts, :meth:`Service.call_target`,
@@ -53,6 +56,9 @@ _REQUEST_LINE = re.compile(rb"POST /v1/snapshots/([A-Za-z0-9_.-]{1,64})/calls/([
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEADER_VALUE = re.compile(rb"[\t\x20-\x7e]*")  # visible ASCII, space and tab: nothing to decode or doubt
 _HANDED_OVER = frozenset((b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"))
+# Headers a request may carry once (aiohttp's parser refuses a second one, RFC 9110); HTTP/1.1 needs Host.
+_SINGLETONS = frozenset((b"content-length", b"content-location", b"content-range", b"content-type", b"etag",
+                         b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent"))
 MAX_HEAD = 8190  # bytes of request line and headers the lane reads (aiohttp's own line limit)
 MAX_HEADERS = 64
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
@@ -172,11 +178,10 @@ class CallConnection(asyncio.Protocol):
                 return
             head_end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
             if head_end < 0:
-                if self.eof:  # the client stopped sending: this request can never be whole
-                    self.transport.close()
-                elif len(buffer) > MAX_HEAD or not _may_be_call(buffer):
-                    self._hand_over()
-                return  # the rest of the head is still coming
+                # A head that did not come in one piece (clients send a call's head at once): aiohttp's
+                # parser reads it as it comes, answering a malformed one at once, as it always did.
+                self._hand_over()
+                return
             request = self._parse(buffer, head_end)
             if request is None:
                 self._hand_over()
@@ -196,14 +201,19 @@ class CallConnection(asyncio.Protocol):
         length = None
         authorization = None
         close = False
+        seen: set[bytes] = set()
         for header in lines[1:]:
             name, colon, value = header.partition(b":")
             if not colon or _HEADER_NAME.fullmatch(name) is None or _HEADER_VALUE.fullmatch(value) is None:
                 return None  # also a folded line (starts with a space), a bare CR or LF, a non-ASCII byte
             name = name.lower()
             value = value.strip(b" \t")
+            if name in _SINGLETONS:
+                if name in seen:
+                    return None
+                seen.add(name)
             if name == b"content-length":
-                if length is not None or not value.isdigit() or len(value) > 12:
+                if not value.isdigit() or len(value) > 12:
                     return None
                 length = int(value)
             elif name == b"connection":
@@ -218,6 +228,8 @@ class CallConnection(asyncio.Protocol):
                 authorization = value
             elif name in _HANDED_OVER:
                 return None
+        if b"host" not in seen:
+            return None
         length = length or 0
         end = head_end + 4 + length
         if length > self.lane.max_body or end > len(buffer):  # too large, or still arriving: aiohttp's timers
@@ -302,6 +314,8 @@ class CallConnection(asyncio.Protocol):
         buffer, self.buffer = self.buffer, b""
         if buffer:
             protocol.data_received(buffer)
+        if self.eof and not protocol.eof_received():  # the end of input this lane kept the transport open for
+            transport.close()  # what the transport does when its protocol does not keep a half-closed connection
 
     def _check_idle(self) -> None:
         self.timer = None
@@ -320,12 +334,6 @@ class CallConnection(asyncio.Protocol):
         self.last = True
         if self.call is None and self.transport is not None:
             self.transport.close()
-
-
-def _may_be_call(partial: bytes) -> bool:
-    """Whether the start of a request can still become one the lane takes."""
-    prefix = b"POST /v1/snapshots/"
-    return partial[:len(prefix)] == prefix[:len(partial)]
 
 
 class FastLaneSite(web.BaseSite):
