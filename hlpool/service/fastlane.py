@@ -86,15 +86,14 @@ class FastLane:
     def __call__(self) -> CallConnection:
         return CallConnection(self)
 
-    def response(self, status: int, body: bytes, headers: dict[str, str] | None = None,
-                 content_type: bytes = b"application/json; charset=utf-8") -> bytes:
-        """An HTTP/1.1 answer with ``body`` (the headers aiohttp's answers carry)."""
+    def response(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+        """An HTTP/1.1 answer with the JSON ``body`` (the headers aiohttp's answers carry)."""
         now = int(time.time())
         if now != self._date_second:  # the Date header changes once a second
             self._date_second, self._date = now, formatdate(now, usegmt=True).encode()
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode() if headers else b""
-        return b"%sContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n%s%s\r\n%s" % (
-            _STATUS_LINES[status], content_type, len(body), self._date, self._fixed_headers, extra, body)
+        return b"%sContent-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\nDate: %s\r\n%s%s\r\n%s" % (
+            _STATUS_LINES[status], len(body), self._date, self._fixed_headers, extra, body)
 
     def close(self) -> None:
         """Shutting down: close idle connections now, the others once they have answered."""
@@ -115,7 +114,6 @@ class CallConnection(asyncio.Protocol):
         self.eof = False  # the client sent all it will: answer the whole requests buffered, then close
         self.write_paused = False
         self.read_paused = False
-        self.handed_over = False
         self.loop = asyncio.get_running_loop()
         self.idle_since = self.loop.time()
         self.timer: asyncio.TimerHandle | None = None
@@ -300,7 +298,6 @@ class CallConnection(asyncio.Protocol):
         outstanding: this runs between requests)."""
         transport = self.transport
         assert transport is not None and self.call is None
-        self.handed_over = True
         self.lane.connections.discard(self)
         if self.timer is not None:
             self.timer.cancel()
