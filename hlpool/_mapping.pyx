@@ -17,6 +17,7 @@ of mappings they created and keep alive.
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, uintptr_t
 from libc.string cimport memcpy, memset
 from libc.errno cimport errno
+from posix.stat cimport struct_stat, fstat
 from posix.mman cimport (mmap, munmap, madvise, MAP_PRIVATE, MAP_SHARED, MAP_ANONYMOUS,
                          MAP_FIXED, MAP_FAILED, PROT_NONE, PROT_READ, PROT_WRITE,
                          MADV_DONTNEED)
@@ -506,6 +507,24 @@ def switch_slot(uintptr_t host, int64_t npages, const int64_t[:] mapped, const i
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+
+
+def files_unchanged(const int64_t[:] expected):
+    """Whether each open file still is what it was: ``expected`` holds (descriptor, inode, size,
+    mtime in ns) quads. Returns the index of the first quad whose ``fstat`` fails or differs, or
+    -1 if all match (a switch checks its target's layer files this way: one call, no stat objects).
+    Only reads the descriptors' metadata."""
+    cdef Py_ssize_t n = expected.shape[0] // 4, i
+    cdef struct_stat st
+    if expected.shape[0] % 4:
+        raise ValueError("files_unchanged takes (fd, inode, size, mtime_ns) quads")
+    for i in range(n):
+        if fstat(<int>expected[4 * i], &st) != 0:
+            return i
+        if (<int64_t>st.st_ino != expected[4 * i + 1] or <int64_t>st.st_size != expected[4 * i + 2]
+                or <int64_t>st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec != expected[4 * i + 3]):
+            return i
+    return -1
 
 
 def copy_plan(uintptr_t host, int64_t npages, bytes plan, bytearray resident, int64_t resident_count):

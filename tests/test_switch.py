@@ -235,6 +235,38 @@ def test_a_target_whose_file_changed_is_refused_before_anything_changes(family, 
         assert_like_fresh(sb, family[3])
 
 
+def test_a_pair_switched_before_takes_its_cached_plan_and_still_checks_the_files(family, tmp_path, monkeypatch):
+    """From the second switch of a pair on, the switch goes straight to the pair's cached copy plan
+    (GuestMemory.switch_by_plan) and checks the target's layer files with one Cython call: the
+    sandbox is still a fresh sandbox of the target, and a layer file changed since the pair was
+    cached refuses the switch before anything changes."""
+    from hlpool.errors import SnapshotIntegrityError
+    from hlpool.memory.guest_memory import GuestMemory
+
+    b = family[3].persist(tmp_path / "b.hlsnap")  # a child without mapped files: its base is written next to it
+    a = b.parent  # the base, file-backed
+    planned = []
+    by_plan = GuestMemory.switch_by_plan
+    monkeypatch.setattr(GuestMemory, "switch_by_plan",
+                        lambda self, *args: planned.append(args[0]) or by_plan(self, *args))
+    with Sandbox(a, timeout=10) as sb:
+        for round_ in range(3):
+            sb.switch(b)
+            assert_like_fresh(sb, b)
+            sb.call("plant", 40 + round_, 6)  # a hostile call between the switches (restored after it)
+            sb.switch(a)
+            assert_like_fresh(sb, a)
+        assert len(planned) == 4  # the first a->b and b->a made the plans; the later four took them
+        os.chmod(b.path, 0o644)
+        with open(b.path, "r+b") as f:  # a snapshot file must never change: this one did
+            f.seek(PAGE + 10)
+            f.write(b"\xff")
+        with pytest.raises(SnapshotIntegrityError, match="modified after it was verified"):
+            sb.switch(b)
+        assert sb.status is SandboxStatus.READY and sb.snapshot_in_use is a
+        assert_like_fresh(sb, a)
+
+
 def test_a_private_memory_sandbox_refuses_to_switch(family):
     with Sandbox(family[1], timeout=10, private_memory=True) as sb, Sandbox(family[1], timeout=10) as fresh:
         with pytest.raises(SnapshotIncompatibleError, match="private_memory"):

@@ -350,6 +350,23 @@ class GuestMemory:
         self._pinned = pinned
         return dirty, copied, remapped, calls, system
 
+    def switch_by_plan(self, plan: bytes, inputs: tuple[array, array, array], restored: bool,
+                       pinned: tuple[Layer, ...]) -> tuple[int, int]:
+        """:meth:`switch` for a pair whose whole switch is one copy plan of the main slot
+        (:meth:`MemorySwitcher.copy_only` said so for this pair; ``inputs``: the target's restore
+        inputs). Returns (dirty pages restored, pages copied); the pins as in :meth:`switch`."""
+        try:
+            dirty = 0 if restored else self.restore().dirty
+            copied, self._resident_count = _mapping.copy_plan(self.main_host, len(self._resident), plan,
+                                                              self._resident, self._resident_count)
+            self._run_first, self._run_count, self._run_source = inputs
+        except BaseException:
+            unpin_layers(pinned)
+            raise
+        unpin_layers(self._pinned)
+        self._pinned = pinned
+        return dirty, copied
+
     def slot_runs_host(self, name: str) -> SlotMapping:
         return self._slots[name]
 

@@ -275,6 +275,16 @@ class MemorySwitcher:
         self.mapped = {slot: array("q", runs[slot].runs) for slot in runs}
         self._system_resident = bytearray(image.layout.system.size // PAGE)  # required by switch_slot, unused
 
+    def copy_only(self, current: SnapshotImage, target: SnapshotImage) -> tuple[int, bytes, Any] | None:
+        """(copy_max, copy plan, the target's restore inputs) if a switch ``current`` -> ``target``
+        is one copy plan for the main slot and nothing for the system slot (the common case: two
+        scripts of one interpreter), for :meth:`GuestMemory.switch_by_plan`; else None. The same for
+        every sandbox with this ``copy_max`` (see :func:`plan_copies`)."""
+        _ref, plan, same_system = _switch_plan(current, target, self.copy_max)
+        if plan is None or not same_system:
+            return None
+        return self.copy_max, plan, restore_inputs(target)
+
     def switch(self, main_host: int, system_host: int, current: SnapshotImage, target: SnapshotImage,
                resident: bytearray, resident_count: int) -> tuple[int, int, int, int, int]:
         """Switch the main slot at ``main_host`` (restored to ``current``) and the system slot at
