@@ -4,7 +4,9 @@ Layout of the shared memory: ``depth`` slots, each a 128-byte header and a
 data area. The supervisor writes a request into the next slot and posts
 ``requests``; the worker answers in the same slot and posts ``responses``.
 Both sides walk the slots in order, so at most ``depth`` calls are in flight
-per worker and no other synchronisation is needed.
+per worker and no other synchronisation is needed. The records of the hot path
+are read and written by :mod:`hlpool.pool._slots` (Cython) in the layout
+``HEADER``/``RESPONSE`` describe.
 
 Names exist only for the moment it takes the spawner to open them: the
 supervisor unlinks them right after, so nothing is left in /dev/shm when a
@@ -24,11 +26,11 @@ from dataclasses import dataclass
 import posix_ipc
 
 from hlpool.errors import HlpoolError
+from hlpool.pool import _slots
 
 PREFIX = "hlpool-"
 HEADER = struct.Struct("<16Q")  # 128 bytes
 HEADER_SIZE = HEADER.size
-_RESERVED = (0,) * 8  # the request header's unused fields
 TAKEN = struct.Struct("<Q")  # the header's last field: the request id the worker took (see mark_taken)
 TAKEN_OFFSET = HEADER_SIZE - TAKEN.size
 RESPONSE = struct.Struct("<7Q")  # the response's fields at the start of the header (the rest unused)
@@ -130,17 +132,8 @@ class Channel:
 
     def write_request(self, index: int, request_id: int, path: bytes, function: bytes, payload: bytes,
                       timeout_ns: int, expires_ns: int = 0, op: int = OP_CALL, notify: bool = False) -> None:
-        base = self._slot(index)
-        data = base + HEADER_SIZE
-        total = len(path) + len(function) + len(payload)
-        if total > self.data_capacity:
-            raise ValueError("request does not fit the channel")
-        v = self.view
-        v[data:data + len(path)] = path
-        v[data + len(path):data + len(path) + len(function)] = function
-        v[data + len(path) + len(function):data + total] = payload
-        HEADER.pack_into(v, base, op, request_id, timeout_ns, len(path), len(function), len(payload),
-                         expires_ns, int(notify), *_RESERVED)
+        _slots.write_request(self.view, (index % self.depth) * self.slot_size, self.data_capacity, op, request_id,
+                             path, function, payload, timeout_ns, expires_ns, notify)
 
     def write_stop(self, index: int) -> None:
         HEADER.pack_into(self.view, self._slot(index), OP_STOP, *([0] * 15))
@@ -148,22 +141,13 @@ class Channel:
     def read_request(self, index: int) -> tuple[int, int, int, int, str, str, memoryview, bool]:
         """(op, request id, timeout ns, expiry (CLOCK_MONOTONIC ns, 0: none), snapshot path, function,
         payload view, notify) of slot ``index``."""
-        base = self._slot(index)
-        op, request_id, timeout, path_len, name_len, payload_len, expires, notify, *_ = HEADER.unpack_from(
-            self.view, base)
-        if op != OP_CALL and op != OP_OPEN:
-            return op, 0, 0, 0, "", "", self.view[0:0], False
-        data = base + HEADER_SIZE
-        if path_len + name_len + payload_len > self.data_capacity:
-            raise HlpoolError("corrupt request in the channel")
-        path = bytes(self.view[data:data + path_len]).decode()
-        function = bytes(self.view[data + path_len:data + path_len + name_len]).decode()
-        start = data + path_len + name_len
-        return op, request_id, timeout, expires, path, function, self.view[start:start + payload_len], notify == 1
+        op, request_id, timeout, expires, path, function, start, length, notify = _slots.read_request(
+            self.view, (index % self.depth) * self.slot_size, self.data_capacity, OP_CALL, OP_OPEN)
+        return op, request_id, timeout, expires, path, function, self.view[start:start + length], notify
 
     def mark_taken(self, index: int, request_id: int) -> None:
         """Worker side: record that the request in slot ``index`` is being run (before running it)."""
-        TAKEN.pack_into(self.view, self._slot(index) + TAKEN_OFFSET, request_id)
+        _slots.mark_taken(self.view, (index % self.depth) * self.slot_size, self.data_capacity, request_id)
 
     def taken(self, index: int, request_id: int) -> bool:
         """Supervisor side, once the worker is dead: did it start the request ``request_id`` in slot ``index``?
@@ -172,21 +156,13 @@ class Channel:
 
     def write_response(self, index: int, request_id: int, status: int, data: bytes, sandboxes: int,
                        run_ns: int = 0, created: int = 0, switches: int = 0) -> None:
-        base = self._slot(index)
-        if len(data) > self.data_capacity:
-            raise ValueError("response does not fit the channel")
-        self.view[base + HEADER_SIZE:base + HEADER_SIZE + len(data)] = data
-        RESPONSE.pack_into(self.view, base, status, request_id, len(data), sandboxes, run_ns, created, switches)
+        _slots.write_response(self.view, (index % self.depth) * self.slot_size, self.data_capacity, status,
+                              request_id, data, sandboxes, run_ns, created, switches)
 
     def read_response(self, index: int) -> tuple[int, int, bytes, tuple[int, int, int, int]]:
         """(status, request id, data, worker figures) of slot ``index``; the figures are the VMs the
         worker holds, the ns it spent on the call, the VMs it has made and the switches it has done."""
-        base = self._slot(index)
-        status, request_id, length, sandboxes, run_ns, created, switches = RESPONSE.unpack_from(self.view, base)
-        if length > self.data_capacity:
-            raise HlpoolError("corrupt response in the channel")
-        data = bytes(self.view[base + HEADER_SIZE:base + HEADER_SIZE + length])
-        return status, request_id, data, (sandboxes, run_ns, created, switches)
+        return _slots.read_response(self.view, (index % self.depth) * self.slot_size, self.data_capacity)
 
 
 def _unlink_quietly(names: ChannelNames) -> None:
