@@ -38,4 +38,4 @@ bench: setup
 	$(BENCH_ENV) .venv/bin/python bench/plot.py
 
 clean:
-	rm -rf build .venv hlpool/*.so hlpool/*/*.so hlpool/_mapping.c hlpool/kvm/_vcpu_run.c hlpool/guest/_msgcheck.c hlpool/memory/_dirty.c hlpool/pool/_slots.c *.egg-info
+	rm -rf build .venv hlpool/*.so hlpool/*/*.so hlpool/_mapping.c hlpool/kvm/_vcpu_run.c hlpool/guest/_msgcheck.c hlpool/memory/_dirty.c hlpool/pool/_slots.c hlpool/snapshot/_capture.c *.egg-info

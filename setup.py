@@ -38,6 +38,7 @@ extensions = [
     ),
     Extension("hlpool.guest._msgcheck", ["hlpool/guest/_msgcheck.pyx"], extra_compile_args=["-O2"]),
     Extension("hlpool.pool._slots", ["hlpool/pool/_slots.pyx"], extra_compile_args=["-O2"]),
+    Extension("hlpool.snapshot._capture", ["hlpool/snapshot/_capture.pyx"], extra_compile_args=["-O2"]),
 ]
 
 setup(ext_modules=cythonize(extensions, language_level=3))

@@ -196,6 +196,13 @@ class RunList:
         self.flat = flat  # (first page, count, layer, offset) per run
         self._listed: "tuple[Run, ...] | None" = None
 
+    @classmethod
+    def from_flat(cls, flat: bytes) -> "RunList":
+        """Runs from native int64 quads (what :mod:`hlpool.snapshot._capture` returns)."""
+        runs = cls()
+        runs.flat.frombytes(flat)
+        return runs
+
     def listed(self) -> "tuple[Run, ...]":
         """The runs as Run tuples, made once and kept: for snapshots whose runs are walked again
         and again (the base a script builder captures each script's layer from), not for the
