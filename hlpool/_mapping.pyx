@@ -509,6 +509,22 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 
 
+def differing_span(const uint8_t[:] a, const uint8_t[:] b):
+    """The smallest [start, end) outside which ``a`` and ``b`` (equal lengths) are equal; (0, 0)
+    if they are equal. (A switch writes only these bytes of the control page.) Only reads."""
+    cdef Py_ssize_t n = a.shape[0], start = 0, end
+    if b.shape[0] != n:
+        raise ValueError("differing_span needs buffers of one length")
+    while start < n and a[start] == b[start]:
+        start += 1
+    if start == n:
+        return 0, 0
+    end = n
+    while end > start and a[end - 1] == b[end - 1]:
+        end -= 1
+    return start, end
+
+
 def files_unchanged(const int64_t[:] expected):
     """Whether each open file still is what it was: ``expected`` holds (descriptor, inode, size,
     mtime in ns) quads. Returns the index of the first quad whose ``fstat`` fails or differs, or

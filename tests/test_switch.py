@@ -236,19 +236,22 @@ def test_a_target_whose_file_changed_is_refused_before_anything_changes(family, 
 
 
 def test_a_pair_switched_before_takes_its_cached_plan_and_still_checks_the_files(family, tmp_path, monkeypatch):
-    """From the second switch of a pair on, the switch goes straight to the pair's cached copy plan
-    (GuestMemory.switch_by_plan) and checks the target's layer files with one Cython call: the
-    sandbox is still a fresh sandbox of the target, and a layer file changed since the pair was
-    cached refuses the switch before anything changes."""
+    """A pair's copy plan is made at its first switch and kept: every switch of the pair copies
+    by it (GuestMemory.switch_by_plan) and checks the target's layer files with one Cython call;
+    the sandbox is still a fresh sandbox of the target, and a layer file changed since the pair
+    was cached refuses the switch before anything changes."""
     from hlpool.errors import SnapshotIntegrityError
     from hlpool.memory.guest_memory import GuestMemory
+    from hlpool.memory.switch import MemorySwitcher
 
     b = family[3].persist(tmp_path / "b.hlsnap")  # a child without mapped files: its base is written next to it
     a = b.parent  # the base, file-backed
-    planned = []
-    by_plan = GuestMemory.switch_by_plan
+    planned, plans_made = [], []
+    by_plan, copy_only = GuestMemory.switch_by_plan, MemorySwitcher.copy_only
     monkeypatch.setattr(GuestMemory, "switch_by_plan",
                         lambda self, *args: planned.append(args[0]) or by_plan(self, *args))
+    monkeypatch.setattr(MemorySwitcher, "copy_only",
+                        lambda self, *args: plans_made.append(args) or copy_only(self, *args))
     with Sandbox(a, timeout=10) as sb:
         for round_ in range(3):
             sb.switch(b)
@@ -256,7 +259,7 @@ def test_a_pair_switched_before_takes_its_cached_plan_and_still_checks_the_files
             sb.call("plant", 40 + round_, 6)  # a hostile call between the switches (restored after it)
             sb.switch(a)
             assert_like_fresh(sb, a)
-        assert len(planned) == 4  # the first a->b and b->a made the plans; the later four took them
+        assert len(planned) == 6 and len(plans_made) == 2  # a plan per pair, made once, taken six times
         os.chmod(b.path, 0o644)
         with open(b.path, "r+b") as f:  # a snapshot file must never change: this one did
             f.seek(PAGE + 10)
@@ -459,6 +462,24 @@ def test_a_copy_plan_does_what_switch_slot_does(snapshots, order, copy_max):
             _mapping.unmap(host, MODEL_PAGES * PAGE)
         for layer in layers:
             layer.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(min_size=1, max_size=64), edits=st.lists(st.tuples(st.integers(0, 63), st.integers(0, 255)),
+                                                            max_size=4))
+def test_differing_span_is_the_smallest_span_outside_which_two_pages_agree(data, edits):
+    """The bytes of the control page a switch writes: what _mapping.differing_span says differ."""
+    other = bytearray(data)
+    for at, value in edits:
+        other[at % len(data)] = value
+    start, end = _mapping.differing_span(data, bytes(other))
+    if bytes(other) == data:
+        assert (start, end) == (0, 0)
+        return
+    assert data[:start] == other[:start] and data[end:] == other[end:]
+    assert data[start] != other[start] and data[end - 1] != other[end - 1]
+    with pytest.raises(ValueError):
+        _mapping.differing_span(data, data + b"x")
 
 
 def test_a_copy_plan_outside_the_slot_is_refused_before_anything_is_written():

@@ -39,10 +39,14 @@ between tenants served before does little besides the copy and the two ioctls, i
 Python steps as it can: a few dict lookups, one Cython call that fstats the target's layer
 files (unchanged since they were verified), one that copies the pair's planned pages
 (:meth:`GuestMemory.switch_by_plan <hlpool.memory.guest_memory.GuestMemory.switch_by_plan>`:
-the plan and the target's restore arrays are kept with the pair once a first switch found that
-the pair's switch is one copy plan), one write of the control page's differing bytes and one
-call for the two ioctls. A/B with ``bench/switch.py`` (three alternated runs, 13:3x UTC
-2026-11-30): switch p50 48.5 / 53.7 / 49.6 us before, 38.7 / 32.7 / 38.4 us after.
+the plan and the target's restore arrays are made at the pair's first switch and kept with
+it), one write of the control page's differing bytes and one call for the two ioctls. A/B with
+``bench/switch.py`` (three alternated runs, 13:3x UTC 2026-11-30): switch p50 48.5 / 53.7 /
+49.6 us before, 38.7 / 32.7 / 38.4 us after. A pair's first switch (what a pool with
+thousands of tenants does on most calls) also computes the pair: family check, MSRs that
+differ (none when the two snapshots' MSRs are equal, the common case), the control page's
+differing bytes (``_mapping.differing_span``, C) and the copy plan; random switches among 300
+JS tenants (/tmp harness, alternated): p50 126 / 131 / 133 -> 75 / 96 / 88 us.
 """
 
 from __future__ import annotations
@@ -201,28 +205,6 @@ def _entry(machine: "Machine | EntryHost", image: SnapshotImage, values: dict[An
     return entry
 
 
-def _differing(a: bytes, b: bytes) -> tuple[int, int]:
-    """The smallest [start, end) outside which ``a`` and ``b`` (same length) are equal."""
-    if a == b:
-        return 0, 0
-    lo, hi = 0, len(a)  # a[:lo] == b[:lo]; the first difference is below hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid
-    start = lo
-    lo, hi = start, len(a)  # a[hi:] == b[hi:]; the last difference is at or after lo
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[mid:] == b[mid:]:
-            hi = mid
-        else:
-            lo = mid
-    return start, hi
-
-
 class _Pair:
     """What a switch from one snapshot to another needs beyond the target's :class:`_Entry`
     (kept in the target's entry, for its last :data:`PAIRS_PER_TARGET` sources)."""
@@ -231,10 +213,11 @@ class _Pair:
 
     def __init__(self, machine: "Machine", current: SnapshotImage, cur: _Entry, target: SnapshotImage,
                  tgt: _Entry) -> None:
-        if machine.strict_cpu_reset:
+        target_msrs = target.vcpu.msrs
+        if machine.strict_cpu_reset or target_msrs == current.vcpu.msrs:  # (most pairs of a family)
             self.msrs: dict[int, int] = {}
         else:
-            self.msrs = {k: v for k, v in target.vcpu.msrs.items()
+            self.msrs = {k: v for k, v in target_msrs.items()
                          if (k != kvm_abi.MSR_KERNEL_GS_BASE or tgt.stub_kgs is None)
                          and current.vcpu.msrs.get(k) != v}
             if tgt.kgs is not None and tgt.stub_kgs is None:
@@ -243,7 +226,7 @@ class _Pair:
         # ran, cur.plain otherwise (the host is its only writer: at creation, at a switch, after
         # that first call): the bytes of tgt.first that differ from each, as (offset, bytes).
         self.control = tuple((lo, memoryview(tgt.first)[lo:hi]) for lo, hi in (
-            _differing(cur.plain, tgt.first), _differing(cur.first, tgt.first)))
+            _mapping.differing_span(cur.plain, tgt.first), _mapping.differing_span(cur.first, tgt.first)))
         self.source: Any = None  # a weak reference to ``current`` once cached
         # (copy_max, copy plan, the target's restore inputs) once a switch found that the pair's
         # memory switch is one copy plan (hlpool.memory.switch): later switches go straight to it
@@ -301,13 +284,14 @@ def switch_machine(machine: "Machine", target: SnapshotImage) -> SwitchStats:
     planned = pair.memory
     try:
         # _reload_registers: no guest code ran since the last restore or switch
-        if planned is not None and planned[0] == switcher.copy_max:
+        if planned is None or planned[0] != switcher.copy_max:  # the pair's first switch (or another copy_max)
+            planned = pair.memory = switcher.copy_only(current, target)
+        if planned is not None:
             dirty, copied = memory.switch_by_plan(planned[1], planned[2], machine._reload_registers, pinned)
             remapped = calls = system = 0
         else:
             dirty, copied, remapped, calls, system = memory.switch(
                 current, target, switcher, restored=machine._reload_registers, pinned=pinned)
-            pair.memory = switcher.copy_only(current, target)
         machine._switcher = switcher
         files = machine._mapped_files
         if system or target.mapped_files or files.watched:  # else no file before or after, the table intact
