@@ -48,20 +48,52 @@ def test_tenants_get_their_own_state_from_a_few_vms(kvm, tmp_path, switching):
             assert held <= 16
 
 
+def _home(handle) -> int:
+    return zlib.crc32(handle.path.encode()) % 2
+
+
 def test_routing_prefers_a_vm_at_the_tenant_then_one_of_its_family(kvm, tmp_path):
     with Pool(workers=2, snapshot_dir=tmp_path) as pool:
-        a, b = pool.script("js", tenant_source(1)), pool.script("js", tenant_source(2))
-        assert pool.submit(a, "who", (0,)).result(timeout=30)[0] == "tenant-1"
+        first: dict[int, tuple[int, object]] = {}
+        for n in range(1, 60):  # two tenants of one home worker
+            h = pool.script("js", tenant_source(n))
+            if _home(h) in first:
+                (i, a), (k, b) = first[_home(h)], (n, h)
+                break
+            first[_home(h)] = (n, h)
+        assert pool.submit(a, "who", (0,)).result(timeout=30)[0] == f"tenant-{i}"
         _, created, switches = vm_figures(pool)
         assert (created, switches) == (1, 0)
         for _ in range(20):  # one at a time: the VM at ``a`` serves it, nothing is switched or made
-            assert pool.submit(a, "who", (0,)).result(timeout=30)[0] == "tenant-1"
+            assert pool.submit(a, "who", (0,)).result(timeout=30)[0] == f"tenant-{i}"
         assert vm_figures(pool)[1:] == (1, 0)
         # ``b`` is of the same family: the idle JS VM switches to it rather than a new VM being made
-        assert pool.submit(b, "who", (0,)).result(timeout=30)[0] == "tenant-2"
+        assert pool.submit(b, "who", (0,)).result(timeout=30)[0] == f"tenant-{k}"
         assert vm_figures(pool)[1:] == (1, 1)
-        assert pool.submit(a, "who", (0,)).result(timeout=30)[0] == "tenant-1"
+        assert pool.submit(a, "who", (0,)).result(timeout=30)[0] == f"tenant-{i}"
         assert vm_figures(pool)[1:] == (1, 2)
+
+
+def test_each_worker_serves_its_own_share_of_a_familys_tenants(kvm, tmp_path):
+    """Calls one at a time to tenants of both home workers: the first call to a tenant of the
+    worker without a VM of the family makes one there (once), instead of the other worker
+    serving (and opening) that worker's share too for good; from then on every call runs on
+    its tenant's home worker, and both workers hold one VM."""
+    with Pool(workers=2, snapshot_dir=tmp_path) as pool:
+        handles: list = []
+        n = 0
+        while n < 80 and (len(handles) < 8 or {_home(h) for h in handles} != {0, 1}):
+            handles.append(pool.script("js", tenant_source(n)))
+            n += 1
+        assert {_home(h) for h in handles} == {0, 1}
+        for round_ in range(3):
+            for i, h in enumerate(handles):
+                before = [s["calls"] for s in pool.stats()]
+                assert pool.submit(h, "who", (round_,)).result(timeout=30) == [f"tenant-{i}", 1, round_]
+                after = [s["calls"] for s in pool.stats()]
+                assert after[_home(h)] == before[_home(h)] + 1, (i, round_)
+        held, created, _switches = vm_figures(pool)
+        assert (held, created) == (2, 2)
 
 
 def test_worker_killed_while_switching_resolves_every_future(kvm, tmp_path):

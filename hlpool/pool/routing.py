@@ -9,6 +9,14 @@ path), mirroring the worker's own cache (:class:`hlpool.pool.worker.SandboxCache
 Each snapshot also has a home worker (a hash of its path) that costs a snapshot
 open less than the others: at even load a tenant's calls stay on one worker, so
 each worker opens and keeps only its share of many tenants.
+
+A home worker with no VM of the tenant's family (and room for one) is charged a
+switch, not a cold start: it makes that VM once, at the first call to one of its
+tenants, and from then on serves its share of the family. Charged a cold start, it
+never got one while another worker had a VM of the family and calls came one at a
+time: that worker served every tenant, opening the other's share as well (with
+10,000 JS tenants on 2 workers, ~60% of its calls opened a snapshot: p50 0.66-0.83
+ms against 0.35-0.39 ms with 1,000).
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ def choose_worker(workers: Sequence[WorkerLink], handle: SnapshotHandle, per_cal
             cost = w.load * per_call
         elif at is not None:
             cost = w.load * per_call + SWITCH_COST + (0.0 if i == home else OPEN_COST)
+        elif switching and i == home and len(w.warm) < max_warm:  # see the module docstring
+            cost = w.load * per_call + SWITCH_COST
         else:
             cost = w.load * per_call + COLD_START_COST + (0.0 if i == home else OPEN_COST)
         if not w.alive:
