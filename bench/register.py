@@ -17,8 +17,10 @@ the prefilled tenants.
     .venv/bin/python bench/register.py --work /dev/shm   # stores on tmpfs
 
 Creating a file on this machine's ext4 (no journal) costs far more for minutes after many files
-were deleted (ext4 skips recently deleted inodes), and each run deletes its stores: alternate A/B
-runs, and compare with ``--work /dev/shm``.
+were deleted (ext4 skips recently deleted inodes): each row's stores are kept until the end of
+the run (a row's deletions would slow the next one down), the table prints the median time to
+create a file in the store's directory measured before each row ("fs create us"), and A/B runs
+should alternate; ``--work /dev/shm`` leaves the disk out.
 
 Writes ``register.json`` into ``$HLPOOL_BENCH_RESULTS`` or bench/results.
 """
@@ -38,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import percentiles, print_table, status, write_results  # noqa: E402
+from common import file_create_us, percentiles, print_table, status, write_results  # noqa: E402
 
 from hlpool import Pool  # noqa: E402
 
@@ -100,49 +102,47 @@ def _settle(pool: Pool, limit: float = 120.0) -> None:
 
 
 def run(prefill: int, count: int, languages: list[str], workers: int, work: Path, check: int) -> list[dict[str, Any]]:
-    store = Path(tempfile.mkdtemp(prefix=f"register-{prefill}-", dir=work))
+    store = Path(tempfile.mkdtemp(prefix=f"register-{prefill}-", dir=work))  # removed with ``work``, at the end
     tag = os.urandom(4).hex()  # distinct sources per run: nothing is found in a store from before
     options = json.loads(os.environ.get("HLPOOL_BENCH_POOL_OPTIONS", "{}"))
     rows = []
-    try:
-        with Pool(workers=workers, snapshot_dir=store, call_timeout=30, **options) as pool:
-            for language in languages:  # builders started, bases persisted
-                pool.script(language, SOURCES[language].format(id=-1, tag=tag))
-            t0 = time.perf_counter()
-            for i in range(prefill):
-                pool.script("js", JS.format(id=i, tag=tag + "p"))
-            if prefill:
-                status(f"  M={prefill}: prefilled in {time.perf_counter() - t0:.1f} s")
-            _settle(pool)
-            roles = _roles(pool)
-            cpu0 = _cpu_by_role(roles)
-            times: dict[str, list[float]] = {language: [] for language in languages}
-            handles: dict[str, list[Any]] = {language: [] for language in languages}
-            t_all = time.perf_counter()
-            for i in range(count):
-                for language in languages:
-                    source = SOURCES[language].format(id=i, tag=tag)
-                    t = time.perf_counter_ns()
-                    handles[language].append(pool.script(language, source))
-                    times[language].append(time.perf_counter_ns() - t)
-            wall = time.perf_counter() - t_all
-            cpu1 = _cpu_by_role(roles)  # before the workers' deferred opens finish: see "workers_settled"
-            _settle(pool)
-            cpu2 = _cpu_by_role(roles)
-            total = count * len(languages)
-            for language in languages:  # the tenants answer as themselves
-                for i in range(0, count, max(1, count // check) if check else count + 1):
-                    got = pool.submit(handles[language][i], "who", (7,)).result(timeout=60)
-                    assert list(got) == [i, 1, 7, tag], (language, i, got)
+    with Pool(workers=workers, snapshot_dir=store, call_timeout=30, **options) as pool:
+        for language in languages:  # builders started, bases persisted
+            pool.script(language, SOURCES[language].format(id=-1, tag=tag))
+        t0 = time.perf_counter()
+        for i in range(prefill):
+            pool.script("js", JS.format(id=i, tag=tag + "p"))
+        if prefill:
+            status(f"  M={prefill}: prefilled in {time.perf_counter() - t0:.1f} s")
+        _settle(pool)
+        create_us = file_create_us(store)
+        roles = _roles(pool)
+        cpu0 = _cpu_by_role(roles)
+        times: dict[str, list[float]] = {language: [] for language in languages}
+        handles: dict[str, list[Any]] = {language: [] for language in languages}
+        t_all = time.perf_counter()
+        for i in range(count):
             for language in languages:
-                stats = percentiles(times[language])
-                rows.append({"prefill": prefill, "language": language, "count": count, **stats,
-                             "cpu_us": {role: (cpu1[role] - cpu0[role]) / total * 1e6 for role in roles},
-                             "workers_settled_cpu_us": (cpu2["workers"] - cpu0["workers"]) / total * 1e6,
-                             "wall_per_registration_us": wall / total * 1e6,
-                             "load_average": os.getloadavg()[0]})
-    finally:
-        shutil.rmtree(store, ignore_errors=True)
+                source = SOURCES[language].format(id=i, tag=tag)
+                t = time.perf_counter_ns()
+                handles[language].append(pool.script(language, source))
+                times[language].append(time.perf_counter_ns() - t)
+        wall = time.perf_counter() - t_all
+        cpu1 = _cpu_by_role(roles)  # before the workers' deferred opens finish: see "workers_settled"
+        _settle(pool)
+        cpu2 = _cpu_by_role(roles)
+        total = count * len(languages)
+        for language in languages:  # the tenants answer as themselves
+            for i in range(0, count, max(1, count // check) if check else count + 1):
+                got = pool.submit(handles[language][i], "who", (7,)).result(timeout=60)
+                assert list(got) == [i, 1, 7, tag], (language, i, got)
+        for language in languages:
+            stats = percentiles(times[language])
+            rows.append({"prefill": prefill, "language": language, "count": count, **stats,
+                         "cpu_us": {role: (cpu1[role] - cpu0[role]) / total * 1e6 for role in roles},
+                         "workers_settled_cpu_us": (cpu2["workers"] - cpu0["workers"]) / total * 1e6,
+                         "wall_per_registration_us": wall / total * 1e6,
+                         "load_average": os.getloadavg()[0], "file_create_us": create_us})
     return rows
 
 
@@ -168,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     print_table("Script registration (Pool.script): wall time per registration, CPU us per registration by process",
                 ["M stored", "lang", "N", "mean us", "p50 us", "p99 us", "cpu sup", "cpu builder", "cpu workers",
-                 "cpu workers (settled)", "load"],
+                 "cpu workers (settled)", "load", "fs create us"],
                 [[r["prefill"], r["language"], r["count"], r["mean_us"], r["p50_us"], r["p99_us"],
                   r["cpu_us"]["supervisor"], r["cpu_us"]["builder"], r["cpu_us"]["workers"],
-                  r["workers_settled_cpu_us"], r["load_average"]] for r in results])
+                  r["workers_settled_cpu_us"], r["load_average"], r["file_create_us"]] for r in results])
     print("CPU columns are per registration of either language (both languages' registrations share the "
           "processes but builders are per language)")
     path = write_results(args.name, {"results": results, "count": args.count, "workers": args.workers,

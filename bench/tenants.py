@@ -65,7 +65,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, percentiles, print_table, status, write_results  # noqa: E402
+from common import RESULTS_DIR, file_create_us, percentiles, print_table, status, write_results  # noqa: E402
 
 from hlpool import Pool, Sandbox, Snapshot  # noqa: E402
 from hlpool.guest.build import build_guest  # noqa: E402
@@ -320,7 +320,7 @@ def vm_counters(pool: Pool) -> dict[str, int]:
 
 def run_pool(kind: str, n: int, mode: str, dists: list[str], calls: int, work: Path,
              c_elf: Path | None, fresh_sample: int) -> dict[str, Any]:
-    store = Path(tempfile.mkdtemp(prefix=f"store-{kind}-{n}-", dir=work))
+    store = Path(tempfile.mkdtemp(prefix=f"store-{kind}-{n}-", dir=work))  # removed with ``work``, at the end
     options: dict[str, Any] = {}
     if mode == "pool-noswitch":
         options["switch_tenants"] = False
@@ -337,6 +337,7 @@ def run_pool(kind: str, n: int, mode: str, dists: list[str], calls: int, work: P
         before = memory_now()
         fds0 = len(os.listdir("/proc/self/fd"))
         roles = [os.getpid()] + _builders()
+        out["file_create_us"] = file_create_us(store)
         cpu0 = _cpu_seconds(roles)
         t0 = time.perf_counter()
         handles, times = register_js(pool, n) if kind == "js" else register_c(pool, base, n)
@@ -358,7 +359,6 @@ def run_pool(kind: str, n: int, mode: str, dists: list[str], calls: int, work: P
         out["worker_maps"] = [_map_count(w["pid"]) for w in pool.stats() if w["alive"]]
         if fresh_sample and mode == "pool":
             out["fresh_vm"] = fresh_vm_calls(handles, fresh_sample, dists[0], seed=n)
-    shutil.rmtree(store, ignore_errors=True)
     return out
 
 
@@ -513,15 +513,19 @@ def report(results: list[dict[str, Any]], dists: list[str]) -> None:
                          r.get("register", {}).get("p99_us"), r.get("register_cpu_us"),
                          mem.get("cgroup_kib_per_tenant"),
                          mem.get("memavailable_kib_per_tenant"), mem.get("pss_kib_per_tenant"),
-                         (r.get("disk_bytes_per_tenant") or 0) / 1024, r.get("vm_counters", {}).get("vms")])
+                         (r.get("disk_bytes_per_tenant") or 0) / 1024, r.get("vm_counters", {}).get("vms"),
+                         r.get("file_create_us")])
             fresh = r.get("fresh_vm")
             if fresh and dist == dists[0]:
                 rows.append(["fresh-vm", r["kind"], r["n"], dist, fresh["calls_per_s"], fresh["latency"]["p50_us"],
                              fresh["latency"]["p99_us"], fresh["wrong"], None, None, None, None, None, None, None,
-                             None])
+                             None, None])
     print_table("Tenants: 2 workers (latency: one call at a time; calls/s: 16 outstanding)",
                 ["mode", "kind", "N", "access", "calls/s", "p50 us", "p99 us", "wrong", "reg mean us",
-                 "reg p99 us", "reg CPU us", "cgroup KiB/t", "MemAvail KiB/t", "Pss KiB/t", "disk KiB/t", "VMs"], rows)
+                 "reg p99 us", "reg CPU us", "cgroup KiB/t", "MemAvail KiB/t", "Pss KiB/t", "disk KiB/t", "VMs",
+                 "fs create us"], rows)
+    print("fs create us: median time to create a file in the store's directory before registering (ext4 is far "
+          "slower for minutes after many deletions; each row's store is kept until the end of the run)")
 
 
 def plot(results: list[dict[str, Any]], dists: list[str], path: Path) -> Path | None:
