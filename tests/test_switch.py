@@ -168,6 +168,26 @@ def test_a_hostile_tenants_cpu_state_does_not_reach_the_next_one(family, strict)
                 assert _kvm_cpu_state(sb) == _kvm_cpu_state(fresh)
 
 
+def test_kernel_gs_base_is_always_put_back_where_the_stub_cannot_load_it(family):
+    """Without FSGSBASE in the target's CR4 the entry stub cannot load KERNEL_GS_BASE, and a guest's
+    swapgs changes it without an MSR write: every pair then sets it with KVM_SET_MSRS, also between
+    two snapshots whose saved MSRs are equal (the pair skips its comparison loop for those)."""
+    from hlpool.machine import switching
+    from hlpool.memory.switch import derived
+
+    with Sandbox(family[3], timeout=10) as sb:
+        current = target = family[3]  # a switch to the snapshot held: equal saved MSRs
+        kgs = target.vcpu.msrs.get(kvm_abi.MSR_KERNEL_GS_BASE)
+        assert kgs is not None
+        cur = switching._entry(sb, current, derived(current))
+        tgt = switching._Entry(sb, target)  # a fresh entry, not the cached one
+        pair = switching._Pair(sb, current, cur, target, tgt)
+        assert kvm_abi.MSR_KERNEL_GS_BASE not in pair.msrs or tgt.stub_kgs is None  # the stub loads it here
+        tgt.stub_kgs = None  # as on a host without FSGSBASE
+        pair = switching._Pair(sb, current, cur, target, tgt)
+        assert pair.msrs == {kvm_abi.MSR_KERNEL_GS_BASE: kgs}
+
+
 def test_switching_puts_back_only_what_differs(family):
     base, a, b = family[0], family[1], family[3]
     with Sandbox(a, timeout=10) as sb:

@@ -214,13 +214,13 @@ class _Pair:
     def __init__(self, machine: "Machine", current: SnapshotImage, cur: _Entry, target: SnapshotImage,
                  tgt: _Entry) -> None:
         target_msrs = target.vcpu.msrs
-        if machine.strict_cpu_reset or target_msrs == current.vcpu.msrs:  # (most pairs of a family)
-            self.msrs: dict[int, int] = {}
-        else:
-            self.msrs = {k: v for k, v in target_msrs.items()
-                         if (k != kvm_abi.MSR_KERNEL_GS_BASE or tgt.stub_kgs is None)
-                         and current.vcpu.msrs.get(k) != v}
-            if tgt.kgs is not None and tgt.stub_kgs is None:
+        self.msrs: dict[int, int] = {}
+        if not machine.strict_cpu_reset:
+            if target_msrs != current.vcpu.msrs:  # (equal for most pairs of a family: no loop)
+                self.msrs = {k: v for k, v in target_msrs.items()
+                             if (k != kvm_abi.MSR_KERNEL_GS_BASE or tgt.stub_kgs is None)
+                             and current.vcpu.msrs.get(k) != v}
+            if tgt.kgs is not None and tgt.stub_kgs is None:  # swapgs can change it: always put back
                 self.msrs[kvm_abi.MSR_KERNEL_GS_BASE] = tgt.kgs
         # The control page holds cur.first until the first call after a switch to ``current``
         # ran, cur.plain otherwise (the host is its only writer: at creation, at a switch, after
