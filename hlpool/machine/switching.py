@@ -228,9 +228,9 @@ class _Pair:
         self.control = tuple((lo, memoryview(tgt.first)[lo:hi]) for lo, hi in (
             _mapping.differing_span(cur.plain, tgt.first), _mapping.differing_span(cur.first, tgt.first)))
         self.source: Any = None  # a weak reference to ``current`` once cached
-        # (copy_max, copy plan, the target's restore inputs) once a switch found that the pair's
-        # memory switch is one copy plan (hlpool.memory.switch): later switches go straight to it
-        self.memory: tuple[int, bytes, Any] | None = None
+        # (copy_max, copy plan, the target's restore inputs), made at the pair's first switch; plan and
+        # inputs None when the pair's memory switch is not one copy plan (hlpool.memory.switch)
+        self.memory: tuple[int, bytes | None, Any] | None = None
 
 
 def _pair(machine: "Machine", current: SnapshotImage, target: SnapshotImage, tv: dict[Any, Any]) -> _Pair:
@@ -285,8 +285,8 @@ def switch_machine(machine: "Machine", target: SnapshotImage) -> SwitchStats:
     try:
         # _reload_registers: no guest code ran since the last restore or switch
         if planned is None or planned[0] != switcher.copy_max:  # the pair's first switch (or another copy_max)
-            planned = pair.memory = switcher.copy_only(current, target)
-        if planned is not None:
+            planned = pair.memory = switcher.copy_only(current, target) or (switcher.copy_max, None, None)
+        if planned[1] is not None:
             dirty, copied = memory.switch_by_plan(planned[1], planned[2], machine._reload_registers, pinned)
             remapped = calls = system = 0
         else:

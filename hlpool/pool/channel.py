@@ -132,7 +132,7 @@ class Channel:
 
     def write_request(self, index: int, request_id: int, path: bytes, function: bytes, payload: bytes,
                       timeout_ns: int, expires_ns: int = 0, op: int = OP_CALL, notify: bool = False) -> None:
-        _slots.write_request(self.view, (index % self.depth) * self.slot_size, self.data_capacity, op, request_id,
+        _slots.write_request(self.view, self._slot(index), self.data_capacity, op, request_id,
                              path, function, payload, timeout_ns, expires_ns, notify)
 
     def write_stop(self, index: int) -> None:
@@ -142,12 +142,12 @@ class Channel:
         """(op, request id, timeout ns, expiry (CLOCK_MONOTONIC ns, 0: none), snapshot path, function,
         payload view, notify) of slot ``index``."""
         op, request_id, timeout, expires, path, function, start, length, notify = _slots.read_request(
-            self.view, (index % self.depth) * self.slot_size, self.data_capacity, OP_CALL, OP_OPEN)
+            self.view, self._slot(index), self.data_capacity, OP_CALL, OP_OPEN)
         return op, request_id, timeout, expires, path, function, self.view[start:start + length], notify
 
     def mark_taken(self, index: int, request_id: int) -> None:
         """Worker side: record that the request in slot ``index`` is being run (before running it)."""
-        _slots.mark_taken(self.view, (index % self.depth) * self.slot_size, self.data_capacity, request_id)
+        _slots.mark_taken(self.view, self._slot(index), self.data_capacity, request_id)
 
     def taken(self, index: int, request_id: int) -> bool:
         """Supervisor side, once the worker is dead: did it start the request ``request_id`` in slot ``index``?
@@ -156,13 +156,13 @@ class Channel:
 
     def write_response(self, index: int, request_id: int, status: int, data: bytes, sandboxes: int,
                        run_ns: int = 0, created: int = 0, switches: int = 0) -> None:
-        _slots.write_response(self.view, (index % self.depth) * self.slot_size, self.data_capacity, status,
+        _slots.write_response(self.view, self._slot(index), self.data_capacity, status,
                               request_id, data, sandboxes, run_ns, created, switches)
 
     def read_response(self, index: int) -> tuple[int, int, bytes, tuple[int, int, int, int]]:
         """(status, request id, data, worker figures) of slot ``index``; the figures are the VMs the
         worker holds, the ns it spent on the call, the VMs it has made and the switches it has done."""
-        return _slots.read_response(self.view, (index % self.depth) * self.slot_size, self.data_capacity)
+        return _slots.read_response(self.view, self._slot(index), self.data_capacity)
 
 
 def _unlink_quietly(names: ChannelNames) -> None:
