@@ -364,3 +364,38 @@ def test_snapshot_file_pages_are_shared_across_processes(touch_file, tmp_path):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_forked_childs_copy_of_a_layer_never_closes_the_childs_own_files():
+    """The pool's spawner closes the memfd descriptors it inherits, and its children (workers,
+    builders) reuse the numbers for files of their own (a vCPU's): a layer object inherited from
+    the parent must not close such a number when the child collects or closes it. (It did: a
+    builder's vCPU descriptor was closed under it, "Bad file descriptor", in 3 of 6 runs of some
+    test orders.)"""
+    from hlpool.memory.layers import Layer
+
+    layer = Layer.from_pages([b"\x01" * PAGE])
+    layer.view()
+    number = layer.fd
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(number)  # as the spawner does with an inherited memfd
+            own = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(own, number)  # the number is the child's own file now
+            layer.close()
+            del layer
+            os.fstat(number)  # still open
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert os.fstat(layer.fd)  # the parent's own layer is untouched
+    layer.close()
+    try:  # and its owner still releases it (the number may be another file's by now, not the layer's)
+        target = os.readlink(f"/proc/self/fd/{number}")
+    except OSError:
+        target = ""
+    assert not target.startswith("/memfd:hlpool")

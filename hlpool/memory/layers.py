@@ -45,9 +45,9 @@ class Layer:
         self.data_offset = data_offset  # where page data starts in the file
         self.fingerprint: tuple[int, int, int] = (0, 0, 0)  # (inode, size, mtime_ns) when verified
         self._lock = threading.Lock()
-        # [fd, view address, view size]: released together when the layer is collected, or closed
-        # and no sandbox holds it (see pin).
-        self._resources = [fd, 0, 0]
+        # [fd, view address, view size, owner pid]: released together when the layer is collected, or
+        # closed and no sandbox holds it (see pin), by the process that made the layer only (_release).
+        self._resources = [fd, 0, 0, os.getpid()]
         self._finalizer = weakref.finalize(self, _release, self._resources)
         self._pins = 0
         self._closing = False
@@ -150,7 +150,14 @@ def unpin_layers(layers: "tuple[Layer, ...]") -> None:
 
 
 def _release(resources: list[int]) -> None:
-    fd, view, view_size = resources
+    fd, view, view_size, owner = resources
+    if owner != os.getpid():
+        # A forked child's copy of the layer object: the numbers are the parent's. The pool's
+        # spawner closes the inherited memfd and KVM descriptors at start, so in its children
+        # (workers, builders) such a number may belong to a file of their own by now (a vCPU's,
+        # say): closing or unmapping it here would pull that from under them. The child's copies
+        # of the parent's descriptors and mappings go when it exits.
+        return
     if view:
         try:
             _mapping.unmap(view, view_size)

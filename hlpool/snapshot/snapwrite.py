@@ -106,6 +106,7 @@ class PendingLayer(Layer):
                 os.close(fd)
                 raise
             self._resources[0] = fd
+            self._resources[3] = os.getpid()  # (made in a forked child: the child's to release)
             self._chunks = None  # the memfd holds them now (a big flattened image is not kept twice)
 
 
