@@ -202,3 +202,40 @@ def test_call_futures_keep_the_future_contract(example, tmp_path):
         with pytest.raises(type(bad.exception())):
             bad.result()
         assert "finished" in repr(bad)
+
+
+def test_a_finished_call_leaves_no_reference_cycle(example, tmp_path):
+    """A call record and its Future point at each other while the call runs; once the Future ends
+    (result, error, cancellation, collected by the caller or by the pool's thread) reference
+    counting alone frees both: with the garbage collector off, none of them stays alive."""
+    import gc
+    import weakref
+
+    with Pool(workers=1, snapshot_dir=tmp_path) as pool:
+        echo = pool.snapshot(example("echo"))
+        pool.submit(echo, "echo", (0,)).result(timeout=30)
+        gc.collect()
+        gc.disable()
+        try:
+            refs = []
+            f = pool.submit(echo, "echo", (1,))  # collected in this thread by result()
+            assert f.result(timeout=30) == 1
+            refs.append(weakref.ref(f))
+            done = threading.Event()
+            f = pool.submit(echo, "echo", (2,))  # collected by the pool's thread (a callback)
+            f.add_done_callback(lambda _f: done.set())
+            assert done.wait(30)
+            refs.append(weakref.ref(f))
+            f = pool.submit(echo, "echo", ())  # an error from the guest
+            assert isinstance(f.exception(timeout=30), Exception)
+            refs.append(weakref.ref(f))
+            many = [pool.submit(echo, "echo", (i,)) for i in range(100)]
+            assert many[-1].cancel() or many[-1].done()
+            assert [g.result(timeout=30) for g in many[:-1]] == list(range(99))
+            refs.extend(weakref.ref(g) for g in many)
+            del f, many
+            time.sleep(0.2)  # the pool's thread lets go of the last batch it resolved
+            alive = [r() for r in refs if r() is not None]
+            assert alive == [], f"{len(alive)} finished futures are kept alive by reference cycles"
+        finally:
+            gc.enable()

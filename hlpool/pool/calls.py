@@ -228,7 +228,11 @@ class CallFuture(concurrent.futures.Future):
 
     def _invoke_callbacks(self) -> None:
         # Every way a Future ends (result, exception, cancel) passes here once: the pending slot
-        # is given back first, without a done-callback of its own per call.
+        # is given back first, without a done-callback of its own per call. The call record and
+        # this Future point at each other: dropping the link here lets reference counting free
+        # both at once instead of leaving a cycle per call to the garbage collector (a
+        # collection every ~150 calls was ~10% of the supervisor's CPU).
+        self._call = None
         self._pool._release_pending()
         for callback in self._done_callbacks:
             try:
