@@ -72,6 +72,12 @@ def check_value(value: Any, where: str = "value", depth: int = 0) -> None:
 
 def encode_args(args: tuple | list) -> bytes:
     """Encode call arguments as one msgpack array (:class:`ValueTypeError` for anything invalid)."""
+    for arg in args:  # the common case, scalars only, without a call per argument
+        t = type(arg)
+        if t not in _SCALARS and not (t is int and INT_MIN <= arg <= INT_MAX):
+            break
+    else:
+        return _encode(args, "arguments")  # a tuple is a msgpack array, as a list is
     for i, arg in enumerate(args):
         check_value(arg, f"argument {i}")
     return _encode(list(args), "arguments")
@@ -104,7 +110,9 @@ def decode_value(data: bytes | memoryview) -> Any:
             raise GuestProtocolError(f"malformed msgpack: {problem}")
     try:
         value = _decoder.decode(data)
-        _check_decoded(value, 0)
+        t = type(value)
+        if t not in _SCALARS and not (t is int and INT_MIN <= value <= INT_MAX):  # else: checked here
+            _check_decoded(value, 0)
     except GuestProtocolError:
         raise
     except msgspec.DecodeError as exc:

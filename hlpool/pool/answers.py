@@ -20,7 +20,7 @@ from hlpool import errors
 from hlpool.errors import WorkerCrashed
 from hlpool.guest import codec
 from hlpool.pool import channel as ipc
-from hlpool.pool import loopcollect, routing, spin
+from hlpool.pool import _slots, loopcollect, routing, spin
 from hlpool.pool.calls import Call, WorkerLink, rebuild_error
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hlpool.pool.supervisor")
 
 WATCHDOG_GRACE = 5.0  # a worker silent this long past a call's deadline is killed
-PIPELINE_DEPTH = 16  # calls in a worker's channel at once (answers are collected in batches)
+PIPELINE_DEPTH = 32  # calls in a worker's channel at once (answers are collected in batches)
 CALLER_GRACE = 0.0001  # how long the pool's thread leaves a lone call's answer to its caller (see CallFuture)
 BATCH_WAIT_MAX = 0.002  # longest a collector waits for answers to gather while a backlog is in the channel
 
@@ -77,11 +77,14 @@ class AnswerPath:
             responses.acquire(0)
             ready += 1
         batch, in_order = [], True
+        channel = w.channel
+        view, offsets, depth, capacity = channel.view, channel.offsets, channel.depth, channel.data_capacity
         with self._lock:
             now = time.monotonic()
             for _ in range(ready):
                 call = w.inflight.popleft()
-                status, request_id, data, figures = w.channel.read_response(w.received)
+                # Channel.read_response, without the method call
+                status, request_id, data, figures = _slots.read_response(view, offsets[w.received % depth], capacity)
                 in_order = in_order and request_id == call.request_id
                 w.received += 1
                 if call.op == ipc.OP_CALL:
@@ -104,6 +107,7 @@ class AnswerPath:
             w.kill()
             self._replace(w, "answered out of order")
             return
+        resolved = 0
         try:
             for item in batch:
                 try:  # done-callbacks run here: what they raise must not end a thread or lose answers
@@ -112,8 +116,9 @@ class AnswerPath:
                     if in_caller and isinstance(exc, KeyboardInterrupt):
                         raise  # the caller's own Ctrl-C (the finally still delivers the rest)
                     log.exception("a done-callback of a pool call raised; the pool goes on")
+                resolved += 1
         finally:  # a caller collecting here may be interrupted (KeyboardInterrupt in result()):
-            for item in batch:  # the answers it took out of the channel are still delivered
+            for item in batch[resolved:]:  # the answers it took out of the channel are still delivered
                 if not item[0].future.done():
                     self._resolve(*item)
 
@@ -123,7 +128,24 @@ class AnswerPath:
         ``blocking=False`` is for callers that hold the call's Future condition
         (``concurrent.futures.wait`` adds its waiter under it): the pool's lock is taken
         before a Future's condition everywhere else, so waiting for it here could deadlock;
-        when it is busy, a short-lived thread delivers the wake-up instead."""
+        when it is busy, a short-lived thread delivers the wake-up instead.
+
+        ``call.eager`` is set before this is called, and the pool's thread reads it under the
+        lock before it waits for a caller, so the wake-up is skipped (no lock, no notify: most
+        calls with a callback) where that thread cannot be waiting on this call: the call is
+        still queued (the thread dispatches it, then sees it eager), or others are ahead of it
+        in the channel and the first of them is not an event loop's (the thread collects them
+        all as they come; it waits for a caller only on a lone call)."""
+        w = call.worker
+        if w is None:
+            return
+        inflight = w.inflight
+        if len(inflight) > 1:
+            try:
+                if not inflight[0].in_loop:
+                    return
+            except IndexError:  # emptied meanwhile: wake the thread as usual
+                pass
         if not self._lock.acquire(blocking=blocking):
             threading.Thread(target=self._wake_collector, args=(call,), name="hlpool-wake", daemon=True).start()
             return

@@ -89,6 +89,7 @@ class CallFuture(concurrent.futures.Future):
     """
 
     _call: "Call | None" = None
+    _watched = False  # a Condition or a waiter list was made: a change of state must tell them
 
     def __init__(self, pool: CallCollector) -> None:  # no super().__init__(): see the class docstring
         self._lock = _RLock()
@@ -105,6 +106,7 @@ class CallFuture(concurrent.futures.Future):
         condition = self.__dict__.get("_made_condition")
         if condition is None:
             condition = self.__dict__.setdefault("_made_condition", threading.Condition(self._lock))
+            self._watched = True
         return condition
 
     @property
@@ -112,6 +114,7 @@ class CallFuture(concurrent.futures.Future):
         waiters = self.__dict__.get("_made_waiters")
         if waiters is None:
             waiters = self.__dict__.setdefault("_made_waiters", WaiterList(self))
+            self._watched = True
         return waiters
 
     def _notify_locked(self, add: str | None) -> None:
@@ -164,6 +167,8 @@ class CallFuture(concurrent.futures.Future):
             _LOG.exception("exception calling callback for %r", self)
 
     def result(self, timeout: float | None = None) -> Any:
+        if self._state == _FINISHED and self._exception is None:  # the common case, without _wait
+            return self._result
         if self._state in _NOT_DONE:
             self._pool._collect_for(self._call, timeout)
         self._wait(timeout)
@@ -175,6 +180,8 @@ class CallFuture(concurrent.futures.Future):
         return self._result
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state == _FINISHED:
+            return self._exception
         if self._state in _NOT_DONE:
             self._pool._collect_for(self._call, timeout)
         self._wait(timeout)
@@ -212,18 +219,22 @@ class CallFuture(concurrent.futures.Future):
             raise RuntimeError("Future in unexpected state")
 
     def set_result(self, result: Any) -> None:
-        self._finish("_result", result, "add_result")
-
-    def set_exception(self, exception: BaseException | None) -> None:
-        self._finish("_exception", exception, "add_exception")
-
-    def _finish(self, field: str, value: Any, add: str) -> None:
         with self._lock:
             if self._state in _DONE_STATES:
                 raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
-            setattr(self, field, value)
+            self._result = result
             self._state = _FINISHED
-            self._notify_locked(add)
+            if self._watched:
+                self._notify_locked("add_result")
+        self._invoke_callbacks()
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        with self._lock:
+            if self._state in _DONE_STATES:
+                raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+            self._exception = exception
+            self._state = _FINISHED
+            self._notify_locked("add_exception")
         self._invoke_callbacks()
 
     def _invoke_callbacks(self) -> None:

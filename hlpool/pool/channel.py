@@ -73,6 +73,9 @@ class Channel:
         self.depth = names.depth
         self.slot_size = names.size // names.depth
         self.data_capacity = self.slot_size - HEADER_SIZE
+        # Offset of each slot in the mapping: request/answer ``i`` is in slot ``i % depth``. The
+        # pool's hot path calls hlpool.pool._slots with these itself (no method call per record).
+        self.offsets = [self._slot(i) for i in range(self.depth)]
 
     # ---- creation ---------------------------------------------------------------------
 

@@ -49,11 +49,16 @@ class SnapshotHandle:
     # Derived once, used by every call: the path as sent to workers, and its hash (the home worker)
     path_bytes: bytes = field(init=False, repr=False, compare=False)
     path_hash: int = field(init=False, repr=False, compare=False)
+    # Which VMs can serve it after a switch: its family; the scripts of a language share the
+    # pool's interpreter base; else only VMs at its own path (see hlpool.pool.routing)
+    family_key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         encoded = self.path.encode()
         object.__setattr__(self, "path_bytes", encoded)  # frozen: set once, here
         object.__setattr__(self, "path_hash", zlib.crc32(encoded))
+        key = self.family or (f"script:{self.language}" if self.language else self.path)
+        object.__setattr__(self, "family_key", key)
 
     @property
     def id(self) -> str:

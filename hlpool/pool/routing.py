@@ -35,10 +35,8 @@ DEAD_WORKER_COST = 1000.0
 
 def family_key(handle: SnapshotHandle) -> str:
     """Which VMs can serve ``handle`` after a switch: its snapshot family (the scripts of a
-    language share the pool's interpreter base)."""
-    if handle.family:
-        return handle.family
-    return f"script:{handle.language}" if handle.language else handle.path
+    language share the pool's interpreter base); computed once per handle."""
+    return handle.family_key
 
 
 def home_index(handle: SnapshotHandle, workers: int) -> int:
@@ -49,26 +47,27 @@ def home_index(handle: SnapshotHandle, workers: int) -> int:
 def choose_worker(workers: Sequence[WorkerLink], handle: SnapshotHandle, per_call: float, switching: bool,
                   max_warm: int) -> WorkerLink:
     """The worker for a call of ``handle`` (the pool's lock is held); records what it will hold."""
-    key = family_key(handle) if switching else handle.path
+    path = handle.path
+    key = handle.family_key if switching else path
     # Each snapshot has a home worker (a hash of its path): while loads are even, its calls go
     # there, so every worker opens and keeps a share of the tenants, not all of them.
-    home = home_index(handle, len(workers))
-    best, best_cost = None, None
+    home = handle.path_hash % len(workers)  # home_index(), inline: this runs for every call
+    best, best_cost = workers[0], None
     for i, w in enumerate(workers):
         at = w.warm.get(key)
-        if at == handle.path:
-            cost = w.load * per_call
+        cost = (len(w.queue) + len(w.inflight) - w.opens_in_flight) * per_call  # w.load, inline
+        if at == path:
+            pass
         elif at is not None:
-            cost = w.load * per_call + SWITCH_COST + (0.0 if i == home else OPEN_COST)
+            cost += SWITCH_COST + (0.0 if i == home else OPEN_COST)
         elif switching and i == home and len(w.warm) < max_warm:  # see the module docstring
-            cost = w.load * per_call + SWITCH_COST
+            cost += SWITCH_COST
         else:
-            cost = w.load * per_call + COLD_START_COST + (0.0 if i == home else OPEN_COST)
+            cost += COLD_START_COST + (0.0 if i == home else OPEN_COST)
         if not w.alive:
             cost += DEAD_WORKER_COST
         if best_cost is None or cost < best_cost:
             best, best_cost = w, cost
-    assert best is not None
     best.warm[key] = handle.path
     best.warm.move_to_end(key)
     while len(best.warm) > max_warm:  # beyond the worker's VM bound its least recently used VM is gone

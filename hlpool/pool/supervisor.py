@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import concurrent.futures
 import itertools
 import logging
@@ -42,7 +43,7 @@ from hlpool.guest.build import cache_dir
 from hlpool.guest.layout import MemoryConfig
 from hlpool.memory.guest_memory import RestorePolicy
 from hlpool.pool import channel as ipc
-from hlpool.pool import loopcollect, routing
+from hlpool.pool import _slots, loopcollect, routing
 from hlpool.pool.answers import (  # noqa: F401 (WATCHDOG_GRACE, BATCH_WAIT_MAX: re-exported)
     BATCH_WAIT_MAX, CALLER_GRACE, PIPELINE_DEPTH, WATCHDOG_GRACE, AnswerPath)
 
@@ -137,7 +138,10 @@ class Pool(AnswerPath):
         self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         self._max_payload = max_payload
         self._max_pending = max_pending
-        self._pending = 0  # calls submitted and not done (guarded by the pool's lock)
+        # One token per call that may still be submitted: a call takes one and its Future gives
+        # it back when it ends. deque.pop/append are atomic under the GIL, so neither side takes
+        # the pool's lock; only a caller that finds none left waits (on _slot_free).
+        self._pending_tokens: collections.deque = collections.deque([None] * max_pending)
         self._pending_waiters = 0
         # One re-entrant lock guards every worker's queue, in-flight list and channel writes
         # (re-entrant: a future's done-callback may submit again while it is held).
@@ -291,7 +295,11 @@ class Pool(AnswerPath):
         else:
             worker.queue.append(call)
             worker.queued_deadlines |= bool(call.expires)
-            worker.wakeup.notify()
+            if len(worker.queue) == 1:
+                # Behind other queued calls it needs no wake-up: the thread does not wait on its
+                # condition while its queue holds calls (it moves them into the channel as answers
+                # come), except while a caller reads the answers, and that caller wakes it.
+                worker.wakeup.notify()
 
     def _open_ahead(self, handle: SnapshotHandle) -> SnapshotHandle:
         """Have the worker that will serve ``handle``'s calls (its home worker, see
@@ -375,25 +383,42 @@ class Pool(AnswerPath):
 
     def _take_pending_slot(self, block: bool) -> None:
         """Count a new pending call; at ``max_pending`` wait for one to finish (or refuse)."""
+        tokens = self._pending_tokens
+        try:
+            tokens.pop()
+            return
+        except IndexError:
+            pass
         with self._lock:
-            while self._pending >= self._max_pending:
-                if not block:
-                    raise PoolOverloadedError(f"{self._max_pending} calls are pending")
-                if self._closed:
-                    raise PoolClosedError("the pool is shut down")
-                self._pending_waiters += 1
-                try:
+            # Counted as a waiter before looking again: a call that ends after this look sees the
+            # count and notifies (see _release_pending), so no wake-up is lost.
+            self._pending_waiters += 1
+            try:
+                while True:
+                    try:
+                        tokens.pop()
+                        return
+                    except IndexError:
+                        pass
+                    if not block:
+                        raise PoolOverloadedError(f"{self._max_pending} calls are pending")
+                    if self._closed:
+                        raise PoolClosedError("the pool is shut down")
                     self._slot_free.wait(0.5)
-                finally:
-                    self._pending_waiters -= 1
-            self._pending += 1
+            finally:
+                self._pending_waiters -= 1
+
+    @property
+    def _pending(self) -> int:
+        """Calls submitted and not done yet."""
+        return self._max_pending - len(self._pending_tokens)
 
     def _release_pending(self) -> None:
         """A call's future is done (result, error or cancelled): its pending slot is free
         (called by :meth:`CallFuture._invoke_callbacks`)."""
-        with self._lock:
-            self._pending -= 1
-            if self._pending_waiters:
+        self._pending_tokens.append(None)
+        if self._pending_waiters:
+            with self._lock:
                 self._slot_free.notify()
 
     # ---- workers -----------------------------------------------------------------------------
@@ -427,10 +452,12 @@ class Pool(AnswerPath):
                 return
             if not call.timeout_ns or call.timeout_ns > left * 1e9:
                 call.timeout_ns = max(1, int(left * 1e9))
-        try:
-            w.channel.write_request(w.sent, call.request_id, call.handle.path_bytes, call.function.encode(),
-                                    call.payload, call.timeout_ns, int(call.expires * 1e9) if call.expires else 0,
-                                    call.op, call.in_loop)
+        channel = w.channel
+        try:  # Channel.write_request, without the method call
+            _slots.write_request(channel.view, channel.offsets[w.sent % channel.depth], channel.data_capacity,
+                                 call.op, call.request_id, call.handle.path_bytes, call.function.encode(),
+                                 call.payload, call.timeout_ns, int(call.expires * 1e9) if call.expires else 0,
+                                 call.in_loop)
         except ValueError as exc:
             call.future.set_exception(PayloadTooLargeError(str(exc)))
             return
@@ -438,7 +465,7 @@ class Pool(AnswerPath):
         call.worker = w
         w.inflight.append(call)
         w.opens_in_flight += call.op == ipc.OP_OPEN
-        w.channel.requests.release()
+        channel.requests.release()
 
     def _run_worker(self, w: WorkerLink) -> None:
         """Move queued calls into one worker's channel, resolve their futures, replace the worker if it dies.
