@@ -373,6 +373,7 @@ def serve_frontend(config: ServerConfig, slot: FrontEnd, rundir: str, port: int,
                 pass
 
         run_loop(_run(service, sock, on_listening, repeat_signal_exits=False))
+        service.metrics.flush()  # its last calls, into the files the other front ends still read
     except _Stop:
         log.info("front end %d stopped while starting", slot.index)
     finally:
@@ -385,9 +386,11 @@ def serve_frontend(config: ServerConfig, slot: FrontEnd, rundir: str, port: int,
 
 
 async def _publish(shared: SharedPoolStats, service: Service, period: float = 1.0) -> None:
-    """Publish this front end's pool state every ``period`` seconds (for the others' /metrics)."""
+    """Publish this front end's pool state and add its tallied calls to the shared metrics files
+    every ``period`` seconds (for the others' /metrics)."""
     while True:
         await asyncio.sleep(period)
+        service.metrics.flush()
         shared.publish(service.shutting_down)
 
 
