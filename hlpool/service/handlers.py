@@ -39,9 +39,9 @@ from hlpool.service.schema import (
     Removed,
     SnapshotList,
     StoreInfo,
-    decode_call,
     decode_register,
     encode,
+    parse_call,
     parse_json,
 )
 from hlpool.service.snapshots import SnapshotEntry, Snapshots
@@ -287,7 +287,7 @@ class Service:
         """Decode a call's body and hand the call to the pool (``bad_json``, ``bad_request``, the pool's
         errors such as ``overloaded``); the returned call must be ended with :meth:`end_call` once its
         ``waiting`` future is done."""
-        args, timeout = decode_call(parse_json(body), self.config.call_timeout)
+        args, timeout = parse_call(body, self.config.call_timeout)
         call = CallInFlight(entry, fn, time.perf_counter())
         self._call_started(1)
         try:
