@@ -77,7 +77,10 @@ def encode_args(args: tuple | list) -> bytes:
         if t not in _SCALARS and not (t is int and INT_MIN <= arg <= INT_MAX):
             break
     else:
-        return _encode(args, "arguments")  # a tuple is a msgpack array, as a list is
+        try:
+            return _encoder.encode(args)  # a tuple is a msgpack array, as a list is
+        except UnicodeEncodeError:
+            return _encode(args, "arguments")  # says which string
     for i, arg in enumerate(args):
         check_value(arg, f"argument {i}")
     return _encode(list(args), "arguments")

@@ -159,7 +159,9 @@ class CallFuture(concurrent.futures.Future):
             else:
                 added = False
         if added:
-            self._wants_collector()
+            call = self._call
+            if call is not None and not call.eager:  # else nothing to do (see _wants_collector)
+                self._wants_collector()
             return
         try:
             fn(self)

@@ -261,7 +261,7 @@ class Pool(AnswerPath):
             raise PoolClosedError("the pool is shut down")
         if self._broken:
             raise PoolClosedError(f"the pool is broken: {self._broken}")
-        handle = self._snapshots.get(snapshot)
+        handle = snapshot if type(snapshot) is SnapshotHandle else self._snapshots.get(snapshot)
         timeout = self.call_timeout if timeout is ... else timeout
         fn, args, payload = check_call(handle, fn, args, self._max_payload, timeout, deadline)
         self._take_pending_slot(block)
