@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hlpool.pool.supervisor")
 
 WATCHDOG_GRACE = 5.0  # a worker silent this long past a call's deadline is killed
-PIPELINE_DEPTH = 32  # calls in a worker's channel at once (answers are collected in batches)
+PIPELINE_DEPTH = 16  # calls in a worker's channel at once (answers are collected in batches)
 CALLER_GRACE = 0.0001  # how long the pool's thread leaves a lone call's answer to its caller (see CallFuture)
 BATCH_WAIT_MAX = 0.002  # longest a collector waits for answers to gather while a backlog is in the channel
 
