@@ -200,8 +200,14 @@ class AnswerPath:
         if not self._spin_wait or len(w.inflight) != 1 or w.inflight[0] is not call:
             return False
         usual = self._call_cost.get(call.handle.path, routing.DEFAULT_CALL_COST) * 1e9
-        if usual > spin.CALLER_SPIN_MAX_NS or sum(1 for x in self._workers if x.inflight) >= self._cpus:
-            return False  # a long call, or no core to spare: sleep
+        if usual > spin.CALLER_SPIN_MAX_NS:
+            return False  # a long call: sleep
+        busy = 0
+        for x in self._workers:  # (a loop, not a generator: this runs for every lone call)
+            if x.inflight:
+                busy += 1
+        if busy >= self._cpus:
+            return False  # no core to spare: sleep
         until = int(call.started * 1e9 + 1.5 * usual) + 50_000
         if deadline is not None:
             until = min(until, int(deadline * 1e9))

@@ -173,6 +173,8 @@ class CallFuture(concurrent.futures.Future):
             return self._result
         if self._state in _NOT_DONE:
             self._pool._collect_for(self._call, timeout)
+            if self._state == _FINISHED and self._exception is None:  # collected here: no _wait either
+                return self._result
         self._wait(timeout)
         if self._exception is not None:
             try:
