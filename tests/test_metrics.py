@@ -74,3 +74,13 @@ def test_tallies_of_several_processes_add_up_in_multiprocess_mode(tmp_path):
     want = reference(DURATIONS)
     assert got.keys() == want.keys() and all(abs(got[k] - want[k]) <= 1e-9 * max(1.0, want[k]) for k in want), \
         (got, want)
+
+
+def test_tallies_stay_bounded_without_a_scrape():
+    """Label sets beyond 10,000 before any render are flushed into the metrics on the way (nothing lost)."""
+    metrics = Metrics()
+    for i in range(10_050):
+        metrics.observe_call(f"s{i}", "f", "ok", 0.001)
+    assert len(metrics._call_tally) <= 10_000
+    text = metrics.render().decode()
+    assert text.count('hlpool_calls_total{function="f",outcome="ok",snapshot="s') == 10_050

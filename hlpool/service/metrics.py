@@ -267,6 +267,8 @@ class Metrics:
         key = (snapshot, function, outcome)
         tally = self._call_tally.get(key)
         if tally is None:
+            if len(self._call_tally) >= 10_000:  # many label sets and nobody scraping: bound the tallies
+                self.flush()
             tally = self._call_tally[key] = [0, 0.0, [0] * (len(LATENCY_BUCKETS) + 1)]
         tally[0] += 1
         tally[1] += seconds
@@ -274,7 +276,7 @@ class Metrics:
 
     def count_request(self, method: str, route: str, status: int) -> None:
         """One HTTP request answered (labels bounded by the caller: known methods and routes)."""
-        key = (method, route, status)
+        key = (method, route, status)  # bounded by the caller (known methods, routes and statuses)
         self._request_tally[key] = self._request_tally.get(key, 0) + 1
 
     def flush(self) -> None:
