@@ -33,12 +33,6 @@ DEFAULT_CALL_COST = 0.001  # assumed duration of a call until one of its snapsho
 DEAD_WORKER_COST = 1000.0
 
 
-def family_key(handle: SnapshotHandle) -> str:
-    """Which VMs can serve ``handle`` after a switch: its snapshot family (the scripts of a
-    language share the pool's interpreter base); computed once per handle."""
-    return handle.family_key
-
-
 def home_index(handle: SnapshotHandle, workers: int) -> int:
     """The index of ``handle``'s home worker among ``workers``: a hash of its path."""
     return handle.path_hash % workers  # zlib.crc32 of the path, computed once per handle
@@ -55,7 +49,7 @@ def choose_worker(workers: Sequence[WorkerLink], handle: SnapshotHandle, per_cal
     best, best_cost = workers[0], None
     for i, w in enumerate(workers):
         at = w.warm.get(key)
-        cost = (len(w.queue) + len(w.inflight) - w.opens_in_flight) * per_call  # w.load, inline
+        cost = w.load * per_call
         if at == path:
             pass
         elif at is not None:

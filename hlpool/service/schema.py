@@ -364,7 +364,12 @@ def decode_call(value: Any, max_timeout: float) -> tuple[list, float]:
         args = from_json(call.args)
     except HlpoolError as exc:  # a malformed {"base64": ...} or {"float": ...}
         raise ApiError("bad_request", f"args: {exc}") from None
-    return args, max_timeout if call.timeout is None else min(call.timeout, max_timeout)
+    return args, _timeout(call, max_timeout)
+
+
+def _timeout(call: CallRequest, max_timeout: float) -> float:
+    """A call's timeout in seconds: its own, at most ``max_timeout`` (the default)."""
+    return max_timeout if call.timeout is None else min(call.timeout, max_timeout)
 
 
 def parse_call(body: bytes, max_timeout: float) -> tuple[list, float]:
@@ -379,7 +384,7 @@ def parse_call(body: bytes, max_timeout: float) -> tuple[list, float]:
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             pass
         else:
-            return call.args, max_timeout if call.timeout is None else min(call.timeout, max_timeout)
+            return call.args, _timeout(call, max_timeout)
     return decode_call(parse_json(body), max_timeout)
 
 
