@@ -144,6 +144,21 @@ def test_bad_arguments_are_rejected_at_submit(pool, example):
         pool.submit(echo, "echo", (1,), timeout=-1)
 
 
+def test_timeouts_that_are_not_a_number_of_seconds_are_refused_and_take_no_pending_slot(kvm, example, tmp_path,
+                                                                                          no_leaks):
+    # NaN passed the old "<= 0" check and failed later (int(nan)), after the call had taken a pending
+    # slot that was never given back: with max_pending=2 the pool then refused everything.
+    with Pool(workers=1, snapshot_dir=tmp_path, max_pending=2, block=False) as p:
+        echo = p.snapshot(example("echo"))
+        for bad in (float("nan"), float("inf"), 1e30, 0.0):
+            with pytest.raises(CallError, match="timeout must be positive seconds"):
+                p.submit(echo, "echo", (1,), timeout=bad)
+            with pytest.raises(CallError, match="deadline must be positive seconds"):
+                p.submit(echo, "echo", (1,), deadline=bad)
+        futures = [p.submit(echo, "echo", (i,), timeout=1e6, deadline=1e6) for i in range(2)]
+        assert [f.result() for f in futures] == [0, 1]
+
+
 def test_workers_are_named_and_hardened(pool):
     for entry in pool.stats():
         with open(f"/proc/{entry['pid']}/comm") as f:

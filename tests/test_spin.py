@@ -1,27 +1,28 @@
-"""Spin-then-sleep waits (hlpool.pool.spin) on real POSIX semaphores posted by a real other process,
-and a Pool with and without spinning giving the same answers and keeping its deadlines."""
+"""Spin-then-sleep waits (hlpool.pool.spin) on a real channel's semaphores posted by a real other
+process, and a Pool with and without spinning giving the same answers and keeping its deadlines."""
 
 from __future__ import annotations
 
 import os
 import time
 
-import posix_ipc
 import pytest
 
 from hlpool import GuestTimeout, Pool
+from hlpool.pool import channel as ipc
 from hlpool.pool import spin
+from hlpool.pool._slots import SharedSemaphore
 
 
 @pytest.fixture
 def semaphore():
-    sem = posix_ipc.Semaphore(None, posix_ipc.O_CREX, initial_value=0)
-    yield sem
-    sem.unlink()
-    sem.close()
+    channel = ipc.Channel.create(2, 4096)
+    channel.unlink()
+    yield channel.responses
+    channel.close()
 
 
-def _post_later(sem: posix_ipc.Semaphore, delay: float) -> int:
+def _post_later(sem: SharedSemaphore, delay: float) -> int:
     pid = os.fork()
     if pid == 0:
         try:

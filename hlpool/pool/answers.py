@@ -71,41 +71,35 @@ class AnswerPath:
     def _take_answers(self, w: WorkerLink, in_caller: bool = False) -> None:
         """After one answer was signalled: take it and every answer already posted, refill the
         channel from the queue, then resolve the futures outside the pool's lock (reader held)."""
-        responses = w.channel.responses
-        ready = 1
-        for _ in range(min(responses.value, PIPELINE_DEPTH - 1)):  # posted already: no waiting
-            responses.acquire(0)
-            ready += 1
-        batch, in_order = [], True
         channel = w.channel
-        view, offsets, depth, capacity = channel.view, channel.offsets, channel.depth, channel.data_capacity
+        inflight = w.inflight
+        # the answers posted already, besides the one signalled (never more than the calls in flight)
+        ready = 1 + channel.responses.take(min(len(inflight), PIPELINE_DEPTH) - 1)
         with self._lock:
             now = time.monotonic()
-            for _ in range(ready):
-                call = w.inflight.popleft()
-                # Channel.read_response, without the method call
-                status, request_id, data, figures = _slots.read_response(view, offsets[w.received % depth], capacity)
-                in_order = in_order and request_id == call.request_id
-                w.received += 1
-                if call.op == ipc.OP_CALL:
-                    w.calls += 1
-                    w.errors += status != ipc.STATUS_OK
-                else:
-                    w.opens_in_flight -= 1
-                batch.append((call, status, data, figures[1]))
-            w.sandboxes, _, w.vms_created, w.switches = figures
-            if w.inflight:  # the worker starts the next call about now (the watchdog measures from here)
-                w.inflight[0].started = now
-            if w.queue and w.alive and in_order:
+            batch, trusted, calls, errors, opens, figures = _slots.read_answers(
+                channel.view, channel.offsets, channel.data_capacity, w.received, inflight, min(ready, len(inflight)),
+                ipc.OP_CALL, ipc.STATUS_OK, self._call_cost)
+            w.received += len(batch)
+            w.calls += calls
+            w.errors += errors
+            w.opens_in_flight -= opens
+            if figures is not None:
+                w.sandboxes, w.vms_created, w.switches = figures
+            if inflight:  # the worker starts the next call about now (the watchdog measures from here)
+                inflight[0].started = now
+            if w.queue and w.alive and trusted:
                 if w.queued_deadlines:
                     w.expire_queued()
-                while w.queue and len(w.inflight) < PIPELINE_DEPTH:
+                while w.queue and len(inflight) < PIPELINE_DEPTH:
                     self._dispatch_locked(w, w.queue.popleft())
-        if not in_order:  # the worker broke the channel's protocol: nothing it answered is trusted
+        if not trusted:  # the worker broke the channel's protocol: nothing it answered is trusted
             for call, *_ in batch:
-                call.future.set_exception(WorkerCrashed(f"worker {w.index} answered out of order"))
+                if not call.future.done():
+                    call.future.set_exception(WorkerCrashed(f"worker {w.index} broke the channel's protocol "
+                                                            "(an answer out of order or malformed)"))
             w.kill()
-            self._replace(w, "answered out of order")
+            self._replace(w, "broke the channel's protocol")
             return
         resolved = 0
         try:
@@ -213,17 +207,14 @@ class AnswerPath:
             until = min(until, int(deadline * 1e9))
         return spin.poll(w.channel.responses, min(until, time.monotonic_ns() + spin.CALLER_SPIN_MAX_NS))
 
-    def _resolve(self, call: Call, status: int, data: bytes, run_ns: int) -> None:
-        """Set the future of a finished call from the worker's response."""
+    def _resolve(self, call: Call, status: int, data: bytes) -> None:
+        """Set the future of a finished call from the worker's response (the cost estimate of its
+        snapshot was updated as the answer was read: :func:`hlpool.pool._slots.read_answers`)."""
         if call.op == ipc.OP_OPEN:
             if status != ipc.STATUS_OK:
                 log.debug("opening %s ahead of its calls failed: %s", call.handle.path, rebuild_error(data))
             call.future.set_result(None)
             return
-        elapsed = min(run_ns / 1e9, 60.0)  # the worker's own time for it (a cost estimate, never trusted further)
-        path = call.handle.path
-        previous = self._call_cost.get(path)
-        self._call_cost[path] = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
         if status == ipc.STATUS_OK:
             try:
                 value = codec.decode_value(data)

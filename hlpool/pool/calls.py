@@ -30,10 +30,12 @@ from hlpool import errors
 from hlpool.errors import CallError, GuestTimeout, PayloadTooLargeError, WorkerCrashed
 from hlpool.guest import codec
 from hlpool.pool import channel as ipc
+from hlpool.pool._slots import Call  # a C struct: made per call, read by the hot path in C
 from hlpool.pool.procinfo import process_state
 from hlpool.pool.registry import SnapshotHandle
 
 
+MAX_SECONDS = 10.0 ** 9  # the longest timeout or deadline a call may have (~31 years: fits in ns)
 _NOT_DONE = ("PENDING", "RUNNING")  # concurrent.futures' states of a future that is not done
 
 
@@ -277,23 +279,6 @@ class WaiterList(list):
         self.future._wants_collector(blocking=False)  # wait() holds this Future's condition here
 
 
-@dataclass(slots=True)  # made per call: slots make it smaller and quicker to build
-class Call:
-    future: concurrent.futures.Future
-    handle: SnapshotHandle
-    function: str
-    payload: bytes
-    timeout_ns: int
-    request_id: int
-    started: float = 0.0
-    expires: float = 0.0  # monotonic time by which the whole call (queue + run) must end; 0: none
-    worker: "WorkerLink | None" = None  # set when the call is written into a worker's channel
-    eager: bool = False  # the pool's thread collects the answer at once (no waiting for result())
-    retried: bool = False  # queued again after its worker died without taking it (already running)
-    op: int = ipc.OP_CALL  # OP_OPEN: only open the snapshot in the worker (a hint, see Pool._open_ahead)
-    in_loop: bool = False  # an event loop collects the answer (the worker signals its eventfd; see loopcollect)
-
-
 @dataclass
 class WorkerLink:
     index: int
@@ -432,8 +417,8 @@ def check_call(handle: SnapshotHandle, fn: str, args: Any, max_payload: int, tim
     limit = min(handle.input_capacity, max_payload)
     if len(payload) > limit:
         raise PayloadTooLargeError(f"{fn}: encoded arguments are {len(payload)} bytes, more than {limit}")
-    if timeout is not None and timeout <= 0:
-        raise CallError(f"timeout must be positive, got {timeout}")
-    if deadline is not None and not deadline > 0:
-        raise CallError(f"deadline must be positive, got {deadline}")
+    if timeout is not None and not 0 < timeout <= MAX_SECONDS:  # (NaN fails both)
+        raise CallError(f"timeout must be positive seconds, at most {MAX_SECONDS:.0f}; got {timeout}")
+    if deadline is not None and not 0 < deadline <= MAX_SECONDS:
+        raise CallError(f"deadline must be positive seconds, at most {MAX_SECONDS:.0f}; got {deadline}")
     return fn, args, payload

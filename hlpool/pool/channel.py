@@ -1,15 +1,16 @@
-"""The channel between the supervisor and one worker: posix_ipc shared memory + two semaphores.
+"""The channel between the supervisor and one worker: one posix_ipc shared memory mapping.
 
-Layout of the shared memory: ``depth`` slots, each a 128-byte header and a
-data area. The supervisor writes a request into the next slot and posts
-``requests``; the worker answers in the same slot and posts ``responses``.
-Both sides walk the slots in order, so at most ``depth`` calls are in flight
-per worker and no other synchronisation is needed. The records of the hot path
-are read and written by :mod:`hlpool.pool._slots` (Cython) in the layout
-``HEADER``/``RESPONSE`` describe.
+Layout of the mapping: ``depth`` slots, each a 128-byte header and a data area,
+then a page holding two process-shared semaphores, ``requests`` and
+``responses`` (:class:`hlpool.pool._slots.SharedSemaphore`). The supervisor
+writes a request into the next slot and posts ``requests``; the worker answers
+in the same slot and posts ``responses``. Both sides walk the slots in order,
+so at most ``depth`` calls are in flight per worker and no other
+synchronisation is needed. The records of the hot path are read and written by
+:mod:`hlpool.pool._slots` (Cython) in the layout ``HEADER``/``RESPONSE`` describe.
 
-Names exist only for the moment it takes the spawner to open them: the
-supervisor unlinks them right after, so nothing is left in /dev/shm when a
+The mapping's name exists only for the moment it takes the spawner to open it:
+the supervisor unlinks it right after, so nothing is left in /dev/shm when a
 process is killed. Leftovers of a supervisor killed inside that window are
 removed by :func:`remove_stale_names` when the next pool starts.
 """
@@ -34,6 +35,7 @@ HEADER_SIZE = HEADER.size
 TAKEN = struct.Struct("<Q")  # the header's last field: the request id the worker took (see mark_taken)
 TAKEN_OFFSET = HEADER_SIZE - TAKEN.size
 RESPONSE = struct.Struct("<7Q")  # the response's fields at the start of the header (the rest unused)
+SEMAPHORE_PAGE = 4096  # after the slots: the two semaphores, a cache line apart
 
 OP_CALL = 1
 OP_STOP = 2
@@ -54,24 +56,25 @@ MAX_NAME = 256
 @dataclass(frozen=True)
 class ChannelNames:
     shm: str
-    requests: str
-    responses: str
-    size: int
+    size: int  # of the mapping: depth slots and the semaphore page
     depth: int
 
 
 class Channel:
     """One side's handle on a channel (shared memory mapping + semaphores)."""
 
-    def __init__(self, names: ChannelNames, memory: mmap.mmap, requests: posix_ipc.Semaphore,
-                 responses: posix_ipc.Semaphore) -> None:
+    def __init__(self, names: ChannelNames, memory: mmap.mmap, create: bool = False) -> None:
+        slots_size = names.size - SEMAPHORE_PAGE
+        if names.depth < 1 or slots_size < names.depth * (HEADER_SIZE + 1) or len(memory) != names.size:
+            raise HlpoolError(f"channel layout does not fit its mapping ({names})")
         self.names = names
         self.memory = memory
         self.view = memoryview(memory)
-        self.requests = requests
-        self.responses = responses
+        # sem_init'ed by the creator (the supervisor), before any worker attaches
+        self.requests = _slots.SharedSemaphore(self.view, slots_size, create)
+        self.responses = _slots.SharedSemaphore(self.view, slots_size + _slots.SEMAPHORE_BYTES, create)
         self.depth = names.depth
-        self.slot_size = names.size // names.depth
+        self.slot_size = slots_size // names.depth
         self.data_capacity = self.slot_size - HEADER_SIZE
         # Offset of each slot in the mapping: request/answer ``i`` is in slot ``i % depth``. The
         # pool's hot path calls hlpool.pool._slots with these itself (no method call per record).
@@ -81,27 +84,22 @@ class Channel:
 
     @classmethod
     def create(cls, depth: int, data_capacity: int) -> "Channel":
-        """Create the shared memory and semaphores (supervisor side); names stay until :meth:`unlink`."""
+        """Create the shared memory and its semaphores (supervisor side); the name stays until :meth:`unlink`."""
         slot = (HEADER_SIZE + data_capacity + 4095) & ~4095
-        size = slot * depth
-        base = f"/{PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-        names = ChannelNames(base + "-m", base + "-q", base + "-r", size, depth)
+        size = slot * depth + SEMAPHORE_PAGE
+        names = ChannelNames(f"/{PREFIX}{os.getpid()}-{secrets.token_hex(6)}-m", size, depth)
         try:
             shm = posix_ipc.SharedMemory(names.shm, posix_ipc.O_CREX, mode=0o600, size=size)
         except posix_ipc.Error as exc:
             raise HlpoolError(f"cannot create shared memory for a worker: {exc}") from None
         try:
             memory = mmap.mmap(shm.fd, size)
+        except OSError as exc:
+            _unlink_quietly(names)
+            raise HlpoolError(f"cannot map shared memory for a worker: {exc}") from None
         finally:
             shm.close_fd()
-        try:
-            requests = posix_ipc.Semaphore(names.requests, posix_ipc.O_CREX, mode=0o600, initial_value=0)
-            responses = posix_ipc.Semaphore(names.responses, posix_ipc.O_CREX, mode=0o600, initial_value=0)
-        except posix_ipc.Error as exc:
-            memory.close()
-            _unlink_quietly(names)
-            raise HlpoolError(f"cannot create semaphores for a worker: {exc}") from None
-        return cls(names, memory, requests, responses)
+        return cls(names, memory, create=True)
 
     @classmethod
     def attach(cls, names: ChannelNames) -> "Channel":
@@ -111,22 +109,19 @@ class Channel:
             memory = mmap.mmap(shm.fd, names.size)
         finally:
             shm.close_fd()
-        return cls(names, memory, posix_ipc.Semaphore(names.requests), posix_ipc.Semaphore(names.responses))
+        return cls(names, memory)
 
     def unlink(self) -> None:
         _unlink_quietly(self.names)
 
     def close(self) -> None:
-        self.view.release()
+        self.requests.close()
+        self.responses.close()
         try:
+            self.view.release()
             self.memory.close()
         except BufferError:
-            pass  # a view is still held; the mapping goes with the process
-        for sem in (self.requests, self.responses):
-            try:
-                sem.close()
-            except posix_ipc.Error:
-                pass
+            pass  # a view is still held (a thread still waiting); the mapping goes with the process
 
     # ---- slots --------------------------------------------------------------------------
 
@@ -169,14 +164,13 @@ class Channel:
 
 
 def _unlink_quietly(names: ChannelNames) -> None:
-    for unlink, name in ((posix_ipc.unlink_shared_memory, names.shm), (posix_ipc.unlink_semaphore, names.requests),
-                         (posix_ipc.unlink_semaphore, names.responses)):
-        try:
-            unlink(name)
-        except posix_ipc.ExistentialError:
-            pass
+    try:
+        posix_ipc.unlink_shared_memory(names.shm)
+    except posix_ipc.ExistentialError:
+        pass
 
 
+# ("sem." and the -q/-r names: the named semaphores of channels made by earlier versions)
 _STALE = re.compile(r"^(?:sem\.)?hlpool-(\d+)-[0-9a-f]+-[mqr]$")
 
 

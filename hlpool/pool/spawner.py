@@ -65,8 +65,7 @@ class Spawner:
     def spawn(self, index: int, names: ipc.ChannelNames, notify_fd: int = -1) -> int:
         """Fork worker ``index`` attached to the channel ``names`` (and, if given, holding a copy of
         the eventfd ``notify_fd``, see :func:`hlpool.pool.worker.serve`); returns its pid."""
-        request = msgspec.msgpack.encode({"index": index, "names": [names.shm, names.requests, names.responses,
-                                                                    names.size, names.depth]})
+        request = msgspec.msgpack.encode({"index": index, "names": [names.shm, names.size, names.depth]})
         reply = self._exchange(request, [notify_fd] if notify_fd >= 0 else [])
         if "error" in reply:
             raise HlpoolError(f"cannot start worker {index}: {reply['error']}")
@@ -181,8 +180,8 @@ def _spawner_main(sock: socket.socket, config) -> None:
             continue
         notify_fd = fds[0] if fds else -1
         try:
-            shm, requests, responses, size, depth = request["names"]
-            channel = ipc.Channel.attach(ipc.ChannelNames(shm, requests, responses, size, depth))
+            shm, size, depth = request["names"]
+            channel = ipc.Channel.attach(ipc.ChannelNames(shm, size, depth))
         except Exception as exc:
             if notify_fd >= 0:
                 os.close(notify_fd)

@@ -5,7 +5,7 @@ the work around it: on PVM a semaphore ping-pong between two processes takes
 ~22 us per round trip and ~10 us of CPU per side, against ~2 us when one side
 polls (``bench/throughput.py`` and the closing notes of issue 12 have the
 figures). When an answer or the next request is due within a short, known
-time, polling the semaphore's value (``sem_getvalue``: no system call, ~0.15 us)
+time, polling the semaphore (``sem_trywait``: no system call, a few ns)
 saves a sleep and a wake-up; when it is not, polling only burns CPU. So every
 poll here is bounded by what is known about the wait, and a wait that is not
 short goes to sleep at once:
@@ -18,15 +18,16 @@ short goes to sleep at once:
   all while that gap is long (an idle or lightly used worker sleeps at once).
 
 Polling threads call ``sched_yield`` every few microseconds, so a process that
-shares the core (a front end, another worker) still gets it.
+shares the core (a front end, another worker) still gets it, and poll without the
+GIL (:meth:`hlpool.pool._slots.SharedSemaphore.poll`), so their process's other
+threads run meanwhile.
 """
 
 from __future__ import annotations
 
-import os
 import time
 
-import posix_ipc
+from hlpool.pool._slots import SharedSemaphore
 
 _monotonic_ns = time.monotonic_ns
 YIELD_EVERY = 1  # polls between sched_yield calls: every poll lets a process sharing the core run
@@ -34,22 +35,10 @@ WORKER_SPIN_MAX_NS = 200_000  # a worker never polls longer than this for its ne
 CALLER_SPIN_MAX_NS = 400_000  # nor a caller for an answer (longer calls: it sleeps at once)
 
 
-def poll(semaphore: posix_ipc.Semaphore, until_ns: int) -> bool:
+def poll(semaphore: SharedSemaphore, until_ns: int) -> bool:
     """Take ``semaphore`` if it becomes positive before the CLOCK_MONOTONIC instant ``until_ns``;
     False (nothing taken) once that instant has passed."""
-    polls = 0
-    while True:
-        if semaphore.value:
-            try:
-                semaphore.acquire(0)
-                return True
-            except posix_ipc.BusyError:
-                pass  # another thread of this process took it first
-        if _monotonic_ns() >= until_ns:
-            return False
-        polls += 1
-        if polls % YIELD_EVERY == 0:
-            os.sched_yield()
+    return semaphore.poll(until_ns, YIELD_EVERY)
 
 
 class NextRequestWait:
@@ -66,7 +55,7 @@ class NextRequestWait:
         self.gap_ns = WORKER_SPIN_MAX_NS  # no polling until short gaps were seen
         self.polled = 0  # waits ended by polling (each one a sleep and a wake-up saved)
 
-    def wait(self, semaphore: posix_ipc.Semaphore) -> None:
+    def wait(self, semaphore: SharedSemaphore) -> None:
         """Return once a request was posted on ``semaphore`` (taken)."""
         start = _monotonic_ns()
         if self.enabled and self.gap_ns < WORKER_SPIN_MAX_NS:

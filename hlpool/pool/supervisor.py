@@ -453,11 +453,8 @@ class Pool(AnswerPath):
             if not call.timeout_ns or call.timeout_ns > left * 1e9:
                 call.timeout_ns = max(1, int(left * 1e9))
         channel = w.channel
-        try:  # Channel.write_request, without the method call
-            _slots.write_request(channel.view, channel.offsets[w.sent % channel.depth], channel.data_capacity,
-                                 call.op, call.request_id, call.handle.path_bytes, call.function.encode(),
-                                 call.payload, call.timeout_ns, int(call.expires * 1e9) if call.expires else 0,
-                                 call.in_loop)
+        try:
+            _slots.write_call(channel.view, channel.offsets[w.sent % channel.depth], channel.data_capacity, call)
         except ValueError as exc:
             call.future.set_exception(PayloadTooLargeError(str(exc)))
             return

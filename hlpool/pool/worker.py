@@ -280,8 +280,7 @@ def serve(index: int, channel: ipc.Channel, config: WorkerConfig, notify_fd: int
     (an event loop collects that answer, see :mod:`hlpool.pool.loopcollect`) is also signalled there."""
     _prepare_process(index)
     if config.confine:  # it holds its channel; /dev/kvm is opened and kept before confining
-        names = channel.names
-        own = {f"/dev/shm{names.shm}", f"/dev/shm/sem.{names.requests[1:]}", f"/dev/shm/sem.{names.responses[1:]}"}
+        own = {f"/dev/shm{channel.names.shm}"}  # its semaphores are in that mapping
         confine.confine_worker(user=config.user_ids, keep_paths=own, keep_fds=(notify_fd,) if notify_fd >= 0 else (),
                                unmap_prefixes=(f"/dev/shm/{ipc.PREFIX}", f"/dev/shm/sem.{ipc.PREFIX}"))
     cache = SandboxCache(config, f"worker-{index}")
