@@ -51,6 +51,27 @@ def test_an_answer_round_trips_in_the_layout_the_response_describes(channel):
     assert channel.read_response(3) == (ipc.STATUS_OK, 43, b"", (1, 0, 0, 0))
 
 
+def test_the_worker_takes_a_request_marked_taken_with_its_payload_copied(channel):
+    channel.write_request(5, 1005, b"/s/x.hlsnap", b"fn", b"\x92\x01\x02", 9, 10, ipc.OP_CALL, True)
+    assert not channel.taken(5, 1005)
+    taken = _slots.take_request(channel.view, channel.offsets[5 % channel.depth], channel.data_capacity,
+                                ipc.OP_CALL, ipc.OP_OPEN)
+    assert taken == (ipc.OP_CALL, 1005, 9, 10, "/s/x.hlsnap", "fn", b"\x92\x01\x02", True)
+    assert channel.taken(5, 1005)
+    channel.write_request(5, 1009, b"/s/x.hlsnap", b"fn", b"\x00" * 3, 9, 10)  # the slot reused: the copy stays
+    assert taken[6] == b"\x92\x01\x02"
+    channel.write_stop(6)
+    assert _slots.take_request(channel.view, channel.offsets[6 % channel.depth], channel.data_capacity,
+                               ipc.OP_CALL, ipc.OP_OPEN)[0] == ipc.OP_STOP
+    channel.write_request(1, 7, b"/p", b"f", b"xy", 0)
+    fields = list(ipc.HEADER.unpack_from(channel.view, channel.offsets[1]))
+    fields[5] = 2**64 - 1
+    ipc.HEADER.pack_into(channel.view, channel.offsets[1], *fields)
+    with pytest.raises(HlpoolError, match="corrupt request"):
+        _slots.take_request(channel.view, channel.offsets[1], channel.data_capacity, ipc.OP_CALL, ipc.OP_OPEN)
+    assert not channel.taken(1, 7)  # refused before it was marked
+
+
 def test_a_stop_request_carries_only_its_op(channel):
     channel.write_stop(1)
     assert channel.read_request(1)[0] == ipc.OP_STOP

@@ -157,6 +157,15 @@ def write_request(uint8_t[::1] view, Py_ssize_t base, Py_ssize_t capacity, uint6
                   PyBytes_GET_SIZE(payload), timeout_ns, expires_ns, notify)
 
 
+cdef int _request_lengths(const uint8_t *slot, Py_ssize_t capacity, uint64_t *lp, uint64_t *lf,
+                          uint64_t *ld) except -1:
+    lp[0], lf[0], ld[0] = _get(slot, 3), _get(slot, 4), _get(slot, 5)
+    if (lp[0] > <uint64_t>capacity or lf[0] > <uint64_t>capacity or ld[0] > <uint64_t>capacity
+            or lp[0] + lf[0] + ld[0] > <uint64_t>capacity):
+        raise HlpoolError("corrupt request in the channel")
+    return 0
+
+
 def read_request(uint8_t[::1] view, Py_ssize_t base, Py_ssize_t capacity, uint64_t call_op, uint64_t open_op):
     """(op, request id, timeout ns, expiry ns, path, function, payload offset in the mapping,
     payload length, notify) of the request in the slot at ``base``. For an op other than
@@ -166,13 +175,29 @@ def read_request(uint8_t[::1] view, Py_ssize_t base, Py_ssize_t capacity, uint64
     cdef uint64_t lp, lf, ld
     if op != call_op and op != open_op:
         return op, 0, 0, 0, "", "", 0, 0, False
-    lp, lf, ld = _get(slot, 3), _get(slot, 4), _get(slot, 5)
-    if lp > <uint64_t>capacity or lf > <uint64_t>capacity or ld > <uint64_t>capacity or lp + lf + ld > <uint64_t>capacity:
-        raise HlpoolError("corrupt request in the channel")
+    _request_lengths(slot, capacity, &lp, &lf, &ld)
     path = PyUnicode_DecodeUTF8(<const char *>slot + HEADER_BYTES, <Py_ssize_t>lp, NULL)
     function = PyUnicode_DecodeUTF8(<const char *>slot + HEADER_BYTES + lp, <Py_ssize_t>lf, NULL)
     return (op, _get(slot, 1), _get(slot, 2), _get(slot, 6), path, function,
             base + HEADER_BYTES + <Py_ssize_t>(lp + lf), <Py_ssize_t>ld, _get(slot, 7) == 1)
+
+
+def take_request(uint8_t[::1] view, Py_ssize_t base, Py_ssize_t capacity, uint64_t call_op, uint64_t open_op):
+    """The worker's read of its next request: (op, request id, timeout ns, expiry ns, path,
+    function, payload (a copy), notify); a call or an open is marked taken in the slot before
+    this returns (:func:`mark_taken`: from then on a crash may have run part of it). For
+    another op only the op is meaningful. HlpoolError if the lengths exceed the slot."""
+    cdef uint8_t *slot = _slot(view, base, capacity)
+    cdef uint64_t op = _get(slot, 0)
+    cdef uint64_t lp, lf, ld
+    if op != call_op and op != open_op:
+        return op, 0, 0, 0, "", "", b"", False
+    _request_lengths(slot, capacity, &lp, &lf, &ld)
+    path = PyUnicode_DecodeUTF8(<const char *>slot + HEADER_BYTES, <Py_ssize_t>lp, NULL)
+    function = PyUnicode_DecodeUTF8(<const char *>slot + HEADER_BYTES + lp, <Py_ssize_t>lf, NULL)
+    payload = PyBytes_FromStringAndSize(<const char *>slot + HEADER_BYTES + lp + lf, <Py_ssize_t>ld)
+    _put(slot, TAKEN_FIELD, _get(slot, 1))
+    return op, _get(slot, 1), _get(slot, 2), _get(slot, 6), path, function, payload, _get(slot, 7) == 1
 
 
 def mark_taken(uint8_t[::1] view, Py_ssize_t base, Py_ssize_t capacity, uint64_t request_id):

@@ -59,7 +59,7 @@ class NextRequestWait:
         """Return once a request was posted on ``semaphore`` (taken)."""
         start = _monotonic_ns()
         if self.enabled and self.gap_ns < WORKER_SPIN_MAX_NS:
-            if poll(semaphore, start + min(2 * self.gap_ns + 20_000, WORKER_SPIN_MAX_NS)):
+            if semaphore.poll(start + min(2 * self.gap_ns + 20_000, WORKER_SPIN_MAX_NS), YIELD_EVERY):  # (poll())
                 self.polled += 1
                 self._learn(_monotonic_ns() - start)
                 return

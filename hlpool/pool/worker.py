@@ -30,8 +30,8 @@ from hlpool.errors import GuestTimeout, HlpoolError, SandboxBrokenError, Snapsho
 from hlpool.kvm.system import system as kvm_system
 from hlpool.machine.switching import EntryHost, prepare_target
 from hlpool.memory.guest_memory import RestorePolicy
+from hlpool.pool import _slots, confine
 from hlpool.pool import channel as ipc
-from hlpool.pool import confine
 from hlpool.pool.spin import NextRequestWait
 from hlpool.sandbox import HostFunction, Sandbox
 from hlpool.snapshot.snapshot import Snapshot
@@ -285,20 +285,27 @@ def serve(index: int, channel: ipc.Channel, config: WorkerConfig, notify_fd: int
                                unmap_prefixes=(f"/dev/shm/{ipc.PREFIX}", f"/dev/shm/sem.{ipc.PREFIX}"))
     cache = SandboxCache(config, f"worker-{index}")
     next_request = NextRequestWait(config.spin_wait)
+    # The channel's records are read and written through hlpool.pool._slots directly (no method
+    # call per record): slot ``i`` of the channel is at offsets[i % depth].
+    view, offsets, depth, capacity = channel.view, channel.offsets, channel.depth, channel.data_capacity
+    requests, responses = channel.requests, channel.responses
     slot = 0
     try:
         while True:
-            next_request.wait(channel.requests)
-            op, request_id, timeout_ns, expires_ns, path, function, payload, notify = channel.read_request(slot)
+            next_request.wait(requests)
+            base = offsets[slot % depth]
+            # a call or an open is marked taken here: from then on a crash may have run part of it
+            op, request_id, timeout_ns, expires_ns, path, function, payload, notify = _slots.take_request(
+                view, base, capacity, ipc.OP_CALL, ipc.OP_OPEN)
             if op == ipc.OP_STOP:
-                channel.write_response(slot, 0, ipc.STATUS_OK, b"", len(cache))
-                channel.responses.release()
+                _slots.write_response(view, base, capacity, ipc.STATUS_OK, 0, b"", len(cache), 0, 0, 0)
+                responses.release()
                 return
-            channel.mark_taken(slot, request_id)  # from here a crash may have run part of it
             if op == ipc.OP_OPEN:
                 status, data = _open_one(cache, path)
-                channel.write_response(slot, request_id, status, data, len(cache), 0, cache.created, cache.switches)
-                channel.responses.release()
+                _slots.write_response(view, base, capacity, status, request_id, data, len(cache), 0, cache.created,
+                                      cache.switches)
+                responses.release()
                 slot += 1
                 continue
             began = time.monotonic_ns()
@@ -310,9 +317,9 @@ def serve(index: int, channel: ipc.Channel, config: WorkerConfig, notify_fd: int
                     f"{function}: deadline passed while the call was queued"))
             else:
                 status, data = _run_one(cache, path, function, payload, timeout_ns)
-            channel.write_response(slot, request_id, status, data, len(cache), time.monotonic_ns() - began,
-                                   cache.created, cache.switches)
-            channel.responses.release()
+            _slots.write_response(view, base, capacity, status, request_id, data, len(cache),
+                                  time.monotonic_ns() - began, cache.created, cache.switches)
+            responses.release()
             if notify and notify_fd >= 0:
                 _signal(notify_fd)
             slot += 1
@@ -337,13 +344,13 @@ def _open_one(cache: SandboxCache, path: str) -> tuple[int, bytes]:
         return ipc.STATUS_ERROR, error_blob(exc)
 
 
-def _run_one(cache: SandboxCache, path: str, function: str, payload: memoryview,
+def _run_one(cache: SandboxCache, path: str, function: str, payload: bytes,
              timeout_ns: int) -> tuple[int, bytes]:
     """Run one call; the deadline starts when the worker starts it (not while it was queued)."""
     try:
         timeout = timeout_ns / 1e9 if timeout_ns else None
         sb = cache.get(path)
-        return ipc.STATUS_OK, sb.call_encoded(function, bytes(payload), timeout=timeout)
+        return ipc.STATUS_OK, sb.call_encoded(function, payload, timeout=timeout)
     except HlpoolError as exc:
         if isinstance(exc, SandboxBrokenError):
             cache.discard(path)
