@@ -239,3 +239,48 @@ def test_a_finished_call_leaves_no_reference_cycle(example, tmp_path):
             assert alive == [], f"{len(alive)} finished futures are kept alive by reference cycles"
         finally:
             gc.enable()
+
+
+@pytest.mark.parametrize("breach", ["another request id", "a length beyond the slot"])
+def test_a_worker_breaking_the_channel_protocol_fails_what_it_answered_and_is_replaced(example, tmp_path, breach):
+    """A worker is not trusted: a forged answer (here written by the test into the channel of a
+    stopped worker, as a compromised worker would) fails the call it claims to answer with
+    WorkerCrashed, never hangs it; the worker is replaced and the call it never took runs on
+    the replacement. (Before the batch read moved to C, an answer longer than its slot raised
+    after the call was taken off the channel's list: its future never resolved.)"""
+    from hlpool.pool import _slots
+    from hlpool.pool import channel as ipc
+
+    with Pool(workers=1, snapshot_dir=tmp_path) as pool:
+        echo = pool.snapshot(example("echo"))
+        assert pool.submit(echo, "echo", (1,)).result(timeout=30) == 1
+        w = pool._workers[0]
+        old_pid = w.pid
+        os.kill(old_pid, signal.SIGSTOP)  # it takes no more requests: the test answers in its place
+        try:
+            first = pool.submit(echo, "echo", ("first",))
+            second = pool.submit(echo, "echo", ("second",))
+            first.add_done_callback(lambda f: None)  # eager: the pool's thread reads the answers
+            deadline = time.monotonic() + 10
+            while len(w.inflight) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            channel = w.channel
+            request_id = w.inflight[0].request_id
+            base = channel.offsets[w.received % channel.depth]
+            _slots.write_response(channel.view, base, channel.data_capacity, ipc.STATUS_OK,
+                                  999 if breach == "another request id" else request_id, b"\x01", 1, 0, 0, 0)
+            if breach == "a length beyond the slot":
+                fields = list(ipc.RESPONSE.unpack_from(channel.view, base))
+                fields[2] = 2**64 - 1
+                ipc.RESPONSE.pack_into(channel.view, base, *fields)
+            channel.responses.release()
+            with pytest.raises(WorkerCrashed, match="broke the channel's protocol"):
+                first.result(timeout=30)
+            assert second.result(timeout=30) == "second"  # never taken: run by the replacement
+        finally:
+            try:
+                os.kill(old_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert pool.submit(echo, "echo", ("after",)).result(timeout=30) == "after"
+        assert pool._workers[0].pid != old_pid
