@@ -305,3 +305,15 @@ def test_a_worker_breaking_the_protocol_is_reported_and_no_call_is_lost(channel,
                                              ipc.OP_CALL, ipc.STATUS_OK, {})
     assert not trusted
     assert [item[0] for item in batch] == calls and not inflight  # every call taken is in the batch
+
+
+def test_a_semaphore_the_other_side_wrote_over_fails_with_a_clear_error(channel):
+    at = channel.names.size - ipc.SEMAPHORE_PAGE  # requests: glibc's 64-bit word, the count in its low half
+    channel.view[at:at + 8] = (2**31 - 1).to_bytes(8, "little")  # full: a post overflows
+    with pytest.raises(HlpoolError, match="corrupted"):
+        channel.requests.release()
+    assert channel.requests.take(3) == 3  # what it says is posted can be taken (and read as garbage)
+    channel.view[at:at + 8] = bytes(8)
+    channel.requests.release()
+    assert channel.requests.value == 1  # the other semaphore and the mapping are unharmed
+    assert channel.responses.value == 0

@@ -284,3 +284,30 @@ def test_a_worker_breaking_the_channel_protocol_fails_what_it_answered_and_is_re
                 pass
         assert pool.submit(echo, "echo", ("after",)).result(timeout=30) == "after"
         assert pool._workers[0].pid != old_pid
+
+
+def test_a_worker_that_corrupts_its_semaphore_is_replaced_and_the_call_still_runs(example, tmp_path):
+    """The channel's semaphores live in memory the worker shares. A worker that writes a full
+    count over its request semaphore makes the next post fail (EOVERFLOW): the call is not lost
+    and submit() raises nothing; the worker is killed, and the call, which it never took, runs
+    on the replacement."""
+    from hlpool.pool import channel as ipc
+
+    with Pool(workers=1, snapshot_dir=tmp_path) as pool:
+        echo = pool.snapshot(example("echo"))
+        assert pool.submit(echo, "echo", (1,)).result(timeout=30) == 1
+        w = pool._workers[0]
+        old_pid = w.pid
+        os.kill(old_pid, signal.SIGSTOP)
+        try:
+            at = w.channel.names.size - ipc.SEMAPHORE_PAGE  # the request semaphore (glibc: a 64-bit word,
+            w.channel.view[at:at + 8] = (2**31 - 1).to_bytes(8, "little")  # count in the low half)
+            future = pool.submit(echo, "echo", ("after the corruption",))
+            assert future.result(timeout=30) == "after the corruption"
+        finally:
+            try:
+                os.kill(old_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert pool._workers[0].pid != old_pid
+        assert pool.submit(echo, "echo", (2,)).result(timeout=30) == 2

@@ -33,6 +33,8 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object text, Py_ssize_t *size) except NULL
 
+import os
+
 import posix_ipc
 
 from hlpool.errors import HlpoolError
@@ -233,6 +235,12 @@ def read_response(uint8_t[::1] view, Py_ssize_t base, Py_ssize_t capacity):
     return _get(slot, 0), _get(slot, 1), data, (_get(slot, 3), _get(slot, 4), _get(slot, 5), _get(slot, 6))
 
 
+cdef object _corrupt(str doing, int err):
+    # glibc's semaphore functions fail only on a semaphore that is not one (EINVAL) or is full
+    # (EOVERFLOW): the other process, which shares the memory, wrote over it
+    return HlpoolError(f"{doing} a channel semaphore failed ({os.strerror(err)}): the other side corrupted it")
+
+
 cdef inline int64_t _now_ns() noexcept nogil:
     cdef timespec now
     clock_gettime(CLOCK_MONOTONIC, &now)
@@ -251,7 +259,7 @@ cdef class SharedSemaphore:
     Safety: the object holds a typed view of the mapping (the mapping cannot be unmapped
     under it: ``mmap.close`` refuses while a view exists) and checks that the semaphore lies
     inside it. The other process shares the memory and may write anything there; glibc's
-    semaphore functions then fail (EINVAL, EOVERFLOW: raised as OSError) or wake spuriously,
+    semaphore functions then fail (EINVAL, EOVERFLOW: raised as HlpoolError) or wake spuriously,
     and every wait here has a bound or is the worker's own. :meth:`close` while another
     thread waits keeps the view until that wait returns.
     """
@@ -267,7 +275,7 @@ cdef class SharedSemaphore:
         self._view = view
         self._sem = <sem_t *>&view[offset]
         if create and sem_init(self._sem, 1, 0) != 0:
-            raise OSError(errno, "sem_init failed")
+            raise HlpoolError(f"cannot make a channel semaphore: {os.strerror(errno)}")
 
     cdef sem_t *_open(self) except NULL:
         if self._sem == NULL or self._closing:
@@ -293,7 +301,7 @@ cdef class SharedSemaphore:
         if sem_trywait(sem) == 0:  # posted already: taken without letting go of the GIL
             return
         if errno != EAGAIN:
-            raise OSError(errno, "sem_trywait failed")
+            raise _corrupt("taking", errno)
         if bounded:
             seconds = timeout
             if seconds <= 0:
@@ -316,7 +324,7 @@ cdef class SharedSemaphore:
                 if err == ETIMEDOUT:
                     raise posix_ipc.BusyError("timed out waiting for the semaphore")
                 if err != EINTR:
-                    raise OSError(err, "waiting for the semaphore failed")
+                    raise _corrupt("waiting for", err)
                 PyErr_CheckSignals()
         finally:
             self._done_waiting()
@@ -324,14 +332,14 @@ cdef class SharedSemaphore:
     def release(self):
         """Post one token (wakes a waiter of either process)."""
         if sem_post(self._open()) != 0:
-            raise OSError(errno, "sem_post failed")
+            raise _corrupt("posting", errno)
 
     @property
     def value(self):
         """The tokens posted and not taken (no system call)."""
         cdef int value = 0
         if sem_getvalue(self._open(), &value) != 0:
-            raise OSError(errno, "sem_getvalue failed")
+            raise _corrupt("reading", errno)
         return value
 
     cpdef int take(self, int most) except -1:

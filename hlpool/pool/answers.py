@@ -172,8 +172,8 @@ class AnswerPath:
                         return
                     try:
                         w.channel.responses.acquire(wait)
-                    except posix_ipc.BusyError:
-                        return  # slow or stuck: the pool's thread watches the worker
+                    except (posix_ipc.BusyError, errors.HlpoolError):
+                        return  # slow, stuck or corrupt: the pool's thread watches the worker
                 self._take_answers(w, in_caller=True)
         finally:
             self._release_reader(w)

@@ -463,7 +463,11 @@ class Pool(AnswerPath):
         call.worker = w
         w.inflight.append(call)
         w.opens_in_flight += call.op == ipc.OP_OPEN
-        channel.requests.release()
+        try:
+            channel.requests.release()
+        except HlpoolError as exc:  # the worker wrote over its semaphore: it is replaced, and this
+            log.error("worker %d (pid %d): %s; killing it", w.index, w.pid, exc)  # call, not taken,
+            w.kill()  # runs on the replacement
 
     def _run_worker(self, w: WorkerLink) -> None:
         """Move queued calls into one worker's channel, resolve their futures, replace the worker if it dies.
@@ -588,7 +592,7 @@ class Pool(AnswerPath):
                 w.channel.write_stop(w.sent)
                 w.channel.requests.release()
                 select.select([w.pidfd], [], [], 2.0)
-            except (OSError, posix_ipc.Error):
+            except (OSError, posix_ipc.Error, HlpoolError):
                 pass
             if w.is_alive():
                 w.kill()
