@@ -217,32 +217,3 @@ def test_an_open_hint_in_a_channel_is_not_load_for_routing(kvm, tmp_path):
             time.sleep(0.01)
         assert home.opens_in_flight == 0 and home.load == 0
         assert pool.submit(handle, "who", (2,)).result(timeout=30)[1:] == [1, 2]
-
-
-def test_open_hints_wait_for_a_quiet_spell_then_all_go_out(kvm, tmp_path, monkeypatch):
-    """A burst of registrations keeps its hints back (they once went out every 16 and the opens
-    competed with the registrations for the cores); once no hint was made for HINT_QUIET they are
-    all sent, and the worker holds every tenant open before its first call."""
-    from hlpool.pool import supervisor
-
-    monkeypatch.setattr(supervisor, "HINT_QUIET", 0.5)  # wide: the burst below takes ~0.1 s
-    with Pool(workers=1, snapshot_dir=tmp_path) as pool:
-        w = pool._workers[0]
-        first = pool.script("js", tenant_source(0))
-        assert pool.submit(first, "who", (1,)).result(timeout=30) == ["tenant-0", 1, 1]
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (w.hints or w.inflight):  # first's own hint goes out
-            time.sleep(0.02)
-        start = time.monotonic()
-        handles = [pool.script("js", tenant_source(i)) for i in range(1, 41)]
-        with pool._lock:
-            waiting, sent = len(w.hints), w.sent
-        if time.monotonic() - start < 0.4:  # (a machine too slow for the burst proves nothing here)
-            assert waiting == 40, "hints went out during the burst"
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (w.hints or w.inflight):
-            time.sleep(0.02)
-        assert not w.hints and w.sent == sent + waiting
-        assert pool.stats()[0]["calls"] == 1  # the opens are not calls
-        for i in (1, 20, 40):
-            assert pool.submit(handles[i - 1], "who", (2,)).result(timeout=30) == [f"tenant-{i}", 1, 2]
