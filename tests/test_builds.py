@@ -308,6 +308,24 @@ def test_collect_garbage_keeps_what_handles_children_and_other_processes_need(ex
         assert snapshot_files(store) == set()
 
 
+def test_the_script_builder_drops_its_pins_with_the_next_request_or_when_asked(store, no_leaks):
+    # The builder pins each answer's layer (and the base) until the supervisor has pinned the file;
+    # it is told so with its next request, or by settle() before anything deletes store files.
+    with Pool(workers=1, snapshot_dir=store) as pool:
+        first = pool.script("js", "function a() { return 1; }")
+        second = pool.script("js", "function b() { return 2; }")
+        own = SnapshotStore(str(store))  # another process's view of the pins: only pin files count
+        registry_store = pool._snapshots.store
+        registry_store.unpin(first.path)  # as if this pool let go of it: nobody pins it now
+        assert first.path not in own.pinned_by_anyone()
+        registry_store.unpin(second.path)
+        assert second.path in own.pinned_by_anyone()  # the builder still holds its last answer
+        pool._snapshots.scripts.settle()
+        assert second.path not in own.pinned_by_anyone()
+        assert pool.submit(pool.script("js", "function c() { return 3; }"), "c").result(timeout=10) == 3
+        own.release()
+
+
 def test_script_layers_keep_their_base_until_removed(store, no_leaks):
     with Pool(workers=1, snapshot_dir=store) as pool:
         js = pool.script("js", "function inc(n) { return n + 1; }")

@@ -213,10 +213,13 @@ class SnapshotRegistry:
         with self._lock:
             for key in [k for k, h in self._handles.items() if h.path == path]:
                 del self._handles[key]
-        deleted = self.store.remove(path) if self.store.contains(path) else False
-        return path, deleted
+        if not self.store.contains(path):
+            return path, False
+        self.scripts.settle()  # a script builder may still pin its last answer (this file, its base)
+        return path, self.store.remove(path)
 
     def collect(self) -> list[str]:
+        self.scripts.settle()
         return self.store.collect()
 
     def release(self) -> None:

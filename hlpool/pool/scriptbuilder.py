@@ -85,6 +85,7 @@ class ScriptBuilders:
         self.started = 0  # builder processes started
         self.stopped = 0  # stopped at a limit (time, memory) or found dead
         self.builds = 0  # scripts loaded
+        self._unacked: set[str] = set()  # languages whose builder still pins its last answer's files
 
     def build(self, language: str, source: str, load_timeout: float) -> ScriptLayer:
         what = f"{language} script"
@@ -103,7 +104,11 @@ class ScriptBuilders:
                 entry = None
             process, info = entry or self._start(language, what)
             deadline = time.monotonic() + self.limits.timeout
-            process.send({"source": source, "load_timeout": load_timeout, "budget": self.store.quota}, deadline)
+            request = {"source": source, "load_timeout": load_timeout, "budget": self.store.quota}
+            if language in self._unacked:  # the last answer's ack rides on this request (see settle())
+                request["ack"] = True
+                self._unacked.discard(language)
+            process.send(request, deadline)
             reply = process.receive(deadline, self.limits.memory)
             if reply is None:
                 error = process.failure(what, SnapshotError, self.limits)
@@ -112,13 +117,30 @@ class ScriptBuilders:
             self.builds += 1
             if "error" in reply:
                 raise one_shot._rebuild(reply, what, SnapshotError, self.limits)
-            try:
-                layer = self._accept(reply, info, what)
-            finally:
-                process.send({"ack": True}, deadline)  # it may drop its pins now (ours hold the file)
+            # Our pin holds the file once accepted: the builder may drop its pins then. It is told with
+            # its next request (one wake-up of it, and one send, fewer per registration), or by settle().
+            self._unacked.add(language)
+            layer = self._accept(reply, info, what)
             if layer.created:
                 self._admit(layer, what)
             return layer
+
+    def settle(self) -> None:
+        """Have every builder drop the pins it holds for its last answer, and wait until it did:
+        before anything that deletes store files (a collection, a removal) judges them by their pins."""
+        for language in list(self._unacked):
+            with self._locks[language]:
+                entry = self._builders.get(language)
+                if language not in self._unacked or entry is None:
+                    self._unacked.discard(language)
+                    continue
+                process = entry[0]
+                deadline = time.monotonic() + self.limits.timeout
+                process.send({"ack": True, "confirm": True}, deadline)
+                reply = process.receive(deadline, self.limits.memory)
+                self._unacked.discard(language)
+                if not isinstance(reply, dict) or not reply.get("released"):  # dead, or not itself: its pins
+                    self._drop(language, process)  # go with the process
 
     def close(self) -> None:
         """Stop every builder (the pool shuts down)."""
@@ -218,9 +240,14 @@ def serve_scripts(sock: socket.socket, job: dict[str, Any], config: WorkerConfig
         message = one_shot._receive(sock)
         if not isinstance(message, dict):
             return  # the supervisor closed its end (or sent garbage): exit
-        if message.get("ack"):
-            loader.release()
-            continue
+        stale: list[str] = []
+        if message.get("ack"):  # the supervisor pinned the last answer's file: ours may go
+            if "source" not in message:
+                loader.release()
+                if message.get("confirm"):
+                    one_shot._send(sock, {"released": True})
+                continue
+            stale = loader.hand_over()  # dropped once this request is answered (off its path)
         try:
             reply = loader.load(message["source"], message.get("load_timeout"), message.get("budget"))
         except MemoryError as exc:
@@ -230,6 +257,7 @@ def serve_scripts(sock: socket.socket, job: dict[str, Any], config: WorkerConfig
             loader.release()
             reply = {"error": one_shot._wire(exc)}
         one_shot._send(sock, reply)
+        loader.release(stale)
         loader.reset()  # the next script starts from the base again
 
 
@@ -332,9 +360,19 @@ class _Loader:
                 log.warning("discarding the %s loader sandbox: %s", self.language, exc)
         self.discard()
 
-    def release(self) -> None:
-        self.store.unpin_many(self._held)
-        self._held.clear()
+    def release(self, paths: list[str] | None = None) -> None:
+        """Drop the pins of the last answer, or those of ``paths`` (an earlier answer's, from
+        :meth:`hand_over`) that the last answer does not hold as well (a pin is not counted)."""
+        if paths is None:
+            self.store.unpin_many(self._held)
+            self._held.clear()
+        elif paths:
+            self.store.unpin_many([p for p in paths if p not in self._held])
+
+    def hand_over(self) -> list[str]:
+        """The last answer's pins, no longer counted as held (the caller releases them later)."""
+        held, self._held = self._held, []
+        return held
 
     def discard(self) -> None:
         self.release()
