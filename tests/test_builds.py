@@ -316,13 +316,20 @@ def test_the_script_builder_drops_its_pins_with_the_next_request_or_when_asked(s
         second = pool.script("js", "function b() { return 2; }")
         own = SnapshotStore(str(store))  # another process's view of the pins: only pin files count
         registry_store = pool._snapshots.store
-        registry_store.unpin(first.path)  # as if this pool let go of it: nobody pins it now
+        registry_store.unpin(first.path)  # as if this pool let go of it: nobody pins it once the
+        deadline = time.monotonic() + 10  # builder has dropped its pins (right after it answered `second`)
+        while first.path in own.pinned_by_anyone() and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert first.path not in own.pinned_by_anyone()
         registry_store.unpin(second.path)
         assert second.path in own.pinned_by_anyone()  # the builder still holds its last answer
         pool._snapshots.scripts.settle()
         assert second.path not in own.pinned_by_anyone()
         assert pool.submit(pool.script("js", "function c() { return 3; }"), "c").result(timeout=10) == 3
+        # Removing the builder's last answer right away: the removal asks the builder, then deletes.
+        last = pool.script("js", "function d() { return 4; }")
+        assert pool.remove_snapshot(last) is True
+        assert not os.path.exists(last.path)
         own.release()
 
 

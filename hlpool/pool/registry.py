@@ -215,8 +215,11 @@ class SnapshotRegistry:
                 del self._handles[key]
         if not self.store.contains(path):
             return path, False
-        self.scripts.settle()  # a script builder may still pin its last answer (this file, its base)
-        return path, self.store.remove(path)
+        deleted = self.store.remove(path)
+        if not deleted and os.path.exists(path):  # a script builder may still pin it (its last answer)
+            self.scripts.settle(wait=False)
+            deleted = self.store.remove(path)
+        return path, deleted
 
     def collect(self) -> list[str]:
         self.scripts.settle()

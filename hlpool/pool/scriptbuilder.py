@@ -56,6 +56,8 @@ from hlpool.snapshot.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
+SETTLE_TIMEOUT = 1.0  # seconds an idle builder has to confirm it dropped its pins when a removal asks
+
 
 @dataclass(frozen=True)
 class ScriptLayer:
@@ -85,7 +87,7 @@ class ScriptBuilders:
         self.started = 0  # builder processes started
         self.stopped = 0  # stopped at a limit (time, memory) or found dead
         self.builds = 0  # scripts loaded
-        self._unacked: set[str] = set()  # languages whose builder still pins its last answer's files
+        self._unacked: set[str] = set()  # languages whose builder still pins its last answer (and the base)
 
     def build(self, language: str, source: str, load_timeout: float) -> ScriptLayer:
         what = f"{language} script"
@@ -125,22 +127,30 @@ class ScriptBuilders:
                 self._admit(layer, what)
             return layer
 
-    def settle(self) -> None:
-        """Have every builder drop the pins it holds for its last answer, and wait until it did:
-        before anything that deletes store files (a collection, a removal) judges them by their pins."""
-        for language in list(self._unacked):
-            with self._locks[language]:
+    def settle(self, wait: bool = True) -> None:
+        """Have every builder drop the pins it still holds for answers already taken, and wait until it
+        did (it reads its messages in order: its reply comes after it dropped them). Before anything
+        that deletes store files judges them by their pins.
+
+        ``wait=False`` (a removal, which may run on an event loop): a builder busy with a registration is
+        left alone; that registration's request carried the same message."""
+        for language in list(self._builders):
+            lock = self._locks[language]
+            if not lock.acquire(blocking=wait):
+                continue
+            try:
                 entry = self._builders.get(language)
-                if language not in self._unacked or entry is None:
-                    self._unacked.discard(language)
+                if entry is None:
                     continue
                 process = entry[0]
-                deadline = time.monotonic() + self.limits.timeout
+                self._unacked.discard(language)
+                deadline = time.monotonic() + (self.limits.timeout if wait else SETTLE_TIMEOUT)
                 process.send({"ack": True, "confirm": True}, deadline)
                 reply = process.receive(deadline, self.limits.memory)
-                self._unacked.discard(language)
-                if not isinstance(reply, dict) or not reply.get("released"):  # dead, or not itself: its pins
-                    self._drop(language, process)  # go with the process
+                if not isinstance(reply, dict) or not reply.get("released"):  # dead or stuck: its pins go
+                    self._drop(language, process)  # with the process
+            finally:
+                lock.release()
 
     def close(self) -> None:
         """Stop every builder (the pool shuts down)."""
