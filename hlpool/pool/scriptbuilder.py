@@ -23,8 +23,10 @@ the builder, which checks a stored file before reusing it) and is written again.
 
 The supervisor does not open the result (the builder is our code; the guest cannot
 forge a file there, and workers validate every file they open): it pins the file,
-checks its header's magic and content hash against the answer, and sends ``ack``,
-on which the builder drops its own pins of the layer and the base.
+checks its header's magic and content hash against the answer. The builder keeps its own
+pins of the layer and the base until told (``ack``) that the supervisor's pin holds the
+file: with its next request (it drops them once it has answered that one), or, before a
+collection or a removal judges files by their pins, by :meth:`ScriptBuilders.settle`.
 """
 
 from __future__ import annotations
