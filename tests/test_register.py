@@ -135,6 +135,44 @@ def test_a_write_that_fails_half_way_leaves_nothing_in_the_store(tmp_path, mode)
     assert sorted(os.listdir(tmp_path)) == before  # no torn file, no temporary file
 
 
+def test_files_are_made_ahead_only_while_creating_them_is_slow(tmp_path):
+    # The writer hands files over between two threads only where a create costs more than the
+    # hand-off (snapwrite._Spares); the policy follows the creates it timed (set here).
+    spares, directory = snapwrite._spares, str(tmp_path)
+
+    def publish(name: str, data: bytes) -> None:
+        snapwrite.publish(os.path.join(directory, name), lambda fd: snapwrite.write_all_at(fd, [data], 0),
+                          sync=False, ahead=True)
+
+    publish("quick", b"q")  # nothing timed here yet: made in place, none ahead
+    assert directory not in spares._ready and directory not in spares._wanted
+    for _ in range(30):
+        spares.note(directory, 10_000)  # creates here are quick
+    assert not spares.worth_it(directory)
+    publish("quick2", b"q2")
+    assert directory not in spares._ready
+    for _ in range(4):
+        spares.note(directory, 5_000_000)  # as on an ext4 minutes after thousands of deletions
+    assert spares.worth_it(directory)
+    publish("slow", b"s")  # none ready yet: made in place, and the next one is made ahead
+    deadline = time.monotonic() + 10
+    while directory not in spares._ready and time.monotonic() < deadline:
+        time.sleep(0.01)
+    spare = spares._ready[directory]
+    publish("slow2", b"s2")  # takes the spare
+    assert spares._ready.get(directory) != spare
+    for _ in range(30):
+        spares.note(directory, 10_000)  # quick again: no more made ahead
+    while spares._wanted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if directory in spares._ready:
+        publish("last", b"l")  # a spare made meanwhile is used up, and not replaced
+    assert not spares.worth_it(directory)
+    contents = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert {k: v for k, v in contents.items() if k != "last"} == {"quick": b"q", "quick2": b"q2", "slow": b"s",
+                                                                   "slow2": b"s2"}
+
+
 def test_usage_scans_see_files_added_and_removed_by_others(tmp_path):
     store = SnapshotStore(tmp_path, quota=1 << 30)
     for i in range(5):

@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import os
 import threading
+import time
 from typing import Callable, Iterable, Sequence
 
 from hlpool.errors import SnapshotError
@@ -28,6 +29,7 @@ from hlpool.guest.layout import PAGE
 from hlpool.memory.layers import F_ADD_SEALS, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_WRITE, Layer
 
 IOV_MAX = 1024  # buffers one pwritev takes (Linux UIO_MAXIOV)
+SPARE_WORTH_NS = 200_000  # creates slower than this on average are made ahead by a thread (_Spares)
 # errno of an O_TMPFILE open or a /proc link that says "not here": use a temporary name instead
 _NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT, errno.EXDEV, errno.EPERM, errno.ENOSYS}
 _tmpfile_works: dict[str, bool] = {}  # directory -> O_TMPFILE and linking through /proc worked there
@@ -139,6 +141,11 @@ class _Spares:
     a new file (``recently_deleted`` in ``find_inode_bit``), so with thousands deleted a create
     took ~1.3 ms here. A writer that makes one file after another (the script builder) takes a
     spare made while it was idle; the ``open`` itself runs without the GIL, on another core.
+
+    Only while creating files is slow: handing each file over between two threads (a notify, a
+    wake-up, the GIL back and forth) cost the builder more than a quick create (~8% of its time
+    per script). Every create is timed, by the thread or by the writer (:meth:`note`); while
+    their moving average is below :data:`SPARE_WORTH_NS` the writer makes its file itself.
     """
 
     def __init__(self) -> None:
@@ -146,13 +153,23 @@ class _Spares:
         self._ready: dict[str, int] = {}
         self._wanted: list[str] = []
         self._thread: threading.Thread | None = None
+        self._create_ns: dict[str, float] = {}  # directory -> moving average of a create's time
         os.register_at_fork(after_in_child=self._forget)
 
+    def worth_it(self, directory: str) -> bool:
+        """True if files in ``directory`` are slow to create (or a spare is ready): use :meth:`take`."""
+        return self._create_ns.get(directory, 0.0) >= SPARE_WORTH_NS or directory in self._ready
+
+    def note(self, directory: str, nanoseconds: int) -> None:
+        """Record how long creating a file in ``directory`` took."""
+        self._create_ns[directory] = 0.75 * self._create_ns.get(directory, 0.0) + 0.25 * nanoseconds
+
     def take(self, directory: str) -> int | None:
-        """A spare unnamed file in ``directory`` (None if none is ready); the next one is made meanwhile."""
+        """A spare unnamed file in ``directory`` (None if none is ready); the next one is made meanwhile
+        if creates there are still slow."""
         with self._cond:
             fd = self._ready.pop(directory, None)
-            if directory not in self._wanted:
+            if directory not in self._wanted and self._create_ns.get(directory, 0.0) >= SPARE_WORTH_NS:
                 self._wanted.append(directory)
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._make, name="hlpool-spare-files", daemon=True)
@@ -166,10 +183,12 @@ class _Spares:
                 while not self._wanted:
                     self._cond.wait()
                 directory = self._wanted[0]
+            started = time.monotonic_ns()
             try:
                 fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o444)
             except OSError:
                 fd = -1  # (the writer finds out by itself, and says why)
+            self.note(directory, time.monotonic_ns() - started)
             with self._cond:
                 self._wanted.remove(directory)
                 if fd >= 0:
@@ -187,6 +206,7 @@ class _Spares:
                 pass
         self._cond = threading.Condition()
         self._ready, self._wanted, self._thread = {}, [], None
+        self._create_ns = {}
 
 
 _spares = _Spares()
@@ -195,13 +215,17 @@ _spares = _Spares()
 def publish(path: str, write: Callable[[int], None], *, sync: bool, ahead: bool = False) -> None:
     """Create ``path`` (an absolute path) read-only, its bytes written by ``write(fd)``, atomically:
     a reader never finds a partial file under ``path``; an existing file is replaced. ``ahead``:
-    use an unnamed file made in the background (see :class:`_Spares`), and have the next one made."""
+    while creating files in its directory is slow, use an unnamed file made in the background and
+    have the next one made (see :class:`_Spares`)."""
     directory = os.path.dirname(path)
     if _tmpfile_works.get(directory, True):
-        fd = _spares.take(directory) if ahead else None
+        fd = _spares.take(directory) if ahead and _spares.worth_it(directory) else None
         try:
             if fd is None:
+                started = time.monotonic_ns()
                 fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o444)
+                if ahead:
+                    _spares.note(directory, time.monotonic_ns() - started)
         except OSError as exc:
             if exc.errno not in _NO_TMPFILE:
                 raise
