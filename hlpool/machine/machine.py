@@ -66,6 +66,9 @@ _PORT = abi.HL_PORT
 _INLINE = abi.HL_CALL_PAGE_INLINE
 _INLINE_MAX = abi.HL_INLINE_MAX
 _INTERRUPTED = _vcpu_run.RUN_INTERRUPTED
+# vCPU state a capture takes from the run structure (stored by the KVM_RUN that completes the
+# last `out`) instead of three ioctls: see Machine.save_vcpu_state
+_SAVED_SYNC_PARTS = kvm_abi.KVM_SYNC_X86_REGS | kvm_abi.KVM_SYNC_X86_SREGS | kvm_abi.KVM_SYNC_X86_EVENTS
 _getpid = os.getpid
 _time_ns = time.time_ns
 _names = itertools.count(1)
@@ -363,8 +366,9 @@ class Machine:
         """
         if self._reload_registers:
             return self.base_snapshot.vcpu
-        self.finish_pending_io()
-        return self.vcpu.save_state()
+        synced = self.vm.kvm.info.sync_regs & _SAVED_SYNC_PARTS  # (the run below stores them for us)
+        self.finish_pending_io(synced)
+        return self.vcpu.save_state(synced)
 
     def dirty_pages(self) -> list[int]:
         """Main-slot pages (indices, sorted) written by the guest since the last restore."""
@@ -631,17 +635,22 @@ class Machine:
             _mapping.zero_bytes(self._reply_addr, self._reply_used)
             self._reply_used = 0
 
-    def finish_pending_io(self) -> None:
+    def finish_pending_io(self, store_sync: int = 0) -> None:
         """Complete the guest's last `out` without running it (KVM_RUN with immediate_exit).
 
         After an I/O exit KVM advances RIP only on the next KVM_RUN; a state
-        saved before that would replay the `out`.
+        saved before that would replay the `out`. ``store_sync``: KVM_SYNC_X86_* parts
+        this run stores into the run structure for :meth:`Vcpu.save_state`.
         """
         self.vcpu.run_struct.immediate_exit = 1
+        if store_sync:
+            self.vcpu.store_sync_regs(store_sync)
         try:
             reason = self.vcpu.run()
         finally:
             self.vcpu.run_struct.immediate_exit = 0
+            if store_sync:
+                self.vcpu.store_sync_regs(0)
         if reason != _vcpu_run.RUN_INTERRUPTED:
             raise SandboxBrokenError(f"{self.name}: vCPU ran although immediate_exit was set")
 
