@@ -12,6 +12,10 @@ from hlpool.errors import KvmError
 from hlpool.kvm import _vcpu_run, abi, pvm
 from hlpool.kvm.vm import Vm
 
+# vCPU state a capture takes from the run structure (stored by the KVM_RUN that completes the
+# last `out`: Vcpu.run_immediate_exit) instead of three ioctls: see Vcpu.save_state
+SAVED_SYNC_PARTS = abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS | abi.KVM_SYNC_X86_EVENTS
+
 # MSRs that make up a guest's CPU state beyond regs/sregs; the runtime writes
 # the syscall ones during boot. Saved in snapshots and restored after faults.
 STATE_MSRS = (
@@ -176,7 +180,7 @@ class Vcpu:
         """Everything needed to put this vCPU (or a new one) back in the same state.
 
         ``synced``: the KVM_SYNC_X86_* parts that the last KVM_RUN stored into the run structure
-        (see :meth:`store_sync_regs`); those are copied from there instead of read by an ioctl
+        (see :meth:`run_immediate_exit`); those are copied from there instead of read by an ioctl
         (on PVM ~8 us each): the same kernel functions fill both, so the bytes are the same."""
         sync = self.run_struct.s
         debugregs = abi.KvmDebugregs()
@@ -197,10 +201,18 @@ class Vcpu:
             events=events,
         )
 
-    def store_sync_regs(self, parts: int) -> None:
-        """Have the next KVM_RUN store these KVM_SYNC_X86_* parts into the run structure as it returns
-        (0: none, as every call runs: storing costs each exit)."""
-        self.run_struct.kvm_valid_regs = parts
+    def run_immediate_exit(self, store_sync: int = 0) -> int:
+        """KVM_RUN with immediate_exit: completes a pending `out` (or MMIO) without running the guest;
+        ``store_sync``: KVM_SYNC_X86_* parts KVM then stores into the run structure as it returns (for
+        this run only: every call's run would pay for storing them)."""
+        run = self.run_struct
+        run.immediate_exit = 1
+        run.kvm_valid_regs = store_sync
+        try:
+            return self.run()
+        finally:
+            run.immediate_exit = 0
+            run.kvm_valid_regs = 0
 
     def load_state(self, state: VcpuState) -> None:
         """Load a saved state completely (used when a sandbox is created or after a fault).

@@ -46,7 +46,7 @@ from hlpool.guest.layout import PAGE, VIF_PAGE
 from hlpool.guest.log import GuestLog, LogHandler
 from hlpool.kvm import _vcpu_run
 from hlpool.kvm import abi as kvm_abi
-from hlpool.kvm.vcpu import Vcpu
+from hlpool.kvm.vcpu import SAVED_SYNC_PARTS, Vcpu
 from hlpool.kvm.vm import Vm
 from hlpool.machine.switching import entry_for, switch_machine
 from hlpool.memory.guest_memory import GuestMemory, RestorePolicy, RestoreStats
@@ -66,9 +66,6 @@ _PORT = abi.HL_PORT
 _INLINE = abi.HL_CALL_PAGE_INLINE
 _INLINE_MAX = abi.HL_INLINE_MAX
 _INTERRUPTED = _vcpu_run.RUN_INTERRUPTED
-# vCPU state a capture takes from the run structure (stored by the KVM_RUN that completes the
-# last `out`) instead of three ioctls: see Machine.save_vcpu_state
-_SAVED_SYNC_PARTS = kvm_abi.KVM_SYNC_X86_REGS | kvm_abi.KVM_SYNC_X86_SREGS | kvm_abi.KVM_SYNC_X86_EVENTS
 _getpid = os.getpid
 _time_ns = time.time_ns
 _names = itertools.count(1)
@@ -366,7 +363,7 @@ class Machine:
         """
         if self._reload_registers:
             return self.base_snapshot.vcpu
-        synced = self.vm.kvm.info.sync_regs & _SAVED_SYNC_PARTS  # (the run below stores them for us)
+        synced = self.vm.kvm.info.sync_regs & SAVED_SYNC_PARTS  # (the run below stores them for us)
         self.finish_pending_io(synced)
         return self.vcpu.save_state(synced)
 
@@ -642,16 +639,7 @@ class Machine:
         saved before that would replay the `out`. ``store_sync``: KVM_SYNC_X86_* parts
         this run stores into the run structure for :meth:`Vcpu.save_state`.
         """
-        self.vcpu.run_struct.immediate_exit = 1
-        if store_sync:
-            self.vcpu.store_sync_regs(store_sync)
-        try:
-            reason = self.vcpu.run()
-        finally:
-            self.vcpu.run_struct.immediate_exit = 0
-            if store_sync:
-                self.vcpu.store_sync_regs(0)
-        if reason != _vcpu_run.RUN_INTERRUPTED:
+        if self.vcpu.run_immediate_exit(store_sync) != _vcpu_run.RUN_INTERRUPTED:
             raise SandboxBrokenError(f"{self.name}: vCPU ran although immediate_exit was set")
 
     def mark_broken(self, why: str) -> None:
