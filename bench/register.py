@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                 [[r["prefill"], r["language"], r["count"], r["mean_us"], r["p50_us"], r["p99_us"],
                   r["cpu_us"]["supervisor"], r["cpu_us"]["builder"], r["cpu_us"]["workers"],
                   r["workers_settled_cpu_us"], r["load_average"], r["file_create_us"]] for r in results])
-    print("CPU columns are per registration of either language (both languages' registrations share the "
-          "processes but builders are per language)")
+    print("CPU columns are per registration of either language (one script builder loads both languages, "
+          "in turn)")
     path = write_results(args.name, {"results": results, "count": args.count, "workers": args.workers,
                                      "work": str(args.work or tempfile.gettempdir())})
     print(f"wrote {path}")

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,35 @@ def test_two_thousand_scripts_each_answer_as_themselves_with_bounded_descriptors
         assert pool._snapshots.scripts.started == 1  # one long-lived builder for all of them
 
 
+def test_one_builder_loads_every_language_in_turn(tmp_path):
+    # One builder process holds a loader per language: JS and Lua registrations in turn run in it
+    # (no process per language taking turns on cold caches), each answering as itself; a builder
+    # killed while idle is replaced and takes both languages again.
+    with Pool(workers=1, snapshot_dir=tmp_path / "store") as pool:
+        scripts = pool._snapshots.scripts
+        handles = []
+        for i in range(6):
+            handles.append(pool.script("js", js_tenant(i)))
+            handles.append(pool.script("lua", f"function who(x) return {{{i}, 1, x}} end"))
+        assert scripts.started == 1 and sorted(scripts._info) == ["js", "lua"]
+        assert [pool.submit(h, "who", (9,)).result(timeout=10) for h in handles] == \
+            [[i, 1, 9] for i in range(6) for _ in range(2)]
+        own = SnapshotStore(str(tmp_path / "store"))  # the JS answer's pins went with the Lua request
+        pool._snapshots.store.unpin(handles[-2].path)
+        deadline = time.monotonic() + 10
+        while handles[-2].path in own.pinned_by_anyone() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert handles[-2].path not in own.pinned_by_anyone()
+        pool._snapshots.store.pin(handles[-2].path)
+        builder = scripts._builder
+        os.kill(builder.pid, signal.SIGKILL)
+        assert select.select([builder.pidfd], [], [], 5)[0]  # gone
+        assert pool.submit(pool.script("lua", "function who(x) return {7, 1, x} end"), "who", (1,)).result(
+            timeout=10) == [7, 1, 1]
+        assert pool.submit(pool.script("js", js_tenant(8)), "who", (2,)).result(timeout=10) == [8, 1, 2]
+        assert scripts.started == 2 and scripts.stopped == 1
+
+
 def test_lua_tenants_and_a_stored_layer_reused_by_a_new_pool(tmp_path):
     store = tmp_path / "store"
     sources = [f"local calls = 0\nfunction who() calls = calls + 1 return {{{i}, calls}} end" for i in range(100)]
@@ -122,7 +152,7 @@ def test_hostile_scripts_fail_their_registration_and_the_next_one_works(tmp_path
         assert pool.submit(pool.script("js", js_tenant(4)), "who", (0,)).result(timeout=10) == [4, 1, 0]
         assert pool._snapshots.scripts.started == 2
         # a builder that dies while idle is replaced at the next registration
-        builder = pool._snapshots.scripts._builders["js"][0]
+        builder = pool._snapshots.scripts._builder
         os.kill(builder.pid, signal.SIGKILL)
         assert select.select([builder.pidfd], [], [], 5)[0]  # gone
         assert pool.submit(pool.script("js", js_tenant(6)), "who", (0,)).result(timeout=10) == [6, 1, 0]

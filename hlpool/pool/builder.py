@@ -7,7 +7,7 @@ of that happens in the supervisor: for each build the spawner forks a builder
 (:mod:`hlpool.pool.store`), reports its path and exits once the supervisor has pinned
 it too; the supervisor then opens (validates) the file.
 
-Scripts are the exception: they go to one long-lived builder per language
+Scripts are the exception: they go to one long-lived builder (a loader per language in it)
 (:mod:`hlpool.pool.scriptbuilder`, served through :data:`LONG_LIVED`), same limits.
 
 Why fork from the spawner rather than start a fresh interpreter: the supervisor has

@@ -10,7 +10,7 @@ process or another one sharing the store, never takes it.
 
 No lock is held while a snapshot is built: registrations of different sources build
 at once, and the same source registered twice at once is built once. Scripts go to
-one long-lived builder per language (:mod:`hlpool.pool.scriptbuilder`), one after
+one long-lived builder (:mod:`hlpool.pool.scriptbuilder`; a loader per language), one after
 another, and the registry keeps only a small handle per script (no open file, no
 mapping, no :class:`Snapshot`): 10,000 tenants are 10,000 handles and pin lines.
 """
