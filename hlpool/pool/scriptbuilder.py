@@ -114,7 +114,7 @@ class ScriptBuilders:
                 self.stopped += 1
                 process = None
             if process is None:
-                process = self._start(language, what)
+                process = self._start(what)
             info = self._info.get(language) or self._warm(process, language, what)
             deadline = time.monotonic() + self.limits.timeout
             request = {"language": language, "source": source, "load_timeout": load_timeout,
@@ -170,28 +170,20 @@ class ScriptBuilders:
 
     # ---- internals ---------------------------------------------------------------------------
 
-    def _start(self, language: str, what: str) -> one_shot._Builder:
-        """A new builder process, with ``language``'s loader warm (the job names it)."""
+    def _start(self, what: str) -> one_shot._Builder:
+        """A new builder process (its loaders are made by :meth:`_warm`, a language at a time)."""
         process = one_shot.start_builder(self.spawn_builder, what, SnapshotError)
-        pid = process.pid
         self.started += 1
         deadline = time.monotonic() + self.limits.timeout
-        info = None
+        reply = None
         if process.receive(deadline, None) is not None:  # {"ready"}: forked
             # Room in RLIMIT_DATA for a guest of every language (the loaders' VMs), beyond one build's.
             allowance = self.limits.data_allowance + (len(SCRIPT_LANGUAGES) - 1) * self.limits.max_guest_memory
-            process.send({"kind": "scripts", "language": language, "store": self.store.directory,
-                          "data_allowance": allowance}, deadline)
-            info = process.receive(deadline, None)  # the base is booted, its sandbox warm
-        if not isinstance(info, dict) or "error" in info:
-            error = (one_shot._rebuild(info, what, SnapshotError, self.limits) if isinstance(info, dict)
-                     else process.failure(what, SnapshotError, self.limits))
-            self._drop(process)
-            raise error
-        process.baseline = one_shot._resident(pid)
-        self._builder, self._info = process, {language: info}
-        self._unacked = False
-        log.info("script builder started (pid %d, %s warm)", pid, language)
+            process.send({"kind": "scripts", "store": self.store.directory, "data_allowance": allowance}, deadline)
+            reply = process.receive(deadline, None)
+        self._check_reply(process, reply, what, drop=True)  # (a builder that failed to start is gone)
+        self._builder, self._info, self._unacked = process, {}, False
+        log.info("script builder started (pid %d)", process.pid)
         return process
 
     def _warm(self, process: one_shot._Builder, language: str, what: str) -> dict[str, Any]:
@@ -199,15 +191,23 @@ class ScriptBuilders:
         deadline = time.monotonic() + self.limits.timeout
         process.send({"warm": language}, deadline)
         info = process.receive(deadline, None)  # (its growth is the new loader's: measured afresh below)
-        if not isinstance(info, dict) or "error" in info:
-            error = (one_shot._rebuild(info, what, SnapshotError, self.limits) if isinstance(info, dict)
-                     else process.failure(what, SnapshotError, self.limits))
-            if info is None:
-                self._drop(process)
-            raise error
+        self._check_reply(process, info, what)
         process.baseline = one_shot._resident(process.pid)  # a loader more is part of "ready"
         self._info[language] = info
-        return info
+        return info  # type: ignore[return-value]
+
+    def _check_reply(self, process: one_shot._Builder, reply: Any, what: str, drop: bool = False) -> None:
+        """Raise the builder's error for a failed step, dropping the builder if it gave no answer
+        (or if ``drop``)."""
+        if isinstance(reply, dict) and "error" not in reply:
+            return
+        if isinstance(reply, dict):
+            error = one_shot._rebuild(reply, what, SnapshotError, self.limits)
+        else:
+            error = process.failure(what, SnapshotError, self.limits)
+        if drop or not isinstance(reply, dict):
+            self._drop(process)
+        raise error
 
     def _drop(self, process: "one_shot._Builder", count: bool = True) -> None:
         if self._builder is process:
@@ -261,13 +261,13 @@ class ScriptBuilders:
 
 def serve_scripts(sock: socket.socket, job: dict[str, Any], config: WorkerConfig) -> None:
     """The builder's loop (called by :func:`hlpool.pool.builder.builder_main` for a ``scripts`` job):
-    a loader per language, the job's made first, others when the supervisor asks (``warm``)."""
+    a loader per language, made when the supervisor asks (``warm``)."""
     loaders: dict[str, _Loader] = {}
     try:
         limit = one_shot._status_bytes("VmData") + int(job["data_allowance"])
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
         store = SnapshotStore(job["store"])
-        one_shot._send(sock, _warm_loader(loaders, job["language"], store, config))
+        one_shot._send(sock, {"started": True})
     except BaseException as exc:
         one_shot._send(sock, {"error": one_shot._wire(exc)})
         return

@@ -158,7 +158,10 @@ class _Spares:
 
     def worth_it(self, directory: str) -> bool:
         """True if files in ``directory`` are slow to create (or a spare is ready): use :meth:`take`."""
-        return self._create_ns.get(directory, 0.0) >= SPARE_WORTH_NS or directory in self._ready
+        return self._slow(directory) or directory in self._ready
+
+    def _slow(self, directory: str) -> bool:
+        return self._create_ns.get(directory, 0.0) >= SPARE_WORTH_NS
 
     def note(self, directory: str, nanoseconds: int) -> None:
         """Record how long creating a file in ``directory`` took."""
@@ -169,7 +172,7 @@ class _Spares:
         if creates there are still slow."""
         with self._cond:
             fd = self._ready.pop(directory, None)
-            if directory not in self._wanted and self._create_ns.get(directory, 0.0) >= SPARE_WORTH_NS:
+            if directory not in self._wanted and self._slow(directory):
                 self._wanted.append(directory)
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._make, name="hlpool-spare-files", daemon=True)
