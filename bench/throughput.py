@@ -23,6 +23,7 @@ holds ``latency`` and ``calls_per_s``; bench/plot.py draws calls/s vs workers).
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import os
 import queue
@@ -47,7 +48,8 @@ DEFAULT_WINDOW_CALLS = 20_000
 QUICK_WINDOW_CALLS = 2_000
 DEFAULT_ROUNDS = 5
 QUICK_ROUNDS = 2
-FUNCTIONS = ("noop", "echo(i)", "sha256(4 KiB)")
+FUNCTIONS = ("noop", "echo(i)", "sha256(4 KiB)", "echo(i) in order")
+IN_ORDER = "echo(i) in order"  # the caller waits on its calls' result() in turn (as Pool.map does), no callbacks
 PROJECTED_CORES = (16, 64)
 
 
@@ -98,11 +100,14 @@ def latency(fn, n: int) -> list[int]:
 
 
 def throughput(pool, handle, function: str, args: tuple, total: int, window: int,
-               bar: Progress | None = None, cpu: dict[str, float] | None = None) -> tuple[float, float]:
+               bar: Progress | None = None, cpu: dict[str, float] | None = None,
+               in_order: bool = False) -> tuple[float, float]:
     """(calls per second, seconds) for ``total`` calls with up to ``window`` outstanding.
 
     ``cpu``: adds the CPU seconds spent by this process (the supervisor, caller included)
-    and by the pool's workers under "supervisor" and "worker"."""
+    and by the pool's workers under "supervisor" and "worker". ``in_order``: the caller
+    waits on the oldest call's ``result()`` before it submits the next one once the window
+    is full (no done-callbacks), as ``Pool.map`` and most ``concurrent.futures`` code do."""
     if callable(args):
         make_args = args
     else:
@@ -127,13 +132,24 @@ def throughput(pool, handle, function: str, args: tuple, total: int, window: int
     threads_before = pool_threads_cpu() if cpu is not None else 0.0
     own_before = time.process_time()
     start = time.perf_counter()
-    for i in range(total):
-        tokens.get()
-        pool.submit(handle, function, make_args(i)).add_done_callback(finished)
-        if bar is not None:
-            bar.update()
-    for _ in range(window):
-        tokens.get()
+    if in_order:
+        outstanding: collections.deque = collections.deque()
+        for i in range(total):
+            if len(outstanding) >= window:
+                finished(outstanding.popleft())
+            outstanding.append(pool.submit(handle, function, make_args(i)))
+            if bar is not None:
+                bar.update()
+        while outstanding:
+            finished(outstanding.popleft())
+    else:
+        for i in range(total):
+            tokens.get()
+            pool.submit(handle, function, make_args(i)).add_done_callback(finished)
+            if bar is not None:
+                bar.update()
+        for _ in range(window):
+            tokens.get()
     elapsed = time.perf_counter() - start
     if cpu is not None:
         cpu["supervisor"] = cpu.get("supervisor", 0.0) + time.process_time() - own_before
@@ -186,7 +202,7 @@ def run(calls: int, max_workers: int, rounds: int, window_calls: int = DEFAULT_W
                 if pool.submit(sha, "sha256", (data,)).result() not in (digest, bytes.fromhex(digest)):
                     raise RuntimeError("sha256 guest returned a wrong digest")
                 handles[w] = {"noop": (echo, "noop", ()), "echo(i)": (echo, "echo", lambda i: (i,)),
-                              "sha256(4 KiB)": (sha, "sha256", (data,))}
+                              "sha256(4 KiB)": (sha, "sha256", (data,)), IN_ORDER: (echo, "echo", lambda i: (i,))}
                 # Warm every worker: enough concurrent calls that each one gets some.
                 for label, (h, fn, fargs) in handles[w].items():
                     throughput(pool, h, fn, fargs, 200 * w, WINDOW)
@@ -210,7 +226,7 @@ def run(calls: int, max_workers: int, rounds: int, window_calls: int = DEFAULT_W
                                 latency(lambda: pool.submit(h, fn, one).result(), per_round_lat))
                             bar.update(per_round_lat)
                             rate, secs = throughput(pool, h, fn, fargs, per_round_tp, WINDOW, bar,
-                                                    cpu=cpu.setdefault((w, label), {}))
+                                                    cpu=cpu.setdefault((w, label), {}), in_order=label == IN_ORDER)
                             rates[(w, label)].append(rate)
                             spent[(w, label)].append(secs)
             for w, pool in pools.items():
@@ -253,7 +269,8 @@ def print_report(results: dict[str, Any]) -> None:
             ["Sandbox.call(noop), 1 process", "-", local["latency"]["p50_us"], local["latency"]["p99_us"],
              local["calls_per_s"], "-", local["latency"]["p50_us"] / floor["p50_us"]]]
     cpu_rows = []
-    local_p50 = {"noop": local["latency"]["p50_us"], "echo(i)": local.get("echo_latency", local["latency"])["p50_us"]}
+    echo_p50 = local.get("echo_latency", local["latency"])["p50_us"]
+    local_p50 = {"noop": local["latency"]["p50_us"], "echo(i)": echo_p50, IN_ORDER: echo_p50}
     for label in results["functions"]:
         for w, entry in results["workers"].items():
             e = entry[label]
@@ -275,7 +292,8 @@ def print_report(results: dict[str, Any]) -> None:
                     ["function", "workers", "supervisor us", "of it pool threads", "worker us", "worker / supervisor",
                      "isolated p50 x Sandbox.call"] + [f"{n} cores calls/s" for n in PROJECTED_CORES], cpu_rows)
         print("supervisor = this process (the caller's submit loop included: submit() and this benchmark's "
-              "window, a SimpleQueue of tokens and a done-callback per call); of it pool threads = the pool's "
+              "window, a SimpleQueue of tokens and a done-callback per call, or for 'in order' result() on the "
+              "oldest call in turn, where the caller takes the answers itself); of it pool threads = the pool's "
               "hlpool-pool-N threads (dispatch, answers); worker = all workers' CPU. "
               "Projection: min(cores / (supervisor + worker), 1 / supervisor): workers scale with cores, one "
               "Pool's supervisor is one Python process and saturates one core.")

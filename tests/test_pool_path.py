@@ -55,6 +55,28 @@ def test_every_way_of_waiting_gets_the_right_answer(example, tmp_path):
         assert asyncio.run(many()) == list(range(40))
 
 
+def test_a_caller_going_through_its_calls_in_order_takes_their_answers_in_batches(example, tmp_path):
+    """One thread with many calls outstanding, waiting on each in turn (as ``Pool.map`` does):
+    while a backlog keeps the worker busy, one wake-up of the caller takes many answers (it woke
+    for every answer before: ~80 us of CPU per call against ~28). Every answer is still right."""
+    with Pool(workers=1, snapshot_dir=tmp_path) as pool:
+        echo = pool.snapshot(example("echo"))
+        for i in range(20):  # the snapshot's call time is learnt (it sizes the wait)
+            assert pool.submit(echo, "echo", (i,)).result(timeout=30) == i
+        before = pool.stats()[0]["answer_reads"]
+        outstanding: list = []
+        got = []
+        for i in range(400):
+            if len(outstanding) >= 48:
+                got.append(outstanding.pop(0).result(timeout=30))
+            outstanding.append(pool.submit(echo, "echo", (i,)))
+        got.extend(f.result(timeout=30) for f in outstanding)
+        assert got == list(range(400))
+        reads = pool.stats()[0]["answer_reads"] - before
+        assert reads <= 400 // 4, f"{reads} reads for 400 answers: the caller woke for (nearly) each one"
+        assert list(pool.map(echo, "echo", [(i,) for i in range(300)])) == list(range(300))
+
+
 def test_caller_waiting_in_result_sees_the_worker_die(example, tmp_path):
     with Pool(workers=1, snapshot_dir=tmp_path, call_timeout=None) as pool:
         fib = pool.snapshot(example("fib"))

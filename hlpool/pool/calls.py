@@ -312,6 +312,7 @@ class WorkerLink:
     # loop waits for (see hlpool.pool.loopcollect).
     notify_fd: int = -1
     loop_answers: int = 0  # answers an event loop took (the rest: the pool's thread or callers in result())
+    answer_reads: int = 0  # reads of the channel's answers (each takes every answer posted by then)
     opens_in_flight: int = 0  # OP_OPEN hints among ``inflight``
 
     @property

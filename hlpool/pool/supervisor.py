@@ -673,12 +673,14 @@ class Pool(AnswerPath):
 
     def stats(self) -> list[dict[str, Any]]:
         """Per worker: index, pid, alive, calls, errors, crashes, VMs held/made, switches, answers an
-        event loop took (``call_future``), queued, in flight, RSS/PSS."""
+        event loop took (``call_future``), reads of its answers (``answer_reads``: each read takes every
+        answer posted by then, so calls per read is the batch size), queued, in flight, RSS/PSS."""
         out = []
         for w in self._workers:
             entry = {"index": w.index, "pid": w.pid, "alive": w.alive, "calls": w.calls, "errors": w.errors,
                      "crashes": w.crashes, "vms": w.sandboxes, "vms_created": w.vms_created,
-                     "switches": w.switches, "loop_answers": w.loop_answers, "queued": len(w.queue),
+                     "switches": w.switches, "loop_answers": w.loop_answers, "answer_reads": w.answer_reads,
+                     "queued": len(w.queue),
                      "in_flight": len(w.inflight)}
             entry.update(_memory_of(w.pid) if w.alive else {"rss_kib": 0, "pss_kib": 0})
             out.append(entry)
