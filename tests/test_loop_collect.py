@@ -52,6 +52,30 @@ def test_the_loop_takes_the_answers_and_they_are_right(kvm, example, tmp_path):
     assert _eventfds() == before  # closed with the pool
 
 
+def test_the_loop_takes_a_busy_workers_answers_in_batches(kvm, example, tmp_path):
+    """48 tasks with a call each on one worker: while the backlog keeps the worker busy the loop
+    lets answers gather and wakes once for several (it woke for every answer before: ~89 us of
+    the loop's CPU per call against 40-44). Answers are right; a pause ends with the pool."""
+    with Pool(workers=1, snapshot_dir=tmp_path) as pool:
+        echo = pool.snapshot(example("echo"))
+        for i in range(20):  # the snapshot's call time is learnt (it sizes the pause)
+            assert pool.submit(echo, "echo", (i,)).result(timeout=30) == i
+
+        async def task(k: int) -> list:
+            return [await pool.call(echo, "echo", [k, i]) for i in range(10)]
+
+        async def main() -> list:
+            return await asyncio.gather(*(task(k) for k in range(48)))
+
+        before = pool.stats()[0]
+        assert asyncio.run(main()) == [[[k, i] for i in range(10)] for k in range(48)]
+        after = pool.stats()[0]
+        answers = after["loop_answers"] - before["loop_answers"]
+        reads = after["answer_reads"] - before["answer_reads"]
+        assert answers >= 0.9 * 480, after
+        assert reads <= 480 // 3, f"{reads} reads for 480 answers: the loop woke for (nearly) each one"
+
+
 def test_errors_timeouts_and_long_calls_through_the_loop(kvm, example, tmp_path):
     with Pool(workers=1, snapshot_dir=tmp_path) as pool:
         faults = pool.snapshot(example("faults"))

@@ -21,6 +21,7 @@ from hlpool.errors import WorkerCrashed
 from hlpool.guest import codec
 from hlpool.pool import channel as ipc
 from hlpool.pool import _slots, loopcollect, routing, spin
+from hlpool.pool.spin import BATCH_WAIT_MAX
 from hlpool.pool.calls import Call, WorkerLink, rebuild_error
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ log = logging.getLogger("hlpool.pool.supervisor")
 WATCHDOG_GRACE = 5.0  # a worker silent this long past a call's deadline is killed
 PIPELINE_DEPTH = 16  # calls in a worker's channel at once (answers are collected in batches)
 CALLER_GRACE = 0.0001  # how long the pool's thread leaves a lone call's answer to its caller (see CallFuture)
-BATCH_WAIT_MAX = 0.002  # longest a collector waits for answers to gather while a backlog is in the channel
 
 
 class AnswerPath:

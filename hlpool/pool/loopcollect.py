@@ -31,6 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import posix_ipc
 
+from hlpool.pool.routing import DEFAULT_CALL_COST
+from hlpool.pool.spin import BATCH_WAIT_MAX
+
 if TYPE_CHECKING:
     from hlpool.pool.calls import WorkerLink
     from hlpool.pool.supervisor import Pool
@@ -38,6 +41,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOOP_WATCH = 0.02  # seconds the pool's thread leaves a worker to the loop while that worker makes no progress
+# The loop lets a worker's answers gather only for at least this many more: a pause costs two epoll_ctl
+# calls and a timer (with 4 calls per worker, HTTP K=2, pauses for one or two answers cost more CPU than
+# they saved: 117-118 -> 126-131 us per request in the front end).
+LOOP_GATHER_MIN = 4
 
 
 class LoopCollector:
@@ -48,6 +55,8 @@ class LoopCollector:
         self.loop = loop
         self.thread_id = threading.get_ident()  # made in the loop's thread (call_future runs there)
         self._watched: list[int] = []
+        # workers whose eventfd is not watched for a moment while their answers gather: fd -> timer
+        self._gathering: dict[int, asyncio.TimerHandle] = {}
         for w in pool._workers:
             loop.add_reader(w.notify_fd, self._ready, w)
             self._watched.append(w.notify_fd)
@@ -57,11 +66,57 @@ class LoopCollector:
         return LoopCallFuture(pool, self)
 
     def _ready(self, w: "WorkerLink") -> None:
-        """The worker signalled answers: take every one posted so far (in the loop's thread)."""
+        """The worker signalled answers: take every one posted so far (in the loop's thread), or,
+        while a backlog keeps the worker busy, come back once more of them were posted."""
         try:
             os.eventfd_read(w.notify_fd)
         except (BlockingIOError, OSError):
             pass  # already drained by an earlier wake-up
+        pause = self._gather_pause(w)
+        if pause > 0:
+            # Answers gather meanwhile: the loop wakes once for many instead of once per answer
+            # (89 -> 40-44 us of the loop's CPU per call, 64 calls outstanding on one worker).
+            # The worker never waits (the answers taken refill its channel, half of it is left)
+            # and the calls behind the answered ones wait for the backlog anyway.
+            fd = w.notify_fd
+            self.loop.remove_reader(fd)
+            self._gathering[fd] = self.loop.call_later(pause, self._gathered, w)
+            return
+        self._take(w)
+
+    def _gather_pause(self, w: "WorkerLink") -> float:
+        """Seconds to let ``w``'s answers gather before taking them: about the time the worker
+        needs to answer half of what it still has beyond two calls, if that is at least
+        :data:`LOOP_GATHER_MIN` answers; 0 to take them now."""
+        channel = w.channel
+        inflight = w.inflight
+        if channel is None:
+            return 0.0
+        unanswered = len(inflight) - channel.responses.value
+        expected = (unanswered - 2) // 2  # answers the pause is for
+        if expected < LOOP_GATHER_MIN or channel.responses.value * 2 >= len(inflight):
+            return 0.0
+        try:
+            head = inflight[0]
+        except IndexError:
+            return 0.0
+        per_call = self.pool._call_cost.get(head.handle.path, DEFAULT_CALL_COST)
+        return min(BATCH_WAIT_MAX, per_call * expected)
+
+    def _gathered(self, w: "WorkerLink") -> None:
+        """The pause is over: watch the worker's eventfd again and take what was posted."""
+        fd = w.notify_fd
+        if self._gathering.pop(fd, None) is None:
+            return  # detached meanwhile
+        self.loop.add_reader(fd, self._ready, w)
+        try:
+            os.eventfd_read(fd)
+        except (BlockingIOError, OSError):
+            pass
+        self._take(w)
+
+    def _take(self, w: "WorkerLink") -> None:
+        """Take every answer of ``w`` posted so far, unless someone else reads them now."""
         if not w.reader.acquire(blocking=False):
             return  # a caller or the pool's thread reads now; it pokes the eventfd when it stops
         try:
@@ -82,6 +137,9 @@ class LoopCollector:
 
     def detach(self) -> None:
         """Stop watching (in the loop's thread, or while the loop does not run)."""
+        for timer in self._gathering.values():
+            timer.cancel()
+        self._gathering.clear()
         for fd in self._watched:
             try:
                 self.loop.remove_reader(fd)

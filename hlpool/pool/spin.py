@@ -33,6 +33,9 @@ _monotonic_ns = time.monotonic_ns
 YIELD_EVERY = 1  # polls between sched_yield calls: every poll lets a process sharing the core run
 WORKER_SPIN_MAX_NS = 200_000  # a worker never polls longer than this for its next request
 CALLER_SPIN_MAX_NS = 400_000  # nor a caller for an answer (longer calls: it sleeps at once)
+# The longest a reader of a worker's answers (the pool's thread, a caller in result(), an event loop)
+# lets them gather while a backlog keeps the worker busy (hlpool.pool.answers, hlpool.pool.loopcollect).
+BATCH_WAIT_MAX = 0.002
 
 
 def poll(semaphore: SharedSemaphore, until_ns: int) -> bool:
