@@ -174,7 +174,7 @@ class CallFuture(concurrent.futures.Future):
         if self._state == _FINISHED and self._exception is None:  # the common case, without _wait
             return self._result
         if self._state in _NOT_DONE:
-            self._pool._collect_for(self._call, timeout)
+            timeout = self._collect(timeout)
             if self._state == _FINISHED and self._exception is None:  # collected here: no _wait either
                 return self._result
         self._wait(timeout)
@@ -189,9 +189,19 @@ class CallFuture(concurrent.futures.Future):
         if self._state == _FINISHED:
             return self._exception
         if self._state in _NOT_DONE:
-            self._pool._collect_for(self._call, timeout)
+            timeout = self._collect(timeout)
         self._wait(timeout)
         return self._exception
+
+    def _collect(self, timeout: float | None) -> float | None:
+        """Let the pool collect this call's answer in this thread (see the class docstring);
+        returns what is left of ``timeout`` for the plain wait that may follow."""
+        if timeout is None:
+            self._pool._collect_for(self._call, None)
+            return None
+        start = time.monotonic()
+        self._pool._collect_for(self._call, timeout)
+        return max(0.0, timeout - (time.monotonic() - start))
 
     def _wait(self, timeout: float | None) -> None:
         """Return once finished; CancelledError if cancelled; TimeoutError after ``timeout``."""
