@@ -328,7 +328,9 @@ class RayPool:
 
     def map(self, snapshot: Any, fn: str, iterable: Iterable[Iterable[Any]], *,
             timeout: float | None | object = ...) -> Iterator[Any]:
-        """Like ``Executor.map``: ``fn(*args)`` for each ``args`` of ``iterable``, results in order."""
+        """Like ``Executor.map``: ``fn(*args)`` for each ``args`` of ``iterable``, results in order.
+        ``timeout`` bounds each call once a node's worker runs it, as in :meth:`submit`; it is not,
+        as in ``Executor.map``, a bound on the wait for the results."""
         futures = [self.submit(snapshot, fn, args, timeout=timeout) for args in iterable]
         return results_in_order(futures)
 
