@@ -243,6 +243,12 @@ def test_call_futures_keep_the_future_contract(example, tmp_path):
         with pytest.raises(type(bad.exception())):
             bad.result()
         assert "finished" in repr(bad)
+        # wait() and as_completed() only lock a future around its waiter list: no Condition made
+        many = [pool.submit(echo, "echo", (i,)) for i in range(200)]
+        assert sorted(f.result() for f in concurrent.futures.as_completed(many, timeout=60)) == list(range(200))
+        concurrent.futures.wait(many, timeout=60)
+        assert not any("_made_condition" in f.__dict__ for f in many)
+        assert slow.__dict__.get("_made_condition") is not None  # threads blocked on it: made once
 
 
 def test_a_finished_call_leaves_no_reference_cycle(example, tmp_path):
