@@ -336,10 +336,8 @@ class Pool(AnswerPath):
 
     def map(self, snapshot: Any, fn: str, iterable: Iterable[Iterable[Any]], *,
             timeout: float | None | object = ...) -> Iterator[Any]:
-        """Like ``Executor.map``: ``fn(*args)`` for each ``args`` of ``iterable``, results in order
-        (the caller takes a busy worker's answers in batches as it goes). ``timeout`` bounds each
-        call once a worker runs it, as in :meth:`submit`; it is not, as in ``Executor.map``, a
-        bound on the wait for the results."""
+        """Like ``Executor.map``: ``fn(*args)`` for each ``args`` of ``iterable``, results in order;
+        ``timeout`` bounds each call once a worker runs it (as in :meth:`submit`), not the wait."""
         futures = [self.submit(snapshot, fn, args, timeout=timeout) for args in iterable]
         return results_in_order(futures)
 
