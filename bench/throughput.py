@@ -5,9 +5,12 @@
 In one run: the bare KVM_RUN + out floor (bench/floor.py), Sandbox.call("noop")
 in this process, and one :class:`hlpool.Pool` per size 1..W (default W = the
 CPU count), all alive at once and measured in interleaved rounds (each round
-visits every pool and function), for ``noop()`` and ``sha256`` of 4 KiB:
+visits every pool and function), for ``noop()``, ``echo(i)`` (also with the
+caller waiting on ``result()`` in order instead of callbacks) and ``sha256`` of 4 KiB:
 
-- latency: ``Pool.submit(...).result()`` one call at a time (p50/p99);
+- latency: ``Pool.submit(...).result()`` one call at a time (p50/p99), and
+  ``Sandbox.call`` in this process in every round too (the isolated ratio
+  compares the two);
 - throughput: calls/s with up to ``WINDOW`` calls outstanding (the median of
   the rounds' rates; the pooled rate, all calls / all time, is in the JSON), and
   the CPU per call of each role over those calls: ``M`` calls per row in all
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import concurrent.futures
 import os
 import queue
@@ -171,7 +175,7 @@ def run(calls: int, max_workers: int, rounds: int, window_calls: int = DEFAULT_W
     digest = hashlib.sha256(data).hexdigest()
     results: dict[str, Any] = {"calls": calls, "rounds": rounds, "window": WINDOW, "max_workers": max_workers,
                                "functions": list(FUNCTIONS), "workers": {}}
-    with tempfile.TemporaryDirectory(prefix="hlpool-bench-throughput-") as store:
+    with tempfile.TemporaryDirectory(prefix="hlpool-bench-throughput-") as store, contextlib.ExitStack() as stack:
         # Pools first, while this process has no VMs (each forks its spawner at creation).
         pools = {}
         try:
@@ -184,16 +188,17 @@ def run(calls: int, max_workers: int, rounds: int, window_calls: int = DEFAULT_W
 
             status("Sandbox.call in this process ...")
             snap = hlpool.Snapshot.from_elf(example_path("echo"))
-            with hlpool.Sandbox(snap) as sb:
-                for _ in range(200):
-                    sb.call("noop")
-                local = percentiles(latency(lambda: sb.call("noop"), calls))
-                local_echo = percentiles(latency(lambda: sb.call("echo", 1), calls))
-                start = time.perf_counter()
-                for _ in range(calls):
-                    sb.call("noop")
-                local_rate = calls / (time.perf_counter() - start)
-            results["sandbox_call"] = {"latency": local, "calls_per_s": local_rate, "echo_latency": local_echo}
+            # Kept open: its latency is measured in every round next to the pools' (the isolated
+            # ratio compares the two; measured once before the rounds, the machine's period could
+            # move one and not the other: a run had echo 77 us against noop 89 us).
+            sb = stack.enter_context(hlpool.Sandbox(snap))
+            for _ in range(200):
+                sb.call("noop")
+            start = time.perf_counter()
+            for _ in range(calls):
+                sb.call("noop")
+            local_rate = calls / (time.perf_counter() - start)
+            local_lat: dict[str, list[int]] = {"noop": [], "echo": []}
 
             handles = {}
             for w, pool in pools.items():
@@ -213,9 +218,12 @@ def run(calls: int, max_workers: int, rounds: int, window_calls: int = DEFAULT_W
             cpu: dict[tuple[int, str], dict[str, float]] = {}
             per_round_lat = max(1, calls // rounds)
             per_round_tp = max(WINDOW, window_calls // rounds)
-            total = rounds * len(pools) * len(FUNCTIONS) * (per_round_lat + per_round_tp)
+            total = rounds * (len(pools) * len(FUNCTIONS) * (per_round_lat + per_round_tp) + 2 * per_round_lat)
             with Progress(total, "throughput") as bar:
                 for r in range(rounds):
+                    local_lat["noop"].extend(latency(lambda: sb.call("noop"), per_round_lat))
+                    local_lat["echo"].extend(latency(lambda: sb.call("echo", 1), per_round_lat))
+                    bar.update(2 * per_round_lat)
                     order = list(pools) if r % 2 == 0 else list(pools)[::-1]
                     for w in order:
                         pool = pools[w]
@@ -229,6 +237,8 @@ def run(calls: int, max_workers: int, rounds: int, window_calls: int = DEFAULT_W
                                                     cpu=cpu.setdefault((w, label), {}), in_order=label == IN_ORDER)
                             rates[(w, label)].append(rate)
                             spent[(w, label)].append(secs)
+            results["sandbox_call"] = {"latency": percentiles(local_lat["noop"]), "calls_per_s": local_rate,
+                                       "echo_latency": percentiles(local_lat["echo"])}
             for w, pool in pools.items():
                 entry: dict[str, Any] = {}
                 for label in FUNCTIONS:
