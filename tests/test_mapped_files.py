@@ -95,7 +95,7 @@ def test_unmap_file_by_name_or_path(faults_base, tmp_path):
         assert not _mapped(sb, "again")
 
 
-def test_unmap_file_from_a_host_function_is_refused(tmp_path, example):
+def test_unmap_file_from_a_host_function_is_refused(kvm, tmp_path, example):
     data = _file(tmp_path / "data.bin", b"x")
     seen = []
 
