@@ -18,7 +18,9 @@ GUEST_TEST_DIR = Path(__file__).resolve().parent / "guests"
 
 def _kvm_problem() -> str | None:
     if not os.path.exists("/dev/kvm"):
-        return "/dev/kvm does not exist"
+        from hlpool.kvm.absence import missing_kvm_reason
+
+        return f"/dev/kvm does not exist: {missing_kvm_reason()}"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "no read/write access to /dev/kvm"
     return None
