@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +73,31 @@ def test_the_kvm_error_carries_the_reason_when_the_device_is_missing(tmp_path):
         Kvm(str(missing))
     assert str(raised.value) == f"{missing} does not exist: {missing_kvm_reason()}"
     assert not os.path.exists(missing)
+
+
+_POOL_WITHOUT_KVM = """
+import os, sys
+from hlpool import Pool
+from hlpool.errors import KvmUnavailableError
+try:
+    Pool(workers=2, snapshot_dir=sys.argv[1])
+except KvmUnavailableError as exc:
+    print("error:", exc)
+children = [c for t in os.listdir("/proc/self/task")
+            for c in open(f"/proc/self/task/{t}/children").read().split()]
+print("children:", len(children))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="hiding /dev/kvm takes a mount namespace: root and unshare(1)")
+def test_a_pool_on_a_host_without_kvm_says_why_before_starting_any_process(tmp_path):
+    # A real host without /dev/kvm: a private mount namespace with an empty /dev.
+    script = f'mount -t tmpfs none /dev && exec "$0" -c {shlex.quote(_POOL_WITHOUT_KVM)} "$1"'
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, sys.executable,
+                           str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"error: /dev/kvm does not exist: {missing_kvm_reason()}"
+    assert lines[1] == "children: 0"  # no worker, builder or spawner was started
+    assert done.stderr == ""  # and none of them logged a warning of its own

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 
+from hlpool.errors import KvmUnavailableError
+
 
 def _read(path: str) -> str:
     try:
@@ -58,3 +60,10 @@ def missing_kvm_reason(sys_root: str = "/sys", proc_root: str = "/proc") -> str:
         return ("this machine is a VM whose hypervisor offers no nested virtualisation (no VMX/SVM, no kvm_pvm): "
                 "enable nested virtualisation, or use a kernel with kvm_pvm")
     return "the CPU has no virtualisation extensions (VMX/SVM)"
+
+
+def require_kvm_device(path: str = "/dev/kvm") -> None:
+    """Raise :class:`~hlpool.errors.KvmUnavailableError`, with the cause, if ``path`` does not exist:
+    a check for whoever is about to start processes that would each find it missing."""
+    if not os.path.exists(path):
+        raise KvmUnavailableError(f"{path} does not exist: {missing_kvm_reason()}")

@@ -41,6 +41,7 @@ from hlpool.errors import (
 )
 from hlpool.guest.build import cache_dir
 from hlpool.guest.layout import MemoryConfig
+from hlpool.kvm.absence import require_kvm_device
 from hlpool.memory.guest_memory import RestorePolicy
 from hlpool.pool import channel as ipc
 from hlpool.pool import _slots, loopcollect, routing
@@ -62,7 +63,6 @@ from hlpool.sandbox import HostFunction, scripts
 from hlpool.snapshot.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
-
 
 
 class Pool(AnswerPath):
@@ -126,10 +126,9 @@ class Pool(AnswerPath):
         spin_wait: bool = True,
         open_on_register: bool = True,
     ) -> None:
-        if workers < 1:
-            raise ValueError("workers must be >= 1")
-        if max_pending < 1:
-            raise ValueError("max_pending must be >= 1")
+        if workers < 1 or max_pending < 1:
+            raise ValueError("workers and max_pending must be >= 1")
+        require_kvm_device()  # one clear error here, not one per worker and builder started
         self.memory_config = memory or MemoryConfig()
         self.call_timeout = call_timeout
         self.block = block
