@@ -26,6 +26,14 @@ def _kvm_problem() -> str | None:
     return None
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    """On a host without a usable /dev/kvm, the run's summary says so and why, once, above the counts."""
+    problem = _kvm_problem()
+    if problem is not None:
+        terminalreporter.write_line(f"KVM: {problem} "
+                                    f"({'the tests that need it are skipped' if SKIP_KVM else 'the tests that need it fail'})")
+
+
 @pytest.fixture(scope="session")
 def kvm() -> None:
     """Require KVM: fail without it (skip only with HLPOOL_SKIP_KVM_TESTS=1)."""
