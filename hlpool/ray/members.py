@@ -12,6 +12,7 @@ is still alive its actor is created again.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from typing import Any, Callable
@@ -57,6 +58,10 @@ class Members:
         self.start_timeout = start_timeout
         self._starting: dict[str, tuple[Any, Any, float]] = {}  # node id -> (actor, info ref, since)
         self._failed: dict[str, float] = {}  # node id -> when its last actor start failed
+        # node id -> why its last actor start failed (the error its constructor raised, or a timeout)
+        self.start_errors: dict[str, str] = {}
+        self._refused: set[str] = set()  # nodes whose actor's constructor raised (not a timeout)
+        self._live: set[str] = set()  # the live nodes at the last look
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -92,6 +97,7 @@ class Members:
     def refresh(self) -> None:
         """One look at the cluster: losses, joins, actors that finished starting."""
         live = alive_nodes()
+        self._live = set(live)
         for node_id in self._known() - set(live):
             self._on_loss(node_id, "Ray reports the node dead")
         for node_id, (actor, _ref, _since) in list(self._starting.items()):
@@ -124,10 +130,16 @@ class Members:
             try:
                 info = ray.get(ref)
             except Exception as exc:
-                log.error("the hlpool actor on node %s did not start: %s", node_id[:12], exc)
+                reason = start_error(exc)
+                log.error("the hlpool actor on node %s did not start: %s", node_id[:12], reason)
                 self._failed[node_id] = time.monotonic()
+                self.start_errors[node_id] = reason
+                if getattr(exc, "actor_init_failed", False):
+                    self._refused.add(node_id)
                 _kill(actor)
                 continue
+            self.start_errors.pop(node_id, None)
+            self._refused.discard(node_id)
             self._on_join(node_id, actor, info)
         now = time.monotonic()
         for node_id, (actor, _ref, since) in list(self._starting.items()):
@@ -135,15 +147,35 @@ class Members:
                 log.error("the hlpool actor on node %s did not start within %g s", node_id[:12], self.start_timeout)
                 del self._starting[node_id]
                 self._failed[node_id] = now
+                self.start_errors[node_id] = f"its hlpool actor did not start within {self.start_timeout:g} s"
                 _kill(actor)
 
-    def wait_for(self, count: int, timeout: float) -> None:
-        """Block until ``count`` nodes joined (refreshing meanwhile), or ``timeout`` passed."""
+    def wait_for(self, count: int, timeout: float) -> bool:
+        """Block until ``count`` nodes joined (refreshing meanwhile), or ``timeout`` passed; False if
+        it gave up early: the cluster has ``count`` live nodes, and each of them that has not joined
+        refused its actor (the actor's constructor raised, e.g. no /dev/kvm there: see
+        :attr:`start_errors`), so waiting would only see the same start fail again. With fewer live
+        nodes it waits for more to come."""
         deadline = time.monotonic() + timeout
         while len(self._known()) < count and time.monotonic() < deadline:
             self.refresh()
             if len(self._known()) < count:
+                waiting = self._live - self._known()
+                if len(self._live) >= count and waiting and not self._starting and waiting <= self._refused:
+                    return False
                 time.sleep(0.1)
+        return True
+
+
+def start_error(exc: BaseException) -> str:
+    """What made an actor's start fail, in a line: for an error its constructor raised, the last line of
+    Ray's report (``module.Error: message``, the traceback before it left out); else the exception itself."""
+    if getattr(exc, "actor_init_failed", False):
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(getattr(exc, "error_msg", "") or exc))  # Ray's colours
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _kill(actor: Any) -> None:

@@ -175,10 +175,13 @@ class RayPool:
         self._completed: queue.SimpleQueue = queue.SimpleQueue()  # (node, call, Ray's future) of answered calls
         self._completer = threading.Thread(target=self._complete_loop, name="hlpool-ray-complete", daemon=True)
         try:
-            self._members.wait_for(min_nodes, start_timeout)
+            waited = self._members.wait_for(min_nodes, start_timeout)
             if len(self._nodes) < min_nodes:
-                raise HlpoolError(f"only {len(self._nodes)} of {min_nodes} Ray node(s) started an hlpool actor within "
-                                  f"{start_timeout:g} s")
+                reasons = "".join(f"; node {node_id[:12]}: {reason}"
+                                  for node_id, reason in sorted(self._members.start_errors.items()))
+                raise HlpoolError(f"only {len(self._nodes)} of {min_nodes} Ray node(s) started an hlpool actor "
+                                  + (f"within {start_timeout:g} s" if waited else "(each node that has not joined refused it)")
+                                  + reasons)
         except BaseException:
             self._stop_nodes()
             raise
