@@ -29,6 +29,7 @@ bench: setup
 	$(BENCH_ENV) .venv/bin/python bench/creation.py $(BENCH_FLAGS)
 	$(BENCH_ENV) .venv/bin/python bench/restore.py $(BENCH_FLAGS)
 	$(BENCH_ENV) .venv/bin/python bench/throughput.py $(BENCH_FLAGS)
+	$(BENCH_ENV) .venv/bin/python bench/routing.py $(BENCH_FLAGS)
 	$(BENCH_ENV) .venv/bin/python bench/density.py $(BENCH_FLAGS)
 	$(BENCH_ENV) .venv/bin/python bench/native_speed.py $(BENCH_FLAGS)
 	$(BENCH_ENV) .venv/bin/python bench/switch.py $(BENCH_FLAGS)

@@ -173,6 +173,7 @@ class Pool(AnswerPath):
         self._workers = [WorkerLink(index=i, wakeup=threading.Condition(self._lock),
                                     notify_fd=os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
                          for i in range(workers)]
+        self._router = routing.Router(self._workers)
         self._loop_collector: loopcollect.LoopCollector | None = None
         try:
             for w in self._workers:
@@ -279,8 +280,8 @@ class Pool(AnswerPath):
             if handle.path in self._snapshots.removed:
                 future.cancel()
                 raise SnapshotError(f"{handle.path}: the snapshot was removed (Pool.remove_snapshot)")
-            worker = routing.choose_worker(self._workers, handle, self._call_cost.get(handle.path, routing.DEFAULT_CALL_COST),
-                                           self._worker_config.switch_tenants, self._max_warm)
+            worker = self._router.choose(handle, self._call_cost.get(handle.path, routing.DEFAULT_CALL_COST),
+                                         self._worker_config.switch_tenants, self._max_warm)
             self._enqueue_locked(worker, call)
         return future
 
@@ -435,7 +436,7 @@ class Pool(AnswerPath):
         w.channel, w.pid, w.pidfd = channel, pid, os.pidfd_open(pid)
         w.sent = w.received = 0
         w.sandboxes = 0
-        w.warm.clear()
+        self._router.forget(w)
         w.alive = True
         log.debug("worker %d started (pid %d)", w.index, pid)
 
