@@ -1,7 +1,9 @@
 """Helpers shared by the benchmark scripts in bench/.
 
-Nothing here runs at import time except cheap constant definitions; the
-scripts print their own output (they are scripts, print is fine).
+Nothing here runs at import time except cheap constant definitions and one
+hook: a benchmark that needs KVM on a host without it ends with the cause in
+one line, not a traceback. The scripts print their own output (they are
+scripts, print is fine).
 """
 
 from __future__ import annotations
@@ -22,6 +24,19 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = Path(os.environ.get("HLPOOL_BENCH_RESULTS") or BENCH_DIR / "results").resolve()
 
 T = TypeVar("T")
+
+
+def _no_kvm_in_one_line(kind: type[BaseException], value: BaseException, traceback: Any) -> None:
+    """sys.excepthook: KvmUnavailableError (the host, not the benchmark) as ``script: error: cause``."""
+    from hlpool.errors import KvmUnavailableError
+
+    if isinstance(value, KvmUnavailableError):
+        print(f"{Path(sys.argv[0]).name}: error: {value}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, value, traceback)
+
+
+sys.excepthook = _no_kvm_in_one_line
 
 
 # ---- machine description -------------------------------------------------------------

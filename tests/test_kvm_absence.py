@@ -101,3 +101,17 @@ def test_a_pool_on_a_host_without_kvm_says_why_before_starting_any_process(tmp_p
     assert lines[0] == f"error: /dev/kvm does not exist: {missing_kvm_reason()}"
     assert lines[1] == "children: 0"  # no worker, builder or spawner was started
     assert done.stderr == ""  # and none of them logged a warning of its own
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="hiding /dev/kvm takes a mount namespace: root and unshare(1)")
+def test_a_benchmark_on_a_host_without_kvm_ends_with_the_cause_in_one_line(tmp_path):
+    bench = Path(__file__).resolve().parent.parent / "bench" / "floor.py"
+    script = 'mount -t tmpfs none /dev && exec "$0" "$1" --quick'
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, sys.executable,
+                           str(bench)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "HLPOOL_BENCH_RESULTS": str(tmp_path)})
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == f"floor.py: error: /dev/kvm does not exist: {missing_kvm_reason()}"
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no results file written
