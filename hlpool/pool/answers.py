@@ -230,12 +230,17 @@ class AnswerPath:
         usual = self._call_cost.get(call.handle.path, routing.DEFAULT_CALL_COST) * 1e9
         if usual > spin.CALLER_SPIN_MAX_NS:
             return False  # a long call: sleep
-        busy = 0
-        for x in self._workers:  # (a loop, not a generator: this runs for every lone call)
-            if x.inflight:
-                busy += 1
-        if busy >= self._cpus:
-            return False  # no core to spare: sleep
+        cpus = self._cpus
+        # Workers with a call in their channel: no more than the calls pending (open hints aside), so
+        # they are counted only when that many are pending (a loop over every worker per lone call:
+        # 3.7 us with 64 workers, for one call at a time).
+        if self._pending >= cpus:
+            busy = 0
+            for x in self._workers:  # (a loop, not a generator)
+                if x.inflight:
+                    busy += 1
+                    if busy >= cpus:
+                        return False  # no core to spare: sleep
         until = int(call.started * 1e9 + 1.5 * usual) + 50_000
         if deadline is not None:
             until = min(until, int(deadline * 1e9))
