@@ -88,6 +88,8 @@ def projected_calls_per_s(supervisor_us: float, worker_us: float, cores: int) ->
 
     Workers scale with cores; one Pool's supervisor is one Python process whose per-call
     work holds the GIL, so it saturates one core: min(cores / (supervisor + worker), 1 / supervisor).
+    An upper bound for one Pool: the supervisor's CPU per call, measured here with 1-2 workers,
+    grows with a Pool's worker count at a fixed number of calls outstanding (README, Known limits).
     """
     per_call = (supervisor_us + worker_us) / 1e6
     return min(cores / per_call, 1e6 / supervisor_us) if supervisor_us > 0 else cores / per_call
