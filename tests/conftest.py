@@ -18,9 +18,9 @@ GUEST_TEST_DIR = Path(__file__).resolve().parent / "guests"
 
 def _kvm_problem() -> str | None:
     if not os.path.exists("/dev/kvm"):
-        from hlpool.kvm.absence import missing_kvm_reason
+        from hlpool.kvm.absence import missing_device_error
 
-        return f"/dev/kvm does not exist: {missing_kvm_reason()}"
+        return str(missing_device_error())
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "no read/write access to /dev/kvm"
     return None

@@ -62,8 +62,13 @@ def missing_kvm_reason(sys_root: str = "/sys", proc_root: str = "/proc") -> str:
     return "the CPU has no virtualisation extensions (VMX/SVM)"
 
 
+def missing_device_error(path: str = "/dev/kvm") -> KvmUnavailableError:
+    """The error for a ``path`` that does not exist, with the cause."""
+    return KvmUnavailableError(f"{path} does not exist: {missing_kvm_reason()}")
+
+
 def require_kvm_device(path: str = "/dev/kvm") -> None:
-    """Raise :class:`~hlpool.errors.KvmUnavailableError`, with the cause, if ``path`` does not exist:
-    a check for whoever is about to start processes that would each find it missing."""
+    """Raise :func:`missing_device_error` if ``path`` does not exist: a check for whoever is about
+    to start processes that would each find it missing."""
     if not os.path.exists(path):
-        raise KvmUnavailableError(f"{path} does not exist: {missing_kvm_reason()}")
+        raise missing_device_error(path)

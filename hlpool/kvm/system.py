@@ -11,7 +11,7 @@ from functools import cached_property
 
 from hlpool.errors import KvmError, KvmUnavailableError
 from hlpool.kvm import abi
-from hlpool.kvm.absence import missing_kvm_reason
+from hlpool.kvm.absence import missing_device_error
 from hlpool.kvm.pvm import detect_flavour
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class Kvm:
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise KvmUnavailableError(f"{path} does not exist: {missing_kvm_reason()}") from None
+            raise missing_device_error(path) from None
         except PermissionError:
             raise KvmUnavailableError(f"no permission to open {path}: run as root or add the user "
                                       "to the 'kvm' group") from None
