@@ -32,6 +32,9 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if problem is not None:
         terminalreporter.write_line(f"KVM: {problem} "
                                     f"({'the tests that need it are skipped' if SKIP_KVM else 'the tests that need it fail'})")
+    elif os.environ.get("HLPOOL_KVM_EMULATED") == "1":
+        terminalreporter.write_line("KVM: kvm_amd in a machine emulated by QEMU (scripts/kvm-emulated.sh): real KVM, "
+                                    "not PVM, and 10-50x slower than a real host (a test that times a step may fail)")
 
 
 @pytest.fixture(scope="session")
