@@ -15,7 +15,7 @@
 # Needs root (apt, and a 9p share of / with the files' owners kept), an x86-64 Debian host.
 # Kernel and initramfs are cached in build/kvm-emulated/. Environment: HLPOOL_EMU_MEMORY
 # (default: half of RAM, at most 8G), HLPOOL_EMU_CPUS (default 1: with two emulated CPUs its kernel
-# stalled in 2 of 5 runs here, one CPU no longer taking timer interrupts while it ran guests),
+# stalled in 3 of 8 runs here, one CPU no longer taking timer interrupts while it ran guests),
 # HLPOOL_EMU_TIMEOUT (seconds, default 5400).
 set -euo pipefail
 cd "$(dirname "$0")/.."
