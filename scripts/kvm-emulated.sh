@@ -139,7 +139,7 @@ EOF
 
 memory=${HLPOOL_EMU_MEMORY:-$(awk '/MemTotal/ { m = int($2 / 2 / 1048576); if (m > 8) m = 8; if (m < 2) m = 2; print m "G" }' /proc/meminfo)}
 cpus=${HLPOOL_EMU_CPUS:-1}
-echo "kvm-emulated: running '$*' in an emulated machine ($cpus CPUs, $memory, KVM: kvm_amd on QEMU TCG)"
+echo "kvm-emulated: running '$*' in an emulated machine ($cpus CPU(s), $memory, KVM: kvm_amd on QEMU TCG)"
 tail -n +1 -f "$run/output" &
 tailer=$!
 status=0
