@@ -61,7 +61,7 @@ if [ ! -f "$cache/vmlinuz" ] || [ ! -f "$cache/initrd.gz" ]; then
     initramfs=$cache/initramfs
     rm -rf "$initramfs" && mkdir -p "$initramfs"/{bin,proc,sys,dev,newroot,modules}
     cp /bin/busybox "$initramfs/bin/busybox"
-    for tool in sh mount insmod switch_root cat echo sed tr; do ln -s busybox "$initramfs/bin/$tool"; done
+    for tool in sh mount insmod switch_root cat echo sed; do ln -s busybox "$initramfs/bin/$tool"; done
     : >"$initramfs/modules/order"
     add_module() {  # add_module PATH-IN-modules.dep: its dependencies first, each once
         local path=$1 dep name
