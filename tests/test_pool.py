@@ -289,8 +289,10 @@ def _alive(pid: int) -> bool:
 def test_long_calls_spread_over_idle_workers(kvm, example, tmp_path, no_leaks):
     with Pool(workers=2, snapshot_dir=tmp_path) as p:
         sha = p.snapshot(example("sha256"))
-        p.submit(sha, "digest_rounds", (b"x", 200_000)).result()  # teaches the pool these calls are slow
-        futures = [p.submit(sha, "digest_rounds", (b"x", 200_000)) for _ in range(2)]
+        # 2M rounds: ~0.45 s, so both calls are still running when the stats are read 50 ms later
+        # (200k rounds took 44 ms on a faster EPYC: one call had ended before the check)
+        p.submit(sha, "digest_rounds", (b"x", 2_000_000)).result()  # teaches the pool these calls are slow
+        futures = [p.submit(sha, "digest_rounds", (b"x", 2_000_000)) for _ in range(2)]
         time.sleep(0.05)
         assert sorted(s["in_flight"] + s["queued"] for s in p.stats()) == [1, 1]
         for f in futures:
