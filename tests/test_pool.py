@@ -196,9 +196,13 @@ def test_sigkill_of_a_worker_mid_call(kvm, example, tmp_path, no_leaks):
 def test_sigkill_under_load_resolves_every_future(kvm, example, tmp_path, no_leaks):
     with Pool(workers=2, snapshot_dir=tmp_path) as p:
         sha = p.snapshot(example("sha256"))
-        futures = [p.submit(sha, "digest_rounds", (b"seed", 2000)) for _ in range(300)]
+        # 20k rounds: ~4.4 ms a call on a fast host, so the 300 calls keep both workers busy for
+        # ~0.7 s and the kill lands under load (2k rounds had all been answered within 66 ms)
+        futures = [p.submit(sha, "digest_rounds", (b"seed", 20_000)) for _ in range(300)]
         time.sleep(0.05)
-        os.kill(p.stats()[0]["pid"], signal.SIGKILL)
+        victim = p.stats()[0]
+        assert victim["in_flight"] + victim["queued"] > 0
+        os.kill(victim["pid"], signal.SIGKILL)
         done, not_done = __import__("concurrent.futures").futures.wait(futures, timeout=60)
         assert not not_done
         outcomes = [f.exception() for f in futures]
